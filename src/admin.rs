@@ -1,0 +1,402 @@
+//! The operator commands: `check`, `status` and `slot drop`.
+//!
+//! They read state and print it; only `slot drop` changes anything, and
+//! only when told to with `--yes`.
+
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, Store};
+use crate::config::Config;
+use crate::error::{Error, Kind, Result};
+use crate::lsn::Lsn;
+use crate::pipeline::connect_both;
+use crate::sink::{self, subject};
+use crate::source::{self, PgConnectConfig, ReplicationConn, setup};
+
+struct Checklist {
+    ok: bool,
+}
+
+impl Checklist {
+    fn pass(&mut self, what: &str) {
+        println!("[ok]   {what}");
+    }
+    fn note(&mut self, what: &str) {
+        println!("[info] {what}");
+    }
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.ok = false;
+        println!("[FAIL] {what}\n       fix: {fix}");
+    }
+}
+
+/// Prints one line per prerequisite; true only when every one passes.
+/// Reports everything that applies at once instead of stopping at the
+/// first failure.
+pub async fn check(cfg: &Config) -> bool {
+    let mut c = Checklist { ok: true };
+    c.pass("configuration is valid");
+    check_postgres(cfg, &mut c).await;
+    check_nats(cfg, &mut c).await;
+    if c.ok {
+        println!("all checks passed");
+    } else {
+        println!("some checks failed");
+    }
+    c.ok
+}
+
+async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
+    let pg = match PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            c.fail(&format!("postgres.url: {e}"), "fix postgres.url");
+            return None;
+        }
+    };
+    let sql = match source::connect_sql(&pg).await {
+        Ok(s) => s,
+        Err(e) => {
+            c.fail(
+                &format!("PostgreSQL at {}: {e}", pg.redacted_url()),
+                "check postgres.url, the server and pg_hba.conf",
+            );
+            return None;
+        }
+    };
+    c.pass(&format!("PostgreSQL reachable at {}", pg.redacted_url()));
+    let db = setup::database_name(&sql).await.ok()?;
+    match setup::require_logical_wal(&sql).await {
+        Ok(()) => c.pass("wal_level = logical"),
+        Err(e) => c.fail(
+            &e.to_string(),
+            "ALTER SYSTEM SET wal_level = logical; restart PostgreSQL",
+        ),
+    }
+    match sql
+        .query_one(
+            "SELECT rolreplication OR rolsuper, current_user::text FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(r) if r.get::<_, bool>(0) => c.pass("role has the REPLICATION privilege"),
+        Ok(r) => {
+            let user: String = r.get(1);
+            c.fail(
+                &format!("role {user:?} has no REPLICATION privilege"),
+                &format!("ALTER ROLE {} REPLICATION", setup::quote_ident(&user)),
+            )
+        }
+        Err(e) => c.fail(&format!("cannot read the role: {e}"), "check the role's permissions"),
+    }
+    match ReplicationConn::connect(&pg).await {
+        Ok(conn) => {
+            c.pass("replication connection accepted");
+            let _ = conn.close().await;
+        }
+        Err(e) => c.fail(
+            &format!("replication connection: {e}"),
+            "allow `replication` for this role in pg_hba.conf",
+        ),
+    }
+    let publication = &cfg.postgres.publication;
+    match setup::publication_exists(&sql, publication).await {
+        Ok(true) => c.pass(&format!("publication {publication:?} exists")),
+        Ok(false) => c.note(&format!(
+            "publication {publication:?} is missing; `walnats run` creates it ({})",
+            setup::create_publication_sql(publication, &cfg.postgres.tables)
+        )),
+        Err(e) => c.fail(&e.to_string(), "check the role's permissions"),
+    }
+    match setup::slot_state(&sql, &cfg.postgres.slot).await {
+        Ok(Some(s)) => match setup::validate_slot(&s, &cfg.postgres.slot, &db) {
+            Ok(()) => c.pass(&format!(
+                "slot {:?} uses pgoutput (active: {}, confirmed_flush_lsn: {})",
+                cfg.postgres.slot,
+                s.active,
+                s.confirmed_flush.map(|l| l.to_string()).unwrap_or_default()
+            )),
+            Err(e) => c.fail(&e.to_string(), "see above"),
+        },
+        Ok(None) => c.note(&format!(
+            "slot {:?} is missing; `walnats run` creates it",
+            cfg.postgres.slot
+        )),
+        Err(e) => c.fail(&e.to_string(), "check the role's permissions"),
+    }
+    // Tables that publish updates or deletes need a replica identity, or
+    // PostgreSQL rejects those statements on the primary.
+    let rows = sql
+        .query(
+            "SELECT n.nspname::text, c.relname::text \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg_toast%' \
+               AND (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1) \
+                    OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt \
+                               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)) \
+               AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+                    (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+             ORDER BY 1, 2",
+            &[publication],
+        )
+        .await;
+    match rows {
+        Ok(rows) if rows.is_empty() => c.pass("every published table has a replica identity"),
+        Ok(rows) => {
+            for r in rows {
+                let (schema, table): (String, String) = (r.get(0), r.get(1));
+                c.fail(
+                    &format!("table {schema}.{table} has no replica identity: its updates and deletes will fail once published"),
+                    &format!(
+                        "add a primary key, or ALTER TABLE {}.{} REPLICA IDENTITY FULL",
+                        setup::quote_ident(&schema),
+                        setup::quote_ident(&table)
+                    ),
+                );
+            }
+        }
+        Err(e) => c.fail(
+            &format!("cannot list published tables: {e}"),
+            "check the role's permissions",
+        ),
+    }
+    Some(db)
+}
+
+async fn check_nats(cfg: &Config, c: &mut Checklist) {
+    let client = match sink::connect(&cfg.nats).await {
+        Ok(cl) => cl,
+        Err(e) => {
+            c.fail(
+                &format!("NATS: {e}"),
+                "check nats.url and the NATS credentials",
+            );
+            return;
+        }
+    };
+    c.pass("NATS reachable");
+    let js = sink::context(client, &cfg.nats);
+    if let Err(e) = sink::require_jetstream(&js).await {
+        c.fail(&e.to_string(), "start nats-server with -js");
+        return;
+    }
+    c.pass("JetStream enabled");
+    let Some(stream) = cfg.nats.stream.clone() else {
+        c.note("nats.stream not set: the stream is named after the database (CDC_<DB>)");
+        return;
+    };
+    let prefix = cfg
+        .nats
+        .subject_prefix
+        .clone()
+        .unwrap_or_else(|| "cdc.<database>".to_owned());
+    match js.get_stream(&stream).await {
+        Ok(s) => {
+            let info = s.cached_info();
+            if info
+                .config
+                .subjects
+                .iter()
+                .any(|p| subject::covers_prefix(p, &prefix))
+            {
+                c.pass(&format!("stream {stream:?} covers \"{prefix}.>\""));
+            } else {
+                c.fail(
+                    &format!(
+                        "stream {stream:?} has subjects {:?}, which do not cover \"{prefix}.>\"",
+                        info.config.subjects
+                    ),
+                    &format!("nats stream edit {stream} --subjects \"{prefix}.>\""),
+                );
+            }
+            let durable = info.config.num_replicas >= 3;
+            let line = format!(
+                "stream {stream:?}: {:?} storage, {} replica(s); {}",
+                info.config.storage,
+                info.config.num_replicas,
+                if durable {
+                    "acknowledged messages survive the loss of a server"
+                } else {
+                    "an acknowledged message can be lost on power loss unless nats-server runs with sync_interval: always (README: Durability)"
+                }
+            );
+            c.note(&line);
+        }
+        Err(_) => c.note(&format!(
+            "stream {stream:?} is missing; `walnats run` creates it"
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    database: String,
+    slot: SlotStatus,
+    checkpoint: Option<Checkpoint>,
+    stream: Option<StreamStatus>,
+}
+
+#[derive(Serialize)]
+struct SlotStatus {
+    name: String,
+    exists: bool,
+    active: bool,
+    active_pid: Option<i32>,
+    confirmed_flush_lsn: Option<Lsn>,
+    restart_lsn: Option<Lsn>,
+    wal_status: Option<String>,
+    current_wal_lsn: Lsn,
+    /// Bytes of WAL between the server's position and the confirmed one.
+    lag_bytes: Option<u64>,
+    /// Bytes of WAL the slot keeps from being recycled.
+    retained_wal_bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct StreamStatus {
+    name: String,
+    subjects: Vec<String>,
+    messages: u64,
+    bytes: u64,
+    first_seq: u64,
+    last_seq: u64,
+    replicas: usize,
+}
+
+pub async fn status(cfg: &Config, json: bool) -> Result<()> {
+    let c = connect_both(cfg).await?;
+    let slot = setup::slot_state(&c.sql, &cfg.postgres.slot).await?;
+    let current = setup::current_wal_lsn(&c.sql).await?;
+    let stream = match c.js.get_stream(&c.stream_name).await {
+        Ok(mut s) => {
+            let info = s
+                .info()
+                .await
+                .map_err(|e| Error::with_source(Kind::NatsConnect, "cannot read the stream", e))?;
+            Some(StreamStatus {
+                name: info.config.name.clone(),
+                subjects: info.config.subjects.clone(),
+                messages: info.state.messages,
+                bytes: info.state.bytes,
+                first_seq: info.state.first_sequence,
+                last_seq: info.state.last_sequence,
+                replicas: info.config.num_replicas,
+            })
+        }
+        Err(_) => None,
+    };
+    let checkpoint = match c.js.get_key_value(&cfg.nats.checkpoint_bucket).await {
+        Ok(_) => {
+            let store = Store::open(
+                &c.js,
+                &cfg.nats.checkpoint_bucket,
+                cfg.nats.replicas,
+                &c.stream_name,
+                &c.db,
+                &cfg.postgres.slot,
+            )
+            .await?;
+            store.load().await?
+        }
+        Err(_) => None,
+    };
+    let st = Status {
+        database: c.db.clone(),
+        slot: SlotStatus {
+            name: cfg.postgres.slot.clone(),
+            exists: slot.is_some(),
+            active: slot.as_ref().is_some_and(|s| s.active),
+            active_pid: slot.as_ref().and_then(|s| s.active_pid),
+            confirmed_flush_lsn: slot.as_ref().and_then(|s| s.confirmed_flush),
+            restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
+            wal_status: slot.as_ref().and_then(|s| s.wal_status.clone()),
+            current_wal_lsn: current,
+            lag_bytes: slot
+                .as_ref()
+                .and_then(|s| s.confirmed_flush)
+                .map(|f| current.bytes_since(f)),
+            retained_wal_bytes: slot
+                .as_ref()
+                .and_then(|s| s.restart_lsn)
+                .map(|r| current.bytes_since(r)),
+        },
+        checkpoint,
+        stream,
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&st)
+            .map_err(|e| Error::with_source(Kind::Io, "cannot encode status", e))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!("database   {}", st.database);
+    let s = &st.slot;
+    if s.exists {
+        println!(
+            "slot       {} ({}), confirmed {}, lag {} bytes, WAL retained {} bytes, wal_status {}",
+            s.name,
+            if s.active { "active" } else { "inactive" },
+            s.confirmed_flush_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s.lag_bytes.unwrap_or(0),
+            s.retained_wal_bytes.unwrap_or(0),
+            s.wal_status.as_deref().unwrap_or("-")
+        );
+    } else {
+        println!("slot       {} (missing)", s.name);
+    }
+    match &st.checkpoint {
+        Some(cp) => println!(
+            "checkpoint after {} (stream seq {}), confirmable {}",
+            cp.pos
+                .map(|p| format!("{}:{}", p.commit_lsn, p.seq))
+                .unwrap_or_else(|| "start".into()),
+            cp.stream_seq,
+            cp.confirmed
+        ),
+        None => println!("checkpoint none"),
+    }
+    match &st.stream {
+        Some(x) => println!(
+            "stream     {} {:?}: {} messages, {} bytes, last seq {}, {} replica(s)",
+            x.name, x.subjects, x.messages, x.bytes, x.last_seq, x.replicas
+        ),
+        None => println!("stream     {} (missing)", c.stream_name),
+    }
+    Ok(())
+}
+
+/// Drops the slot and the checkpoint; the publication and the stream stay.
+pub async fn slot_drop(cfg: &Config) -> Result<()> {
+    let c = connect_both(cfg).await?;
+    let dropped = setup::drop_slot(&c.sql, &cfg.postgres.slot).await?;
+    if c.js
+        .get_key_value(&cfg.nats.checkpoint_bucket)
+        .await
+        .is_ok()
+    {
+        let store = Store::open(
+            &c.js,
+            &cfg.nats.checkpoint_bucket,
+            cfg.nats.replicas,
+            &c.stream_name,
+            &c.db,
+            &cfg.postgres.slot,
+        )
+        .await?;
+        store.delete().await?;
+    }
+    if dropped {
+        println!("dropped slot {:?} and its checkpoint", cfg.postgres.slot);
+    } else {
+        println!(
+            "slot {:?} did not exist; checkpoint removed",
+            cfg.postgres.slot
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,854 @@
+//! Configuration: the TOML file plus `WALNATS_<SECTION>_<KEY>` overrides,
+//! validated once into typed values.
+//!
+//! Owns every setting and its default. A wrong, missing or contradictory
+//! setting stops the program here, before anything is touched, with one
+//! line naming the key and the fix. Secrets are wrapped in [`Secret`] so
+//! that no `Debug` or `Display` can print them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Kind, Result};
+
+/// A string that must never be printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+// ---------------------------------------------------------------- raw file
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    postgres: RawPostgres,
+    #[serde(default)]
+    nats: RawNats,
+    #[serde(default)]
+    snapshot: RawSnapshot,
+    #[serde(default)]
+    output: RawOutput,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<Secret>,
+    password: Option<Secret>,
+    password_file: Option<PathBuf>,
+    slot: Option<String>,
+    publication: Option<String>,
+    tables: Option<Vec<String>>,
+    status_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: Option<Secret>,
+    stream: Option<String>,
+    subject_prefix: Option<String>,
+    replicas: Option<i64>,
+    checkpoint_bucket: Option<String>,
+    max_in_flight: Option<i64>,
+    ack_timeout_ms: Option<u64>,
+    creds_file: Option<PathBuf>,
+    nkey_file: Option<PathBuf>,
+    nkey: Option<Secret>,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<Secret>,
+    password_file: Option<PathBuf>,
+    tls_required: Option<bool>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSnapshot {
+    mode: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    format: Option<String>,
+    tx_markers: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    on_oversize: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+}
+
+/// The type of each key, so that an environment override is read as what
+/// the key expects (a password of digits stays a string).
+#[derive(Clone, Copy)]
+enum KeyType {
+    Str,
+    Int,
+    Bool,
+    StrList,
+}
+
+const KEYS: &[(&str, &[(&str, KeyType)])] = &[
+    (
+        "postgres",
+        &[
+            ("url", KeyType::Str),
+            ("password", KeyType::Str),
+            ("password_file", KeyType::Str),
+            ("slot", KeyType::Str),
+            ("publication", KeyType::Str),
+            ("tables", KeyType::StrList),
+            ("status_interval_ms", KeyType::Int),
+        ],
+    ),
+    (
+        "nats",
+        &[
+            ("url", KeyType::Str),
+            ("stream", KeyType::Str),
+            ("subject_prefix", KeyType::Str),
+            ("replicas", KeyType::Int),
+            ("checkpoint_bucket", KeyType::Str),
+            ("max_in_flight", KeyType::Int),
+            ("ack_timeout_ms", KeyType::Int),
+            ("creds_file", KeyType::Str),
+            ("nkey_file", KeyType::Str),
+            ("nkey", KeyType::Str),
+            ("token", KeyType::Str),
+            ("token_file", KeyType::Str),
+            ("user", KeyType::Str),
+            ("password", KeyType::Str),
+            ("password_file", KeyType::Str),
+            ("tls_required", KeyType::Bool),
+            ("tls_ca_file", KeyType::Str),
+            ("tls_cert_file", KeyType::Str),
+            ("tls_key_file", KeyType::Str),
+        ],
+    ),
+    ("snapshot", &[("mode", KeyType::Str)]),
+    (
+        "output",
+        &[("format", KeyType::Str), ("tx_markers", KeyType::Bool)],
+    ),
+    ("limits", &[("on_oversize", KeyType::Str)]),
+    ("http", &[("listen", KeyType::Str)]),
+];
+
+// ------------------------------------------------------------ typed config
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub nats: NatsConfig,
+    pub snapshot: SnapshotMode,
+    pub output: OutputConfig,
+    pub on_oversize: OversizePolicy,
+    /// `None` when `[http] listen = ""`.
+    pub http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The URL as given; may hold a password, hence `Secret`.
+    pub url: Secret,
+    /// From `password`, `password_file` or `WALNATS_POSTGRES_PASSWORD`;
+    /// wins over a password in the URL.
+    pub password: Option<Secret>,
+    pub slot: String,
+    pub publication: String,
+    /// Empty: all tables.
+    pub tables: Vec<TableSelector>,
+    pub status_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSelector {
+    pub schema: String,
+    /// `None` for `schema.*`.
+    pub table: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub url: Secret,
+    /// `None`: derived from the database name once connected.
+    pub stream: Option<String>,
+    /// `None`: `cdc.<database name>`.
+    pub subject_prefix: Option<String>,
+    pub replicas: usize,
+    pub checkpoint_bucket: String,
+    pub max_in_flight: usize,
+    pub ack_timeout: Duration,
+    pub auth: NatsAuth,
+    pub tls_required: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    CredsFile(PathBuf),
+    NkeySeed(Secret),
+    Token(Secret),
+    UserPassword { user: String, password: Secret },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Json,
+    Debezium,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputConfig {
+    pub format: OutputFormat,
+    pub tx_markers: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OversizePolicy {
+    Fail,
+    Skip,
+    ObjectStore,
+}
+
+fn config_err(msg: impl Into<String>) -> Error {
+    Error::new(Kind::Config, msg)
+}
+
+impl Config {
+    /// Reads `path` (which may be missing when every required key comes
+    /// from the environment) and applies `WALNATS_*` overrides from `env`.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(config_err(format!(
+                    "cannot read config file {}: {e}; fix the path given with --config",
+                    path.display()
+                )));
+            }
+        };
+        Config::from_toml(&text, &path.display().to_string(), env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            config_err(format!(
+                "{origin}: {}",
+                e.to_string().lines().collect::<Vec<_>>().join(" ")
+            ))
+        })?;
+        apply_env(&mut table, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                config_err(format!(
+                    "{origin}: key {path}: {}; see config/walnats.example.toml for every key",
+                    e.inner().message()
+                ))
+            })?;
+        raw.validate()
+    }
+}
+
+/// `WALNATS_<SECTION>_<KEY>=value` overrides `[section] key`. Variables
+/// whose section is not one of ours (e.g. `WALNATS_LOG`) are left alone; an
+/// unknown key in a known section is an error, since it is most likely a
+/// typo that would otherwise be ignored.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<()> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("WALNATS_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, keys)) = KEYS
+            .iter()
+            .find(|(s, _)| rest.starts_with(&format!("{s}_")))
+        else {
+            continue;
+        };
+        let key = &rest[section.len() + 1..];
+        let Some((_, ty)) = keys.iter().find(|(k, _)| *k == key) else {
+            return Err(config_err(format!(
+                "environment variable {name} names no key of [{section}]; known keys: {}",
+                keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let parsed = match ty {
+            KeyType::Str => toml::Value::String(value),
+            KeyType::Int => value
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| config_err(format!("{name} must be a whole number")))?,
+            KeyType::Bool => match value.trim() {
+                "true" | "1" | "yes" => toml::Value::Boolean(true),
+                "false" | "0" | "no" => toml::Value::Boolean(false),
+                _ => return Err(config_err(format!("{name} must be true or false"))),
+            },
+            KeyType::StrList => {
+                let items = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_owned()))
+                    .collect();
+                toml::Value::Array(items)
+            }
+        };
+        let entry = table
+            .entry((*section).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => {
+                t.insert(key.to_owned(), parsed);
+            }
+            _ => return Err(config_err(format!("[{section}] must be a table"))),
+        }
+    }
+    Ok(())
+}
+
+fn read_secret_file(path: &Path, key: &str) -> Result<Secret> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        config_err(format!(
+            "{key}: cannot read {}: {e}; fix the path or the file's permissions",
+            path.display()
+        ))
+    })?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+fn one_secret(inline: Option<Secret>, file: Option<PathBuf>, key: &str) -> Result<Option<Secret>> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(config_err(format!(
+            "both {key} and {key}_file are set: keep one"
+        ))),
+        (Some(s), None) => Ok(Some(s)),
+        (None, Some(p)) => read_secret_file(&p, &format!("{key}_file")).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A replication slot name: PostgreSQL allows lower-case letters, digits and
+/// underscores, at most 63 bytes.
+fn valid_slot_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A NATS subject made of literal tokens (no wildcards, no spaces).
+pub fn valid_subject_prefix(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t != "*"
+                && t != ">"
+                && t.bytes()
+                    .all(|b| b > b' ' && b != 0x7f && b != b'*' && b != b'>')
+        })
+}
+
+/// JetStream stream and KV bucket names: no spaces, dots, wildcards or
+/// path separators.
+pub fn valid_stream_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b > b' ' && b != 0x7f && !matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\'))
+}
+
+fn parse_table_selector(s: &str) -> Result<TableSelector> {
+    // Quoted identifiers are not supported here: names with dots would be
+    // ambiguous; such tables are selected through a publication made by hand.
+    let err = || {
+        config_err(format!(
+            "postgres.tables: {s:?} is not \"schema.table\" or \"schema.*\"; \
+             for names with dots or quotes create the publication yourself and leave tables empty"
+        ))
+    };
+    let (schema, table) = s.split_once('.').ok_or_else(err)?;
+    if schema.is_empty() || table.is_empty() || table.contains('.') || schema == "*" {
+        return Err(err());
+    }
+    Ok(TableSelector {
+        schema: schema.to_owned(),
+        table: (table != "*").then(|| table.to_owned()),
+    })
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config> {
+        let pg = self.postgres;
+        let url = pg.url.ok_or_else(|| {
+            config_err(
+                "postgres.url is missing: set it in the config file or WALNATS_POSTGRES_URL, \
+                 e.g. postgres://walnats@127.0.0.1:5432/app",
+            )
+        })?;
+        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+            return Err(config_err(
+                "postgres.url must start with postgres:// or postgresql://",
+            ));
+        }
+        let slot = pg.slot.unwrap_or_else(|| "walnats".to_owned());
+        if !valid_slot_name(&slot) {
+            return Err(config_err(format!(
+                "postgres.slot {slot:?} is not a valid slot name: use lower-case letters, digits and _ (at most 63)"
+            )));
+        }
+        let publication = pg.publication.unwrap_or_else(|| "walnats".to_owned());
+        if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
+            return Err(config_err(
+                "postgres.publication must be 1 to 63 bytes long",
+            ));
+        }
+        let tables = pg
+            .tables
+            .unwrap_or_default()
+            .iter()
+            .map(|s| parse_table_selector(s))
+            .collect::<Result<Vec<_>>>()?;
+        let status_interval = Duration::from_millis(pg.status_interval_ms.unwrap_or(1000));
+        if status_interval.is_zero() || status_interval > Duration::from_secs(30) {
+            return Err(config_err(
+                "postgres.status_interval_ms must be between 1 and 30000 (well inside wal_sender_timeout)",
+            ));
+        }
+        let pg_password = one_secret(pg.password, pg.password_file, "postgres.password")?;
+
+        let n = self.nats;
+        let nats_url = n
+            .url
+            .unwrap_or_else(|| Secret::new("nats://127.0.0.1:4222"));
+        for part in nats_url.expose().split(',') {
+            let part = part.trim();
+            let with_scheme = if part.contains("://") {
+                part.to_owned()
+            } else {
+                format!("nats://{part}")
+            };
+            match url::Url::parse(&with_scheme) {
+                Ok(u)
+                    if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss")
+                        && u.host().is_some() => {}
+                _ => {
+                    return Err(config_err(
+                        "nats.url is not a NATS URL: use nats://host:4222 (several separated by commas)",
+                    ));
+                }
+            }
+        }
+        if let Some(s) = &n.stream
+            && !valid_stream_name(s)
+        {
+            return Err(config_err(format!(
+                "nats.stream {s:?} is not a valid stream name: no spaces, dots, '*', '>', '/' or '\\'"
+            )));
+        }
+        if let Some(p) = &n.subject_prefix
+            && !valid_subject_prefix(p)
+        {
+            return Err(config_err(format!(
+                "nats.subject_prefix {p:?} is not a subject of literal tokens: no wildcards, spaces or empty tokens"
+            )));
+        }
+        let replicas = n.replicas.unwrap_or(1);
+        if !(1..=5).contains(&replicas) {
+            return Err(config_err("nats.replicas must be between 1 and 5"));
+        }
+        let checkpoint_bucket = n.checkpoint_bucket.unwrap_or_else(|| "walnats".to_owned());
+        if !checkpoint_bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || checkpoint_bucket.is_empty()
+        {
+            return Err(config_err(
+                "nats.checkpoint_bucket may only hold letters, digits, _ and -",
+            ));
+        }
+        let max_in_flight = n.max_in_flight.unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_in_flight) {
+            return Err(config_err(
+                "nats.max_in_flight must be between 1 and 1000000",
+            ));
+        }
+        let ack_timeout = Duration::from_millis(n.ack_timeout_ms.unwrap_or(10_000));
+        if ack_timeout < Duration::from_millis(100) {
+            return Err(config_err("nats.ack_timeout_ms must be at least 100"));
+        }
+        let token = one_secret(n.token, n.token_file, "nats.token")?;
+        let nkey = one_secret(n.nkey, n.nkey_file, "nats.nkey")?;
+        let nats_password = one_secret(n.password, n.password_file, "nats.password")?;
+        let mut methods = Vec::new();
+        if let Some(c) = n.creds_file {
+            methods.push(NatsAuth::CredsFile(c));
+        }
+        if let Some(k) = nkey {
+            methods.push(NatsAuth::NkeySeed(k));
+        }
+        if let Some(t) = token {
+            methods.push(NatsAuth::Token(t));
+        }
+        match (n.user, nats_password) {
+            (Some(user), Some(password)) => methods.push(NatsAuth::UserPassword { user, password }),
+            (None, None) => {}
+            _ => {
+                return Err(config_err(
+                    "nats.user and nats.password go together: set both or neither",
+                ));
+            }
+        }
+        if methods.len() > 1 {
+            return Err(config_err(
+                "more than one NATS auth method is set (creds_file, nkey, token, user+password): keep one",
+            ));
+        }
+        let auth = methods.pop().unwrap_or(NatsAuth::None);
+        let tls_client = match (n.tls_cert_file, n.tls_key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(config_err(
+                    "nats.tls_cert_file and nats.tls_key_file go together: set both or neither",
+                ));
+            }
+        };
+
+        let snapshot = match self.snapshot.mode.as_deref().unwrap_or("initial") {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            other => {
+                return Err(config_err(format!(
+                    "snapshot.mode {other:?} is unknown: use \"initial\" or \"never\""
+                )));
+            }
+        };
+        let format = match self.output.format.as_deref().unwrap_or("json") {
+            "json" => OutputFormat::Json,
+            "debezium" => OutputFormat::Debezium,
+            other => {
+                return Err(config_err(format!(
+                    "output.format {other:?} is unknown: use \"json\" or \"debezium\""
+                )));
+            }
+        };
+        let on_oversize = match self.limits.on_oversize.as_deref().unwrap_or("fail") {
+            "fail" => OversizePolicy::Fail,
+            "skip" => OversizePolicy::Skip,
+            "object_store" => OversizePolicy::ObjectStore,
+            other => {
+                return Err(config_err(format!(
+                    "limits.on_oversize {other:?} is unknown: use \"fail\", \"skip\" or \"object_store\""
+                )));
+            }
+        };
+        let http_listen = match self.http.listen.as_deref().unwrap_or("127.0.0.1:9750") {
+            "" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|_| {
+                config_err(format!(
+                    "http.listen {s:?} is not an address:port like 127.0.0.1:9750 (\"\" turns HTTP off)"
+                ))
+            })?),
+        };
+
+        Ok(Config {
+            postgres: PostgresConfig {
+                url,
+                password: pg_password,
+                slot,
+                publication,
+                tables,
+                status_interval,
+            },
+            nats: NatsConfig {
+                url: nats_url,
+                stream: n.stream,
+                subject_prefix: n.subject_prefix,
+                replicas: replicas as usize,
+                checkpoint_bucket,
+                max_in_flight: max_in_flight as usize,
+                ack_timeout,
+                auth,
+                tls_required: n.tls_required.unwrap_or(false),
+                tls_ca_file: n.tls_ca_file,
+                tls_client,
+            },
+            snapshot,
+            output: OutputConfig {
+                format,
+                tx_markers: self.output.tx_markers.unwrap_or(false),
+            },
+            on_oversize,
+            http_listen,
+        })
+    }
+}
+
+/// Settings whose effective value depends on the database name.
+impl NatsConfig {
+    pub fn subject_prefix_for(&self, database: &str) -> String {
+        match &self.subject_prefix {
+            Some(p) => p.clone(),
+            None => format!("cdc.{}", crate::sink::subject::escape_token(database)),
+        }
+    }
+
+    pub fn stream_for(&self, database: &str) -> String {
+        match &self.stream {
+            Some(s) => s.clone(),
+            None => {
+                let up: String = database
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("CDC_{up}")
+            }
+        }
+    }
+}
+
+/// A config dump for `check`/`status` with every secret masked.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            let pairs: BTreeMap<String, String> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.contains("password") || k.contains("token") {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                let q: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                u.set_query(Some(&q.join("&")));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config> {
+        Config::from_toml(
+            text,
+            "test.toml",
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    const MIN: &str = "[postgres]\nurl = \"postgres://u@h/app\"\n";
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.postgres.slot, "walnats");
+        assert_eq!(c.postgres.publication, "walnats");
+        assert!(c.postgres.tables.is_empty());
+        assert_eq!(c.nats.url.expose(), "nats://127.0.0.1:4222");
+        assert_eq!(c.nats.replicas, 1);
+        assert_eq!(c.nats.subject_prefix_for("app"), "cdc.app");
+        assert_eq!(c.nats.stream_for("app"), "CDC_APP");
+        assert_eq!(c.snapshot, SnapshotMode::Initial);
+        assert_eq!(c.output.format, OutputFormat::Json);
+        assert!(!c.output.tx_markers);
+        assert_eq!(c.on_oversize, OversizePolicy::Fail);
+        assert_eq!(c.http_listen, Some("127.0.0.1:9750".parse().unwrap()));
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_types() {
+        let c = load(
+            MIN,
+            &[
+                ("WALNATS_POSTGRES_SLOT", "other"),
+                ("WALNATS_NATS_PASSWORD", "1234"),
+                ("WALNATS_NATS_USER", "bob"),
+                ("WALNATS_NATS_REPLICAS", "3"),
+                ("WALNATS_OUTPUT_TX_MARKERS", "true"),
+                ("WALNATS_POSTGRES_TABLES", "public.orders, billing.*"),
+                ("WALNATS_LOG", "debug"),
+                ("WALNATS_PG15_BIN", "/x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.slot, "other");
+        assert_eq!(c.nats.replicas, 3);
+        assert!(c.output.tx_markers);
+        assert_eq!(
+            c.nats.auth,
+            NatsAuth::UserPassword {
+                user: "bob".into(),
+                password: Secret::new("1234")
+            }
+        );
+        assert_eq!(c.postgres.tables.len(), 2);
+        assert_eq!(c.postgres.tables[1].table, None);
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            ("", &[], "postgres.url is missing"),
+            ("[postgres]\nurl = \"mysql://x\"\n", &[], "postgres.url"),
+            (
+                "[postgres]\nurl = \"postgres://h/a\"\nslott = \"x\"\n",
+                &[],
+                "slott",
+            ),
+            (
+                "[postgres]\nurl = \"postgres://h/a\"\nslot = 5\n",
+                &[],
+                "slot",
+            ),
+            (
+                MIN,
+                &[("WALNATS_POSTGRES_SLOTT", "x")],
+                "WALNATS_POSTGRES_SLOTT",
+            ),
+            (
+                MIN,
+                &[("WALNATS_NATS_REPLICAS", "three")],
+                "WALNATS_NATS_REPLICAS",
+            ),
+            (
+                MIN,
+                &[("WALNATS_POSTGRES_SLOT", "Bad-Name")],
+                "postgres.slot",
+            ),
+            (
+                MIN,
+                &[("WALNATS_NATS_SUBJECT_PREFIX", "a..b")],
+                "nats.subject_prefix",
+            ),
+            (MIN, &[("WALNATS_NATS_STREAM", "a.b")], "nats.stream"),
+            (
+                MIN,
+                &[("WALNATS_SNAPSHOT_MODE", "sometimes")],
+                "snapshot.mode",
+            ),
+            (
+                MIN,
+                &[("WALNATS_LIMITS_ON_OVERSIZE", "drop")],
+                "limits.on_oversize",
+            ),
+            (MIN, &[("WALNATS_NATS_USER", "bob")], "nats.user"),
+            (MIN, &[("WALNATS_NATS_URL", "http://x y")], "nats.url"),
+            (MIN, &[("WALNATS_HTTP_LISTEN", "nowhere")], "http.listen"),
+            (
+                MIN,
+                &[("WALNATS_POSTGRES_TABLES", "orders")],
+                "postgres.tables",
+            ),
+            ("[postgres\n", &[], "test.toml"),
+        ];
+        for (text, env, want) in cases {
+            let err = load(text, env).unwrap_err();
+            assert_eq!(err.kind(), Kind::Config);
+            assert!(
+                err.to_string().contains(want),
+                "{want:?} not in {:?}",
+                err.to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = load(
+            "[postgres]\nurl = \"postgres://u:hunter2@h/app\"\n[nats]\ntoken = \"s3cr3t\"\n",
+            &[],
+        )
+        .unwrap();
+        let dump = format!("{c:?}");
+        assert!(
+            !dump.contains("hunter2") && !dump.contains("s3cr3t"),
+            "{dump}"
+        );
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h/app?sslmode=require"),
+            "postgres://u:***@h/app?sslmode=require"
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! The `format = "json"` body of the contract.
+
+use crate::encode::Source;
+use crate::encode::json_str::write_json_string;
+use crate::encode::value::write_text_value;
+use crate::error::{Error, Kind, Result};
+use crate::event::{Body, Event, RelationInfo};
+use crate::lsn::Lsn;
+use crate::pgoutput::{OldTuple, TupleData, TupleValue};
+
+fn push_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
+    write_json_string(s.as_bytes(), out).map_err(Error::from)
+}
+
+/// Microseconds since 2000-01-01 UTC (PostgreSQL's epoch) as RFC 3339 UTC
+/// with six fractional digits.
+pub fn write_pg_time(out: &mut Vec<u8>, us: i64) {
+    const PG_EPOCH_DAYS: i64 = 10_957; // 1970-01-01 → 2000-01-01
+    let days = us.div_euclid(86_400_000_000) + PG_EPOCH_DAYS;
+    let rem = us.rem_euclid(86_400_000_000);
+    let (y, m, d) = civil_from_days(days);
+    let secs = rem / 1_000_000;
+    let frac = rem % 1_000_000;
+    let s = format!(
+        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z\"",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    );
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Howard Hinnant's days → (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn write_lsn(out: &mut Vec<u8>, lsn: Lsn) {
+    out.push(b'"');
+    out.extend_from_slice(lsn.to_string().as_bytes());
+    out.push(b'"');
+}
+
+fn decode_err(rel: &RelationInfo, column: &str, lsn: Lsn, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        Kind::Decode,
+        format!(
+            "cannot decode column {column:?} of {}.{} at LSN {lsn}: {e}; \
+             walnats stopped without confirming this change (nothing is lost)",
+            rel.schema, rel.table
+        ),
+    )
+}
+
+/// Writes `{"col":value,...}` for the columns `pick` selects; unchanged
+/// TOAST values are left out and reported to `unchanged`.
+fn write_tuple(
+    out: &mut Vec<u8>,
+    rel: &RelationInfo,
+    tuple: &TupleData,
+    lsn: Lsn,
+    pick: impl Fn(usize, &TupleValue) -> bool,
+    mut unchanged: Option<&mut Vec<usize>>,
+) -> Result<()> {
+    out.push(b'{');
+    let mut first = true;
+    for (i, (col, val)) in rel.columns.iter().zip(tuple.columns.iter()).enumerate() {
+        if !pick(i, val) {
+            continue;
+        }
+        if let TupleValue::Unchanged = val {
+            if let Some(u) = unchanged.as_deref_mut() {
+                u.push(i);
+            }
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(&col.json_key);
+        match val {
+            TupleValue::Null => out.extend_from_slice(b"null"),
+            TupleValue::Text(b) => write_text_value(&col.kind, b, out)
+                .map_err(|e| decode_err(rel, &col.name, lsn, e))?,
+            TupleValue::Binary(_) => {
+                return Err(decode_err(
+                    rel,
+                    &col.name,
+                    lsn,
+                    "a binary-format value arrived, but walnats asked for text format",
+                ));
+            }
+            TupleValue::Unchanged => {}
+        }
+    }
+    if tuple.columns.len() != rel.columns.len() {
+        return Err(Error::new(
+            Kind::Protocol,
+            format!(
+                "a change of {}.{} at LSN {lsn} has {} columns, its Relation message {}",
+                rel.schema,
+                rel.table,
+                tuple.columns.len(),
+                rel.columns.len()
+            ),
+        ));
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn old_tuple(old: &Option<OldTuple>) -> Option<(&TupleData, bool)> {
+    match old {
+        Some(OldTuple::Key(t)) => Some((t, true)),
+        Some(OldTuple::Full(t)) => Some((t, false)),
+        None => None,
+    }
+}
+
+pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
+    let (op, rel, old, new, truncate) = match &ev.body {
+        Body::Row { op, rel, old, new } => (op.as_str(), rel, old_tuple(old), new.as_ref(), None),
+        Body::Truncate {
+            rel,
+            cascade,
+            restart_identity,
+        } => (
+            "truncate",
+            rel,
+            None,
+            None,
+            Some((*cascade, *restart_identity)),
+        ),
+        _ => return Ok(()),
+    };
+    out.extend_from_slice(b"{\"op\":\"");
+    out.extend_from_slice(op.as_bytes());
+    out.extend_from_slice(b"\",\"schema\":");
+    push_str(out, &rel.schema)?;
+    out.extend_from_slice(b",\"table\":");
+    push_str(out, &rel.table)?;
+
+    // key: replica-identity columns, from the new row, or the old key on
+    // delete; a key column left out of the new row as unchanged TOAST is
+    // taken from the old tuple when PostgreSQL sent one.
+    out.extend_from_slice(b",\"key\":");
+    let key_source = new.or(old.map(|(t, _)| t));
+    match key_source {
+        Some(t) if rel.has_key() => {
+            let use_old = new.is_some()
+                && old.is_some()
+                && rel
+                    .columns
+                    .iter()
+                    .zip(t.columns.iter())
+                    .any(|(c, v)| c.key && matches!(v, TupleValue::Unchanged));
+            let t = if use_old {
+                old.map(|(o, _)| o).unwrap_or(t)
+            } else {
+                t
+            };
+            write_tuple(
+                out,
+                rel,
+                t,
+                ev.lsn,
+                |i, _| rel.columns.get(i).is_some_and(|c| c.key),
+                None,
+            )?;
+        }
+        _ => out.extend_from_slice(b"null"),
+    }
+
+    out.extend_from_slice(b",\"before\":");
+    match old {
+        // 'K': only the key columns carry values.
+        Some((t, true)) => write_tuple(
+            out,
+            rel,
+            t,
+            ev.lsn,
+            |i, _| rel.columns.get(i).is_some_and(|c| c.key),
+            None,
+        )?,
+        Some((t, false)) => write_tuple(out, rel, t, ev.lsn, |_, _| true, None)?,
+        None => out.extend_from_slice(b"null"),
+    }
+
+    out.extend_from_slice(b",\"after\":");
+    let mut unchanged = Vec::new();
+    match new {
+        Some(t) => write_tuple(out, rel, t, ev.lsn, |_, _| true, Some(&mut unchanged))?,
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"unchanged\":[");
+    for (n, i) in unchanged.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        if let Some(c) = rel.columns.get(*i) {
+            push_str(out, &c.name)?;
+        }
+    }
+    out.push(b']');
+    if let Some((cascade, restart_identity)) = truncate {
+        out.extend_from_slice(b",\"truncate\":{\"cascade\":");
+        out.extend_from_slice(if cascade { b"true" } else { b"false" });
+        out.extend_from_slice(b",\"restart_identity\":");
+        out.extend_from_slice(if restart_identity { b"true" } else { b"false" });
+        out.push(b'}');
+    }
+    write_source(out, src, ev)?;
+    out.push(b'}');
+    Ok(())
+}
+
+fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
+    out.extend_from_slice(b",\"source\":{\"db\":");
+    push_str(out, &src.db)?;
+    out.extend_from_slice(b",\"slot\":");
+    push_str(out, &src.slot)?;
+    out.extend_from_slice(b",\"lsn\":");
+    write_lsn(out, ev.lsn);
+    out.extend_from_slice(b",\"commit_lsn\":");
+    write_lsn(out, ev.pos.commit_lsn);
+    out.extend_from_slice(b",\"xid\":");
+    match &ev.tx {
+        Some(tx) => out.extend_from_slice(tx.xid.0.to_string().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"commit_time\":");
+    match &ev.tx {
+        Some(tx) => write_pg_time(out, tx.commit_time),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(ev.pos.seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"snapshot\":");
+    out.extend_from_slice(if ev.snapshot { b"true" } else { b"false" });
+    out.push(b'}');
+    Ok(())
+}
+
+/// `_schema` body: the table's column set.
+pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationInfo) -> Result<()> {
+    out.extend_from_slice(b"{\"schema\":");
+    push_str(out, &rel.schema)?;
+    out.extend_from_slice(b",\"table\":");
+    push_str(out, &rel.table)?;
+    out.extend_from_slice(b",\"relation_oid\":");
+    out.extend_from_slice(rel.oid.0.to_string().as_bytes());
+    out.extend_from_slice(b",\"replica_identity\":\"");
+    out.extend_from_slice(rel.replica_identity_name().as_bytes());
+    out.extend_from_slice(b"\",\"columns\":[");
+    for (i, c) in rel.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"name\":");
+        push_str(out, &c.name)?;
+        out.extend_from_slice(b",\"type\":");
+        push_str(out, &c.type_name)?;
+        out.extend_from_slice(b",\"type_oid\":");
+        out.extend_from_slice(c.type_oid.to_string().as_bytes());
+        out.extend_from_slice(b",\"key\":");
+        out.extend_from_slice(if c.key { b"true" } else { b"false" });
+        out.push(b'}');
+    }
+    out.push(b']');
+    write_source(out, src, ev)?;
+    out.push(b'}');
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_epoch_times_print_as_rfc3339() {
+        let mut out = Vec::new();
+        write_pg_time(&mut out, 0);
+        assert_eq!(out, b"\"2000-01-01T00:00:00.000000Z\"");
+        out.clear();
+        // 2026-11-22T18:31:10.123456Z
+        let us = ((9822_i64 * 86_400) + 18 * 3600 + 31 * 60 + 10) * 1_000_000 + 123_456;
+        write_pg_time(&mut out, us);
+        assert_eq!(out, b"\"2026-11-22T18:31:10.123456Z\"");
+        out.clear();
+        write_pg_time(&mut out, -1);
+        assert_eq!(out, b"\"1999-12-31T23:59:59.999999Z\"");
+    }
+}

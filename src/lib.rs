@@ -1,0 +1,19 @@
+//! walnats: PostgreSQL logical replication (pgoutput) to NATS JetStream,
+//! exactly once. The data path, one module per step:
+//! `source` (replication connection) → `pgoutput` (decoder) → `event`
+//! (relations, changes) → `encode` (subject, headers, body) → `sink`
+//! (JetStream publish and acks) → `checkpoint` (what is durable, what the
+//! slot may confirm), wired by `pipeline`.
+
+pub mod admin;
+pub mod checkpoint;
+pub mod config;
+pub mod encode;
+pub mod error;
+pub mod event;
+pub mod lsn;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod tail;

@@ -1,0 +1,697 @@
+//! Wires source → decode → event → encode → publish → ack → checkpoint →
+//! standby status, and restarts the whole session on transient errors.
+//!
+//! A session is one replication connection and one NATS connection. Any
+//! transient failure (PostgreSQL or NATS gone, a publish not acknowledged)
+//! ends the session; the next one resumes from the checkpoint and the
+//! stream's tail, which is the same path as a restart after `kill -9`, so
+//! the recovery that crash tests exercise is the only recovery there is.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::checkpoint::{self, Checkpoint, Store, Tracker};
+use crate::config::{Config, OutputFormat, OversizePolicy};
+use crate::encode::{self, Encoder};
+use crate::error::{Error, Kind, Result, Retry};
+use crate::event::{Body, Event, Op, RelationCache, TxInfo, TypeResolver};
+use crate::lsn::{Lsn, Position};
+use crate::pgoutput::{self, Message};
+use crate::sink::{self, Publisher};
+use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
+
+/// The pgoutput protocol version to ask for: the highest the server knows.
+pub fn proto_version(server_version_num: u32) -> u32 {
+    match server_version_num {
+        v if v >= 160_000 => 4,
+        v if v >= 150_000 => 3,
+        v if v >= 140_000 => 2,
+        _ => 1,
+    }
+}
+
+/// Runs sessions until shutdown or a definite error. Transient errors
+/// restart the session after a capped, jittered exponential backoff; a slot
+/// held by another walsender makes this process a standby that polls.
+pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    refuse_unsupported(&cfg)?;
+    let mut failures: u32 = 0;
+    let mut standby = false;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = session(&cfg, shutdown.clone()).await;
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if err.retry() == Retry::Definite {
+            return Err(err);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            failures = 0;
+        }
+        let delay = if err.kind() == Kind::SlotInUse {
+            if !standby {
+                info!(slot = %cfg.postgres.slot, "slot is in use by another walsender; standing by");
+                standby = true;
+            }
+            Duration::from_secs(1)
+        } else {
+            standby = false;
+            failures = failures.saturating_add(1);
+            let d = backoff(failures);
+            warn!(error = %err, kind = err.kind().name(), retry_in_ms = d.as_millis() as u64, "session ended; resuming");
+            d
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// 200 ms doubling to 30 s, with up to 25% jitter so that a fleet does not
+/// reconnect in lockstep.
+fn backoff(failures: u32) -> Duration {
+    let base = 200u64.saturating_mul(1u64 << failures.min(8).saturating_sub(1));
+    let base = base.min(30_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = base / 4 * u64::from(nanos % 1000) / 1000;
+    Duration::from_millis(base + jitter)
+}
+
+fn refuse_unsupported(cfg: &Config) -> Result<()> {
+    let missing = if cfg.output.format == OutputFormat::Debezium {
+        Some("output.format = \"debezium\"")
+    } else if cfg.output.tx_markers {
+        Some("output.tx_markers = true")
+    } else if cfg.on_oversize == OversizePolicy::ObjectStore {
+        Some("limits.on_oversize = \"object_store\"")
+    } else {
+        None
+    };
+    match missing {
+        Some(what) => Err(Error::new(
+            Kind::Config,
+            format!("{what} is not available in this build yet: leave it at its default"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Everything a session needs from PostgreSQL's SQL side and NATS, set up
+/// and checked; shared by `run`, `check` and `status`.
+pub struct Connected {
+    pub pg: PgConnectConfig,
+    pub sql: Arc<tokio_postgres::Client>,
+    pub db: String,
+    pub prefix: String,
+    pub stream_name: String,
+    pub js: async_nats::jetstream::Context,
+}
+
+pub async fn connect_both(cfg: &Config) -> Result<Connected> {
+    let pg = PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())?;
+    let sql = Arc::new(source::connect_sql(&pg).await?);
+    let db = setup::database_name(&sql).await?;
+    let nats = sink::connect(&cfg.nats).await?;
+    let js = sink::context(nats, &cfg.nats);
+    Ok(Connected {
+        prefix: cfg.nats.subject_prefix_for(&db),
+        stream_name: cfg.nats.stream_for(&db),
+        pg,
+        sql,
+        db,
+        js,
+    })
+}
+
+/// NATS alone, for commands that only read the stream: the database name
+/// (for default names) comes from PostgreSQL only when the config does not
+/// name both the stream and the prefix.
+pub async fn connect_nats_only(
+    cfg: &Config,
+) -> Result<(async_nats::jetstream::Context, String, String)> {
+    let (prefix, stream) = match (&cfg.nats.subject_prefix, &cfg.nats.stream) {
+        (Some(p), Some(s)) => (p.clone(), s.clone()),
+        _ => {
+            let pg =
+                PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())?;
+            let sql = source::connect_sql(&pg).await?;
+            let db = setup::database_name(&sql).await?;
+            (cfg.nats.subject_prefix_for(&db), cfg.nats.stream_for(&db))
+        }
+    };
+    let nats = sink::connect(&cfg.nats).await?;
+    Ok((sink::context(nats, &cfg.nats), prefix, stream))
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<Acked>> + Send>>;
+type WriteFuture = Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>;
+
+/// What an in-flight entry turns into, in publish order.
+enum Acked {
+    /// Stored by JetStream (or found in the stream on resume) at `seq`.
+    Msg {
+        seq: u64,
+        pos: Option<Position>,
+        schema: Option<(u32, u64)>,
+    },
+    /// Not published by policy (oversize "skip"), but done with.
+    Dropped { pos: Position },
+    /// Every message before this one belongs to transactions that ended
+    /// at or before `end`.
+    TxEnd(Lsn),
+}
+
+struct OpenTx {
+    info: TxInfo,
+    next_seq: u32,
+}
+
+struct Session {
+    cfg: Arc<Config>,
+    conn: ReplicationConn,
+    decoder: pgoutput::Decoder,
+    cache: RelationCache,
+    encoder: Encoder,
+    publisher: Publisher,
+    store: Arc<Store>,
+    tracker: Tracker,
+    inflight: FuturesOrdered<AckFuture>,
+    writing: Option<WriteFuture>,
+    tx: Option<OpenTx>,
+    /// Changes at or before this were published in an earlier session.
+    published_through: Option<Position>,
+    /// Replayed messages after `published_through` that are in the stream.
+    skip: u64,
+    last_msg_id: Option<String>,
+    /// `_schema` state as of the last emitted message.
+    emitted_schemas: BTreeMap<u32, u64>,
+    received: Lsn,
+    server_end: Lsn,
+    status_due: bool,
+}
+
+async fn session(cfg: &Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let c = connect_both(cfg).await?;
+    setup::require_logical_wal(&c.sql).await?;
+    setup::ensure_publication(&c.sql, &cfg.postgres).await?;
+    sink::require_jetstream(&c.js).await?;
+    let mut st = sink::ensure_stream(&c.js, &c.stream_name, &c.prefix, cfg.nats.replicas).await?;
+    if st.created {
+        info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
+    }
+    let store = Arc::new(
+        Store::open(
+            &c.js,
+            &cfg.nats.checkpoint_bucket,
+            cfg.nats.replicas,
+            &c.stream_name,
+            &c.db,
+            &cfg.postgres.slot,
+        )
+        .await?,
+    );
+
+    let slot = &cfg.postgres.slot;
+    let mut conn = ReplicationConn::connect(&c.pg).await?;
+    let existing = setup::slot_state(&c.sql, slot).await?;
+    let mut created_at = None;
+    match &existing {
+        Some(s) => {
+            setup::validate_slot(s, slot, &c.db)?;
+            if s.active {
+                return Err(Error::new(
+                    Kind::SlotInUse,
+                    format!(
+                        "slot {slot:?} is active in walsender pid {}",
+                        s.active_pid.unwrap_or(0)
+                    ),
+                ));
+            }
+        }
+        None => {
+            let made = conn.create_logical_slot(slot, false).await?;
+            info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
+            created_at = Some(made.consistent_point);
+        }
+    }
+    let mut resume = checkpoint::resume(&store, &mut st.stream, created_at.is_some()).await?;
+    if let Some(cp) = created_at {
+        resume.state.confirmed = cp;
+        store.save(&resume.state).await?;
+    } else if let (Some(s), true) = (&existing, resume.state.confirmed > Lsn::ZERO) {
+        // The slot must never be ahead of what walnats confirmed: if
+        // something advanced it, changes in between were never published.
+        if let Some(flush) = s.confirmed_flush
+            && flush > resume.state.confirmed
+        {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "slot {slot:?} was advanced to {flush} by something other than walnats, \
+                     past walnats' checkpoint at {}: the changes in between were never published; \
+                     run `walnats slot drop --yes` and re-snapshot",
+                    resume.state.confirmed
+                ),
+            ));
+        }
+    }
+    info!(
+        %slot,
+        stream = %c.stream_name,
+        stream_seq = resume.last_seq,
+        resume_after = ?resume.state.pos,
+        already_in_stream = resume.skip,
+        "resuming"
+    );
+
+    let version = proto_version(conn.server_version_num());
+    let proto = version.to_string();
+    let pubs = format!("\"{}\"", cfg.postgres.publication.replace('"', "\"\""));
+    conn.start_replication(
+        slot,
+        Lsn::ZERO,
+        &[
+            ("proto_version", proto.as_str()),
+            ("publication_names", pubs.as_str()),
+            ("messages", "true"),
+        ],
+    )
+    .await?;
+    info!(%slot, proto_version = version, "streaming");
+
+    let src = encode::Source {
+        db: c.db.clone(),
+        slot: slot.clone(),
+        prefix: c.prefix.clone(),
+    };
+    let mut s = Session {
+        cfg: Arc::clone(cfg),
+        conn,
+        decoder: pgoutput::Decoder::default(),
+        cache: RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
+        encoder: Encoder::new(src),
+        publisher: Publisher::new(c.js.clone(), resume.last_seq),
+        store,
+        tracker: Tracker::new(resume.state.clone()),
+        inflight: FuturesOrdered::new(),
+        writing: None,
+        tx: None,
+        published_through: resume.state.pos,
+        skip: resume.skip,
+        last_msg_id: resume.last_msg_id,
+        emitted_schemas: resume.state.schemas.clone(),
+        received: Lsn::ZERO,
+        server_end: Lsn::ZERO,
+        status_due: false,
+    };
+    s.stream(&mut shutdown).await
+}
+
+impl Session {
+    async fn stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+        let mut status = tokio::time::interval(self.cfg.postgres.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_in_flight = self.cfg.nats.max_in_flight;
+        let mut draining = *shutdown.borrow();
+        loop {
+            let can_read = !draining && self.inflight.len() < max_in_flight;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed(), if !draining => {
+                    info!("shutting down: draining acknowledgements");
+                    draining = true;
+                }
+                Some(acked) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.on_acked(acked?);
+                }
+                written = async { match self.writing.as_mut() { Some(f) => f.await, None => std::future::pending().await } },
+                    if self.writing.is_some() => {
+                    self.writing = None;
+                    self.tracker.mark_written(written?);
+                    self.status_due = true;
+                }
+                _ = status.tick() => {
+                    self.status_due = true;
+                }
+                msg = self.conn.recv(), if can_read => {
+                    self.on_replication(msg?).await?;
+                }
+            }
+            // Idle: nothing open or in flight, and the replay has caught up
+            // with what the stream holds (a skip count still pending at the
+            // end of the WAL must never be confirmed away).
+            let idle = self.inflight.is_empty() && self.tx.is_none() && self.skip == 0;
+            if idle && self.server_end > self.tracker.acked().confirmed {
+                self.tracker.on_idle(self.server_end);
+            }
+            if self.writing.is_none() {
+                let gap = if draining {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(100)
+                };
+                if let Some(c) = self.tracker.due(gap) {
+                    let store = Arc::clone(&self.store);
+                    self.writing = Some(Box::pin(async move {
+                        store.save(&c).await?;
+                        Ok(c)
+                    }));
+                }
+            }
+            if self.status_due {
+                self.status_due = false;
+                self.send_status(false).await?;
+            }
+            if draining
+                && self.inflight.is_empty()
+                && self.writing.is_none()
+                && self.tracker.due(Duration::ZERO).is_none()
+            {
+                self.send_status(false).await?;
+                info!(confirmed = %self.tracker.confirmable(), "drained; checkpoint written");
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_status(&mut self, reply: bool) -> Result<()> {
+        let flush = self.tracker.confirmable();
+        let write = self.received.max(flush);
+        self.conn
+            .send_standby_status(write, flush, flush, reply)
+            .await
+    }
+
+    fn on_acked(&mut self, a: Acked) {
+        match a {
+            Acked::Msg { seq, pos, schema } => self.tracker.on_message(seq, pos, schema),
+            Acked::Dropped { pos } => {
+                let seq = self.tracker.acked().stream_seq;
+                self.tracker.on_message(seq, Some(pos), None);
+            }
+            Acked::TxEnd(end) => self.tracker.on_tx_end(end),
+        }
+    }
+
+    async fn on_replication(&mut self, msg: ReplicationMessage) -> Result<()> {
+        match msg {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.server_end = self.server_end.max(wal_end);
+                if reply_requested {
+                    self.send_status(false).await?;
+                }
+                Ok(())
+            }
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                let m = self.decoder.decode(data).map_err(Error::from)?;
+                self.on_pgoutput(m, wal_start).await
+            }
+            ReplicationMessage::CopyDone => Err(Error::new(
+                Kind::PgConnect,
+                "PostgreSQL ended the replication stream",
+            )),
+        }
+    }
+
+    fn next_pos(&mut self, what: &str) -> Result<(Position, TxInfo)> {
+        let tx = self.tx.as_mut().ok_or_else(|| {
+            Error::new(
+                Kind::Protocol,
+                format!("pgoutput sent {what} outside a transaction"),
+            )
+        })?;
+        let pos = Position::new(tx.info.commit_lsn, tx.next_seq);
+        tx.next_seq = tx.next_seq.checked_add(1).ok_or_else(|| {
+            Error::new(
+                Kind::Protocol,
+                "a transaction with more than 4 billion changes",
+            )
+        })?;
+        Ok((pos, tx.info))
+    }
+
+    async fn on_pgoutput(&mut self, m: Message, lsn: Lsn) -> Result<()> {
+        match m {
+            Message::Begin(b) => {
+                if self.tx.is_some() {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        "pgoutput sent Begin inside a transaction",
+                    ));
+                }
+                self.tx = Some(OpenTx {
+                    info: TxInfo {
+                        xid: b.xid,
+                        commit_lsn: b.final_lsn,
+                        commit_time: b.commit_time,
+                    },
+                    next_seq: 0,
+                });
+            }
+            Message::Commit(c) => {
+                let tx = self.tx.take().ok_or_else(|| {
+                    Error::new(Kind::Protocol, "pgoutput sent Commit outside a transaction")
+                })?;
+                if tx.info.commit_lsn != c.commit_lsn {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!(
+                            "pgoutput's Commit at {} does not match its Begin's {}",
+                            c.commit_lsn, tx.info.commit_lsn
+                        ),
+                    ));
+                }
+                self.inflight
+                    .push_back(Box::pin(std::future::ready(Ok(Acked::TxEnd(c.end_lsn)))));
+            }
+            Message::Relation(r) => {
+                self.cache.update(&r).await?;
+            }
+            Message::Type(_) | Message::Origin(_) => {}
+            Message::Insert(i) => {
+                let rel = Arc::clone(self.cache.get(i.oid)?);
+                let (pos, tx) = self.next_pos("an insert")?;
+                self.emit_change(Event {
+                    pos,
+                    lsn,
+                    tx: Some(tx),
+                    snapshot: false,
+                    body: Body::Row {
+                        op: Op::Insert,
+                        rel,
+                        old: None,
+                        new: Some(i.new),
+                    },
+                })
+                .await?;
+            }
+            Message::Update(u) => {
+                let rel = Arc::clone(self.cache.get(u.oid)?);
+                let (pos, tx) = self.next_pos("an update")?;
+                self.emit_change(Event {
+                    pos,
+                    lsn,
+                    tx: Some(tx),
+                    snapshot: false,
+                    body: Body::Row {
+                        op: Op::Update,
+                        rel,
+                        old: u.old,
+                        new: Some(u.new),
+                    },
+                })
+                .await?;
+            }
+            Message::Delete(d) => {
+                let rel = Arc::clone(self.cache.get(d.oid)?);
+                let (pos, tx) = self.next_pos("a delete")?;
+                self.emit_change(Event {
+                    pos,
+                    lsn,
+                    tx: Some(tx),
+                    snapshot: false,
+                    body: Body::Row {
+                        op: Op::Delete,
+                        rel,
+                        old: Some(d.old),
+                        new: None,
+                    },
+                })
+                .await?;
+            }
+            Message::Truncate(t) => {
+                for oid in &t.oids {
+                    let rel = Arc::clone(self.cache.get(*oid)?);
+                    let (pos, tx) = self.next_pos("a truncate")?;
+                    self.emit_change(Event {
+                        pos,
+                        lsn,
+                        tx: Some(tx),
+                        snapshot: false,
+                        body: Body::Truncate {
+                            rel,
+                            cascade: t.cascade(),
+                            restart_identity: t.restart_identity(),
+                        },
+                    })
+                    .await?;
+                }
+            }
+            Message::LogicalMessage(m) => {
+                let (pos, tx) = if m.transactional {
+                    let (p, t) = self.next_pos("a transactional message")?;
+                    (p, Some(t))
+                } else {
+                    (Position::new(m.lsn, 0), None)
+                };
+                self.emit_change(Event {
+                    pos,
+                    lsn: m.lsn,
+                    tx,
+                    snapshot: false,
+                    body: Body::Message {
+                        transactional: m.transactional,
+                        prefix: m.prefix,
+                        content: m.content,
+                    },
+                })
+                .await?;
+            }
+            other => {
+                return Err(Error::new(
+                    Kind::Protocol,
+                    format!(
+                        "pgoutput sent {}, which walnats did not ask for (no streaming, no two-phase)",
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit_change(&mut self, ev: Event) -> Result<()> {
+        if self.published_through.is_some_and(|p| ev.pos <= p) {
+            return Ok(());
+        }
+        let rel = match &ev.body {
+            Body::Row { rel, .. } | Body::Truncate { rel, .. } => Some(Arc::clone(rel)),
+            _ => None,
+        };
+        if let Some(rel) = rel
+            && self.emitted_schemas.get(&rel.oid.0) != Some(&rel.schema_hash)
+        {
+            self.emitted_schemas.insert(rel.oid.0, rel.schema_hash);
+            let schema = Some((rel.oid.0, rel.schema_hash));
+            let sev = Event {
+                pos: ev.pos,
+                lsn: ev.lsn,
+                tx: ev.tx,
+                snapshot: ev.snapshot,
+                body: Body::Schema { rel },
+            };
+            self.emit_one(&sev, None, schema).await?;
+        }
+        let pos = ev.pos;
+        self.emit_one(&ev, Some(pos), None).await
+    }
+
+    async fn emit_one(
+        &mut self,
+        ev: &Event,
+        pos: Option<Position>,
+        schema: Option<(u32, u64)>,
+    ) -> Result<()> {
+        // Encode first: whether a message is dropped by the oversize policy
+        // must be decided the same way when it is replayed, or the count of
+        // messages already in the stream would drift.
+        let msg = self.encoder.encode(ev)?;
+        let size = Publisher::wire_size(&msg);
+        if size > self.publisher.max_payload() {
+            let what = format!(
+                "the {} message for position {}:{} (LSN {}) is {size} bytes, over the NATS server's max_payload of {}",
+                ev.op_name(),
+                ev.pos.commit_lsn,
+                ev.pos.seq,
+                ev.lsn,
+                self.publisher.max_payload()
+            );
+            match (self.cfg.on_oversize, pos) {
+                (OversizePolicy::Skip, Some(p)) => {
+                    warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
+                    self.inflight
+                        .push_back(Box::pin(std::future::ready(Ok(Acked::Dropped { pos: p }))));
+                    return Ok(());
+                }
+                _ => {
+                    error!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message");
+                    return Err(Error::new(
+                        Kind::Oversize,
+                        format!(
+                            "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\"; \
+                             nothing was confirmed past it"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            let seq = self.publisher.assume_published();
+            if self.skip == 0
+                && let Some(want) = self.last_msg_id.take()
+                && want != msg.msg_id
+            {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the stream's last message is {want:?}, but replaying the slot from the checkpoint gives {:?} \
+                         at that sequence: another client publishes to the stream's subjects, or output settings changed \
+                         since it was written; walnats must be the stream's only writer",
+                        msg.msg_id
+                    ),
+                ));
+            }
+            debug!(seq, "already in the stream");
+            self.inflight
+                .push_back(Box::pin(std::future::ready(Ok(Acked::Msg {
+                    seq,
+                    pos,
+                    schema,
+                }))));
+            return Ok(());
+        }
+        let pending = self.publisher.publish(msg).await?;
+        self.inflight.push_back(Box::pin(async move {
+            let seq = sink::await_ack(pending).await?;
+            Ok(Acked::Msg { seq, pos, schema })
+        }));
+        Ok(())
+    }
+}

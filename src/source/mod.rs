@@ -1,0 +1,14 @@
+//! The PostgreSQL side: the replication connection (startup, auth, TLS,
+//! CopyBoth framing, keepalives, standby status), the SQL connection, and
+//! publication/slot state. It never decodes pgoutput and never decides
+//! what may be confirmed.
+
+pub mod pgconfig;
+pub mod replication;
+pub mod setup;
+pub mod sql;
+pub mod tls;
+
+pub use pgconfig::{PgConnectConfig, SslMode};
+pub use replication::{CreatedSlot, ReplicationConn, ReplicationMessage, SystemId};
+pub use sql::connect_sql;

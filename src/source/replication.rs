@@ -1,0 +1,742 @@
+//! The replication connection: startup, auth, TLS, and the CopyBoth stream.
+//!
+//! tokio-postgres has no replication mode, so walnats speaks the protocol
+//! itself: postgres-protocol builds the startup, password and SASL
+//! messages and computes MD5/SCRAM; framing of backend messages is ours
+//! because CopyBothResponse ('W') is not something its parser accepts.
+//! Reads go into one `BytesMut` in 256 KiB chunks and many frames are
+//! drained per read; an XLogData payload is a zero-copy slice of it.
+//! Every frame length is checked before use: bad bytes are errors.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::pgconfig::{PgConnectConfig, SslMode};
+use super::tls;
+use crate::error::{Error, Kind, Result};
+use crate::lsn::Lsn;
+
+/// The session settings that make value output independent of database
+/// and role defaults (sent in the startup packet, which wins over both).
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+];
+
+const READ_CHUNK: usize = 256 * 1024;
+const MAX_FRAME: usize = 1 << 30;
+/// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationMessage {
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
+    /// The server ended the COPY stream.
+    CopyDone,
+}
+
+#[derive(Debug, Clone)]
+pub struct SystemId {
+    pub systemid: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+}
+
+/// A server ErrorResponse, with the fields walnats uses.
+#[derive(Debug, Clone, Default)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+fn proto(msg: impl Into<String>) -> Error {
+    Error::new(
+        Kind::Protocol,
+        format!("PostgreSQL replication protocol: {}", msg.into()),
+    )
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::with_source(Kind::PgConnect, format!("PostgreSQL connection: {what}"), e)
+}
+
+/// Maps a server error to a kind and a message with the fix.
+pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
+    let (kind, what) = match e.code.as_str() {
+        "28P01" | "28000" => (
+            Kind::PgAuth,
+            format!(
+                "PostgreSQL refused user {:?} at {}:{}: check the password and pg_hba.conf (it must allow `replication` connections for this user)",
+                cfg.user, cfg.host, cfg.port
+            ),
+        ),
+        "3D000" => (
+            Kind::PgSetup,
+            format!("database {:?} does not exist: fix the database name in postgres.url", cfg.dbname),
+        ),
+        "42501" => (
+            Kind::PgSetup,
+            format!(
+                "role {:?} may not start replication: ALTER ROLE {} REPLICATION",
+                cfg.user,
+                super::setup::quote_ident(&cfg.user)
+            ),
+        ),
+        "55006" => (Kind::SlotInUse, "the replication slot is active for another process".to_owned()),
+        "42704" => (Kind::PgSetup, "the replication slot or publication does not exist".to_owned()),
+        "53300" => (Kind::PgConnect, "PostgreSQL has no free connection or walsender slot (max_connections / max_wal_senders)".to_owned()),
+        "57P01" | "57P02" | "57P03" => (Kind::PgConnect, "PostgreSQL is shutting down or starting up".to_owned()),
+        c if c.starts_with("08") => (Kind::PgConnect, "PostgreSQL connection failure".to_owned()),
+        "55000" if e.message.contains("wal_level") => (
+            Kind::PgSetup,
+            "logical decoding needs wal_level = logical: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".to_owned(),
+        ),
+        _ => (Kind::PgQuery, "PostgreSQL refused a replication command".to_owned()),
+    };
+    Error::with_source(kind, what, e)
+}
+
+pub struct ReplicationConn {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+    out: BytesMut,
+    server_version_num: u32,
+    cfg: PgConnectConfig,
+}
+
+/// One backend message: its tag and body (without the length).
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+fn cstr(b: &mut Bytes) -> Result<String> {
+    let end = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or_else(|| proto("unterminated string"))?;
+    let s = b.split_to(end);
+    b.advance(1);
+    String::from_utf8(s.to_vec()).map_err(|_| proto("string is not UTF-8"))
+}
+
+fn parse_error(mut body: Bytes) -> ServerError {
+    let mut e = ServerError::default();
+    while let Some(&field) = body.first() {
+        body.advance(1);
+        if field == 0 {
+            break;
+        }
+        let Ok(v) = cstr(&mut body) else { break };
+        match field {
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+fn get_u64(b: &mut Bytes) -> Result<u64> {
+    if b.len() < 8 {
+        return Err(proto("message too short"));
+    }
+    Ok(b.get_u64())
+}
+
+fn get_i64(b: &mut Bytes) -> Result<i64> {
+    if b.len() < 8 {
+        return Err(proto("message too short"));
+    }
+    Ok(b.get_i64())
+}
+
+impl ReplicationConn {
+    pub async fn connect(cfg: &PgConnectConfig) -> Result<ReplicationConn> {
+        let tcp = tokio::time::timeout(
+            cfg.connect_timeout,
+            TcpStream::connect((cfg.host.as_str(), cfg.port)),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                Kind::PgConnect,
+                format!(
+                    "PostgreSQL at {}:{} did not answer within {:?}",
+                    cfg.host, cfg.port, cfg.connect_timeout
+                ),
+            )
+        })?
+        .map_err(|e| {
+            Error::with_source(
+                Kind::PgConnect,
+                format!(
+                    "cannot connect to PostgreSQL at {}:{}: is it running and listening there?",
+                    cfg.host, cfg.port
+                ),
+                e,
+            )
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let io = Self::maybe_tls(tcp, cfg).await?;
+        let mut conn = ReplicationConn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: BytesMut::with_capacity(1024),
+            server_version_num: 0,
+            cfg: cfg.clone(),
+        };
+        conn.startup().await?;
+        Ok(conn)
+    }
+
+    async fn maybe_tls(mut tcp: TcpStream, cfg: &PgConnectConfig) -> Result<Box<dyn Io>> {
+        let Some(config) = tls::client_config(cfg)? else {
+            return Ok(Box::new(tcp));
+        };
+        // SSLRequest: length 8, code 80877103.
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .map_err(|e| io_err("sending SSLRequest", e))?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| io_err("reading the SSLRequest answer", e))?;
+        match answer[0] {
+            b'S' => {
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let stream = connector.connect(tls::server_name(&cfg.host)?, tcp).await.map_err(|e| {
+                    Error::with_source(
+                        Kind::PgSetup,
+                        format!(
+                            "TLS with PostgreSQL at {} failed (sslmode {:?}): check sslrootcert and that the certificate names the host",
+                            cfg.host, cfg.sslmode
+                        ),
+                        e,
+                    )
+                })?;
+                Ok(Box::new(stream))
+            }
+            b'N' if cfg.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
+            b'N' => Err(Error::new(
+                Kind::PgSetup,
+                format!(
+                    "PostgreSQL at {} does not offer TLS, and sslmode requires it: enable ssl on the server or lower sslmode",
+                    cfg.host
+                ),
+            )),
+            _ => Err(proto("unexpected answer to SSLRequest")),
+        }
+    }
+
+    async fn startup(&mut self) -> Result<()> {
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", self.cfg.user.as_str()),
+            ("database", self.cfg.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", self.cfg.application_name.as_str()),
+        ];
+        params.extend_from_slice(SESSION_SETTINGS);
+        self.out.clear();
+        frontend::startup_message(params.iter().copied(), &mut self.out)
+            .map_err(|e| io_err("encoding startup", e))?;
+        self.flush_out().await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'R' => {
+                    let mut b = f.body;
+                    if b.len() < 4 {
+                        return Err(proto("short authentication message"));
+                    }
+                    match b.get_i32() {
+                        0 => {}
+                        3 => {
+                            let pw = self.password()?;
+                            self.out.clear();
+                            frontend::password_message(pw.as_bytes(), &mut self.out)
+                                .map_err(|e| io_err("encoding password", e))?;
+                            self.flush_out().await?;
+                        }
+                        5 => {
+                            if b.len() < 4 {
+                                return Err(proto("short MD5 salt"));
+                            }
+                            let mut salt = [0u8; 4];
+                            b.copy_to_slice(&mut salt);
+                            let hash = md5_hash(
+                                self.cfg.user.as_bytes(),
+                                self.password()?.as_bytes(),
+                                salt,
+                            );
+                            self.out.clear();
+                            frontend::password_message(hash.as_bytes(), &mut self.out)
+                                .map_err(|e| io_err("encoding password", e))?;
+                            self.flush_out().await?;
+                        }
+                        10 => {
+                            let mut mechs = Vec::new();
+                            while b.first().is_some_and(|&c| c != 0) {
+                                mechs.push(cstr(&mut b)?);
+                            }
+                            if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
+                                return Err(Error::new(
+                                    Kind::PgAuth,
+                                    format!(
+                                        "PostgreSQL offers SASL mechanisms {mechs:?}; walnats supports SCRAM-SHA-256"
+                                    ),
+                                ));
+                            }
+                            let s = ScramSha256::new(
+                                self.password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            self.out.clear();
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut self.out,
+                            )
+                            .map_err(|e| io_err("encoding SASL", e))?;
+                            self.flush_out().await?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| proto("SASL continue without SASL start"))?;
+                            s.update(&b).map_err(|e| {
+                                Error::with_source(Kind::PgAuth, "SCRAM exchange failed", e)
+                            })?;
+                            self.out.clear();
+                            frontend::sasl_response(s.message(), &mut self.out)
+                                .map_err(|e| io_err("encoding SASL", e))?;
+                            self.flush_out().await?;
+                        }
+                        12 => {
+                            let mut s = scram
+                                .take()
+                                .ok_or_else(|| proto("SASL final without SASL start"))?;
+                            s.finish(&b).map_err(|e| {
+                                Error::with_source(Kind::PgAuth, "the server's SCRAM signature is wrong: is this the right server?", e)
+                            })?;
+                        }
+                        other => {
+                            return Err(Error::new(
+                                Kind::PgAuth,
+                                format!(
+                                    "PostgreSQL asks for authentication method {other}, which walnats does not support (use scram-sha-256, md5, password or trust)"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                b'S' => {
+                    let mut b = f.body;
+                    let name = cstr(&mut b)?;
+                    let value = cstr(&mut b)?;
+                    if name == "server_version" {
+                        self.server_version_num = parse_server_version(&value);
+                    }
+                }
+                b'K' | b'N' => {}
+                b'Z' => return Ok(()),
+                b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
+                other => {
+                    return Err(proto(format!(
+                        "unexpected message {:?} during startup",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn password(&self) -> Result<String> {
+        self.cfg.password.as_ref().map(|p| p.expose().to_owned()).ok_or_else(|| {
+            Error::new(
+                Kind::PgAuth,
+                format!(
+                    "PostgreSQL asks for a password for user {:?}: put it in postgres.url, postgres.password(_file) or WALNATS_POSTGRES_PASSWORD",
+                    self.cfg.user
+                ),
+            )
+        })
+    }
+
+    pub fn server_version_num(&self) -> u32 {
+        self.server_version_num
+    }
+
+    async fn flush_out(&mut self) -> Result<()> {
+        self.io
+            .write_all(&self.out)
+            .await
+            .map_err(|e| io_err("writing", e))?;
+        self.io.flush().await.map_err(|e| io_err("writing", e))
+    }
+
+    /// A whole frame from the buffer, if one is there.
+    fn take_frame(&mut self) -> Result<Option<Frame>> {
+        let Some(header) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        let tag = header[0];
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if !(4..=MAX_FRAME).contains(&len) {
+            return Err(proto(format!("frame length {len} out of range")));
+        }
+        if self.buf.len() < 1 + len {
+            self.buf.reserve(1 + len - self.buf.len());
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(1 + len).freeze();
+        frame.advance(5);
+        Ok(Some(Frame { tag, body: frame }))
+    }
+
+    /// Cancel-safe: bytes read are kept in `buf` across cancellations.
+    async fn read_frame(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(f) = self.take_frame()? {
+                return Ok(f);
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io_err("reading", e))?;
+            if n == 0 {
+                return Err(Error::new(
+                    Kind::PgConnect,
+                    "PostgreSQL closed the connection",
+                ));
+            }
+        }
+    }
+
+    /// Runs a simple-protocol command; rows as text columns.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        self.out.clear();
+        frontend::query(sql, &mut self.out).map_err(|e| io_err("encoding query", e))?;
+        self.flush_out().await?;
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'T' | b'C' | b'I' | b'N' | b'S' => {}
+                b'D' => {
+                    let mut b = f.body;
+                    if b.len() < 2 {
+                        return Err(proto("short DataRow"));
+                    }
+                    let n = b.get_i16();
+                    let mut row = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(64));
+                    for _ in 0..n {
+                        if b.len() < 4 {
+                            return Err(proto("short DataRow"));
+                        }
+                        let len = b.get_i32();
+                        if len < 0 {
+                            row.push(None);
+                            continue;
+                        }
+                        let len = len as usize;
+                        if b.len() < len {
+                            return Err(proto("short DataRow"));
+                        }
+                        let v = b.split_to(len);
+                        row.push(Some(
+                            String::from_utf8(v.to_vec())
+                                .map_err(|_| proto("column is not UTF-8"))?,
+                        ));
+                    }
+                    rows.push(row);
+                }
+                b'E' => failed = Some(parse_error(f.body)),
+                b'Z' => break,
+                other => {
+                    return Err(proto(format!(
+                        "unexpected message {:?} after a query",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(server_error(e, &self.cfg)),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemId> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let r = rows
+            .first()
+            .ok_or_else(|| proto("IDENTIFY_SYSTEM returned no row"))?;
+        let col = |i: usize| r.get(i).cloned().flatten();
+        Ok(SystemId {
+            systemid: col(0).unwrap_or_default(),
+            timeline: col(1).and_then(|s| s.parse().ok()).unwrap_or(0),
+            xlogpos: col(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| proto("IDENTIFY_SYSTEM: bad xlogpos"))?,
+            dbname: col(3),
+        })
+    }
+
+    pub async fn create_logical_slot(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot> {
+        let snap = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}",
+            super::setup::quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let r = rows
+            .first()
+            .ok_or_else(|| proto("CREATE_REPLICATION_SLOT returned no row"))?;
+        Ok(CreatedSlot {
+            consistent_point: r
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| proto("CREATE_REPLICATION_SLOT: bad consistent_point"))?,
+            snapshot_name: r.get(2).cloned().flatten(),
+        })
+    }
+
+    /// START_REPLICATION; returns once the server is in CopyBoth mode.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<()> {
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{} '{}'",
+                    super::setup::quote_ident(k),
+                    v.replace('\'', "''")
+                )
+            })
+            .collect();
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({})",
+            super::setup::quote_ident(slot),
+            opts.join(", ")
+        );
+        self.out.clear();
+        frontend::query(&sql, &mut self.out).map_err(|e| io_err("encoding query", e))?;
+        self.flush_out().await?;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'W' => return Ok(()),
+                b'N' | b'S' => {}
+                b'E' => {
+                    let e = parse_error(f.body);
+                    // Drain to ReadyForQuery is not needed: the session ends.
+                    return Err(server_error(e, &self.cfg));
+                }
+                other => {
+                    return Err(proto(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The next replication message. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<ReplicationMessage> {
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'd' => {
+                    let mut b = f.body;
+                    let Some(&kind) = b.first() else {
+                        return Err(proto("empty CopyData"));
+                    };
+                    b.advance(1);
+                    return match kind {
+                        b'w' => {
+                            let wal_start = Lsn::from_u64(get_u64(&mut b)?);
+                            let wal_end = Lsn::from_u64(get_u64(&mut b)?);
+                            let send_time = get_i64(&mut b)?;
+                            Ok(ReplicationMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                send_time,
+                                data: b,
+                            })
+                        }
+                        b'k' => {
+                            let wal_end = Lsn::from_u64(get_u64(&mut b)?);
+                            let send_time = get_i64(&mut b)?;
+                            let reply = *b.first().ok_or_else(|| proto("short keepalive"))?;
+                            Ok(ReplicationMessage::Keepalive {
+                                wal_end,
+                                send_time,
+                                reply_requested: reply == 1,
+                            })
+                        }
+                        other => Err(proto(format!(
+                            "unknown CopyData kind {:?}",
+                            char::from(other)
+                        ))),
+                    };
+                }
+                b'c' => return Ok(ReplicationMessage::CopyDone),
+                b'N' | b'S' => {}
+                b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
+                other => {
+                    return Err(proto(format!(
+                        "unexpected message {:?} while streaming",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Standby status update: what walnats has received, and what
+    /// PostgreSQL may consider flushed (the slot's confirmed_flush_lsn).
+    pub async fn send_standby_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply: bool,
+    ) -> Result<()> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+            - PG_EPOCH_OFFSET_US;
+        self.out.clear();
+        self.out.put_u8(b'd');
+        self.out.put_i32(4 + 1 + 8 * 4 + 1);
+        self.out.put_u8(b'r');
+        self.out.put_u64(write.as_u64());
+        self.out.put_u64(flush.as_u64());
+        self.out.put_u64(apply.as_u64());
+        self.out.put_i64(now);
+        self.out.put_u8(u8::from(reply));
+        self.flush_out().await
+    }
+
+    /// CopyDone and Terminate, best effort.
+    pub async fn close(mut self) -> Result<()> {
+        self.out.clear();
+        self.out.put_u8(b'c');
+        self.out.put_i32(4);
+        frontend::terminate(&mut self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.flush_out()).await;
+        Ok(())
+    }
+}
+
+/// `15.18 (Debian 15.18-0+deb12u1)` → 150018; `18.6` → 180006.
+fn parse_server_version(v: &str) -> u32 {
+    let num: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    if major >= 10 {
+        major * 10_000 + minor
+    } else {
+        major * 10_000 + minor * 100 + parts.next().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(
+            parse_server_version("15.18 (Debian 15.18-0+deb12u1)"),
+            150018
+        );
+        assert_eq!(parse_server_version("18.6"), 180006);
+        assert_eq!(parse_server_version("9.6.24"), 90624);
+        assert_eq!(parse_server_version("17devel"), 170000);
+    }
+
+    #[test]
+    fn error_fields_parse_and_unknown_fields_are_skipped() {
+        let body = Bytes::from_static(b"SERROR\0C42501\0Mmust be superuser\0Xwhat\0\0");
+        let e = parse_error(body);
+        assert_eq!(e.code, "42501");
+        assert_eq!(e.message, "must be superuser");
+        let truncated = parse_error(Bytes::from_static(b"C4250"));
+        assert_eq!(truncated.code, "");
+    }
+}
