@@ -190,6 +190,8 @@ pub struct Config {
     pub on_oversize: OversizePolicy,
     /// `None` when `[http] listen = ""`.
     pub http_listen: Option<SocketAddr>,
+    /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
+    pub env_ignored: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -296,7 +298,7 @@ impl Config {
                 e.to_string().lines().collect::<Vec<_>>().join(" ")
             ))
         })?;
-        apply_env(&mut table, env)?;
+        let env_ignored = apply_env(&mut table, env)?;
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
@@ -305,36 +307,38 @@ impl Config {
                     e.inner().message()
                 ))
             })?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.env_ignored = env_ignored;
+        Ok(config)
     }
 }
 
 /// `WALNATS_<SECTION>_<KEY>=value` overrides `[section] key`. Variables
-/// whose section is not one of ours (e.g. `WALNATS_LOG`) are left alone; an
-/// unknown key in a known section is an error, since it is most likely a
-/// typo that would otherwise be ignored.
+/// that name no key (`WALNATS_LOG`, or a tool's own `WALNATS_NATS_SERVER`)
+/// are returned so the caller can warn about them: refusing them would break
+/// environments that share the prefix, and a typo still shows in the log.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut ignored = Vec::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("WALNATS_") else {
             continue;
         };
         let rest = rest.to_ascii_lowercase();
-        let Some((section, keys)) = KEYS
-            .iter()
-            .find(|(s, _)| rest.starts_with(&format!("{s}_")))
-        else {
+        let found = KEYS.iter().find_map(|(section, keys)| {
+            let key = rest.strip_prefix(section)?.strip_prefix('_')?;
+            let (_, ty) = keys.iter().find(|(k, _)| *k == key)?;
+            Some((*section, key.to_owned(), *ty))
+        });
+        let Some((section, key, ty)) = found else {
+            if KEYS.iter().any(|(s, _)| rest.starts_with(&format!("{s}_"))) {
+                ignored.push(name);
+            }
             continue;
         };
-        let key = &rest[section.len() + 1..];
-        let Some((_, ty)) = keys.iter().find(|(k, _)| *k == key) else {
-            return Err(config_err(format!(
-                "environment variable {name} names no key of [{section}]; known keys: {}",
-                keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-            )));
-        };
+        let key = key.as_str();
         let parsed = match ty {
             KeyType::Str => toml::Value::String(value),
             KeyType::Int => value
@@ -367,7 +371,7 @@ fn apply_env(
             _ => return Err(config_err(format!("[{section}] must be a table"))),
         }
     }
-    Ok(())
+    Ok(ignored)
 }
 
 fn read_secret_file(path: &Path, key: &str) -> Result<Secret> {
@@ -644,6 +648,7 @@ impl RawConfig {
             },
             on_oversize,
             http_listen,
+            env_ignored: Vec::new(),
         })
     }
 }
@@ -764,6 +769,22 @@ mod tests {
         );
         assert_eq!(c.postgres.tables.len(), 2);
         assert_eq!(c.postgres.tables[1].table, None);
+        assert!(c.env_ignored.is_empty(), "{:?}", c.env_ignored);
+        let t = load(
+            MIN,
+            &[
+                ("WALNATS_POSTGRES_SLOTT", "x"),
+                ("WALNATS_NATS_SERVER", "/bin/x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            t.env_ignored,
+            vec![
+                "WALNATS_POSTGRES_SLOTT".to_owned(),
+                "WALNATS_NATS_SERVER".to_owned()
+            ]
+        );
     }
 
     #[test]
@@ -781,11 +802,6 @@ mod tests {
                 "[postgres]\nurl = \"postgres://h/a\"\nslot = 5\n",
                 &[],
                 "slot",
-            ),
-            (
-                MIN,
-                &[("WALNATS_POSTGRES_SLOTT", "x")],
-                "WALNATS_POSTGRES_SLOTT",
             ),
             (
                 MIN,

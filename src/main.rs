@@ -95,8 +95,10 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALNATS_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
@@ -105,7 +107,11 @@ fn init_logs(format: LogFormat) {
 }
 
 fn load(arg: &ConfigArg) -> Result<Arc<Config>, Error> {
-    Config::load(&arg.config, std::env::vars()).map(Arc::new)
+    let cfg = Config::load(&arg.config, std::env::vars())?;
+    for name in &cfg.env_ignored {
+        tracing::warn!(variable = %name, "environment variable names no config key; ignored (a typo?)");
+    }
+    Ok(Arc::new(cfg))
 }
 
 /// SIGTERM and SIGINT flip the watch; the pipeline drains and returns.

@@ -306,7 +306,9 @@ async fn session(cfg: &Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Resu
         decoder: pgoutput::Decoder::default(),
         cache: RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
         encoder: Encoder::new(src),
-        publisher: Publisher::new(c.js.clone(), resume.last_seq),
+        // Counting starts at the checkpoint: the `skip` replayed messages
+        // that are already in the stream bring it up to `resume.last_seq`.
+        publisher: Publisher::new(c.js.clone(), resume.state.stream_seq),
         store,
         tracker: Tracker::new(resume.state.clone()),
         inflight: FuturesOrdered::new(),
@@ -343,7 +345,9 @@ impl Session {
                 written = async { match self.writing.as_mut() { Some(f) => f.await, None => std::future::pending().await } },
                     if self.writing.is_some() => {
                     self.writing = None;
-                    self.tracker.mark_written(written?);
+                    let written = written?;
+                    debug!(stream_seq = written.stream_seq, pos = ?written.pos, confirmed = %written.confirmed, "checkpoint written");
+                    self.tracker.mark_written(written);
                     self.status_due = true;
                 }
                 _ = status.tick() => {
@@ -678,7 +682,7 @@ impl Session {
                     ),
                 ));
             }
-            debug!(seq, "already in the stream");
+            tracing::trace!(seq, "already in the stream");
             self.inflight
                 .push_back(Box::pin(std::future::ready(Ok(Acked::Msg {
                     seq,

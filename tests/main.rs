@@ -1,0 +1,10 @@
+#![recursion_limit = "256"]
+//! The integration tests: one binary, real PostgreSQL and nats-server
+//! processes started by `harness`, the real walnats binary.
+
+mod harness;
+mod support;
+
+mod cli;
+mod exactly_once;
+mod streaming;

@@ -1,0 +1,310 @@
+//! The outside of a streaming walnats: subjects, headers, bodies and values
+//! exactly as the contract says, on PostgreSQL 15 and 18.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{Value, json};
+
+use crate::harness::PgVersion;
+use crate::support::{PREFIX, World, assert_exactly_once_in_order, shared};
+
+async fn changes_carry_contract_subjects_headers_and_bodies(version: PgVersion) {
+    let world = World::new(shared(version)).await;
+    world
+        .sql(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, status text, amount numeric(10,2), meta jsonb, note text);
+             ALTER TABLE orders ALTER COLUMN note SET STORAGE EXTERNAL;
+             CREATE TABLE audit (at text, what text);
+             ALTER TABLE audit REPLICA IDENTITY FULL;
+             CREATE TABLE nokey (v int);",
+        )
+        .await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    let big = "x".repeat(10_000);
+    // One statement (one transaction) per call: a multi-statement string
+    // would run as a single implicit transaction.
+    for stmt in [
+        format!("INSERT INTO orders VALUES (42, 'new', 19.90, '{{\"k\": 1}}', '{big}')"),
+        "UPDATE orders SET status = 'paid' WHERE id = 42".to_owned(),
+        "UPDATE orders SET id = 43 WHERE id = 42".to_owned(),
+        "DELETE FROM orders WHERE id = 43".to_owned(),
+        "INSERT INTO audit VALUES ('a', 'b')".to_owned(),
+        "UPDATE audit SET what = 'c'".to_owned(),
+        "DELETE FROM audit".to_owned(),
+        "INSERT INTO nokey VALUES (1)".to_owned(),
+        "BEGIN; INSERT INTO orders VALUES (1, 'x', 1, null, null); SELECT pg_logical_emit_message(true, 'my.prefix', 'hello'); COMMIT;".to_owned(),
+        "SELECT pg_logical_emit_message(false, 'plain', '\\x00ff'::bytea)".to_owned(),
+        "TRUNCATE orders, audit RESTART IDENTITY CASCADE".to_owned(),
+    ] {
+        world.sql(&stmt).await;
+    }
+    let msgs = world.wait_changes(13, &w).await;
+    let all = world.read_stream().await;
+    assert_exactly_once_in_order(&all);
+
+    let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+    let p = PREFIX;
+    assert_eq!(
+        subjects,
+        vec![
+            format!("{p}.public.orders.insert"),
+            format!("{p}.public.orders.update"),
+            format!("{p}.public.orders.update"),
+            format!("{p}.public.orders.delete"),
+            format!("{p}.public.audit.insert"),
+            format!("{p}.public.audit.update"),
+            format!("{p}.public.audit.delete"),
+            format!("{p}.public.nokey.insert"),
+            format!("{p}.public.orders.insert"),
+            format!("{p}._message.my%2Eprefix"),
+            format!("{p}._message.plain"),
+            format!("{p}.public.orders.truncate"),
+            format!("{p}.public.audit.truncate"),
+        ]
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+    );
+
+    // Headers of the first insert.
+    let ins = &msgs[0];
+    let body = ins.json();
+    assert_eq!(ins.header("Cdc-Op"), "insert");
+    assert_eq!(ins.header("Content-Type"), "application/json");
+    assert_eq!(ins.header("Cdc-Seq"), "0");
+    assert_eq!(
+        ins.header("Nats-Msg-Id"),
+        format!(
+            "{}:{}:{}:0",
+            world.db,
+            world.slot(),
+            ins.header("Cdc-Commit-Lsn")
+        )
+    );
+    assert_eq!(ins.header("Cdc-Xid"), body["source"]["xid"].to_string());
+    assert_eq!(
+        ins.header("Cdc-Lsn"),
+        body["source"]["lsn"].as_str().unwrap()
+    );
+    assert_eq!(
+        ins.header("Cdc-Commit-Lsn"),
+        body["source"]["commit_lsn"].as_str().unwrap()
+    );
+    assert!(ins.header("Cdc-Lsn").contains('/'));
+
+    // The insert body, field by field.
+    assert_eq!(body["op"], "insert");
+    assert_eq!(body["schema"], "public");
+    assert_eq!(body["table"], "orders");
+    assert_eq!(body["key"], json!({"id": 42}));
+    assert_eq!(body["before"], Value::Null);
+    assert_eq!(
+        body["after"],
+        json!({"id": 42, "status": "new", "amount": "19.90", "meta": {"k": 1}, "note": big})
+    );
+    assert_eq!(body["unchanged"], json!([]));
+    let src = &body["source"];
+    assert_eq!(src["db"], world.db.as_str());
+    assert_eq!(src["slot"], world.slot().as_str());
+    assert_eq!(src["seq"], 0);
+    assert_eq!(src["snapshot"], false);
+    let ct = src["commit_time"].as_str().unwrap();
+    assert!(
+        ct.ends_with('Z') && ct.len() == 27 && &ct[10..11] == "T",
+        "{ct}"
+    );
+
+    // Update with the TOASTed note unchanged: absent from after, listed.
+    let upd = msgs[1].json();
+    assert_eq!(upd["before"], Value::Null);
+    assert_eq!(
+        upd["after"],
+        json!({"id": 42, "status": "paid", "amount": "19.90", "meta": {"k": 1}})
+    );
+    assert_eq!(upd["unchanged"], json!(["note"]));
+    assert_eq!(upd["key"], json!({"id": 42}));
+
+    // Key change: before has the old key.
+    let keychg = msgs[2].json();
+    assert_eq!(keychg["before"], json!({"id": 42}));
+    assert_eq!(keychg["key"], json!({"id": 43}));
+
+    // Delete: old key in key and before.
+    let del = msgs[3].json();
+    assert_eq!(del["key"], json!({"id": 43}));
+    assert_eq!(del["before"], json!({"id": 43}));
+    assert_eq!(del["after"], Value::Null);
+
+    // REPLICA IDENTITY FULL: whole old rows.
+    let aupd = msgs[5].json();
+    assert_eq!(aupd["before"], json!({"at": "a", "what": "b"}));
+    assert_eq!(aupd["after"], json!({"at": "a", "what": "c"}));
+    let adel = msgs[6].json();
+    assert_eq!(adel["before"], json!({"at": "a", "what": "c"}));
+
+    // No replica identity: key null.
+    assert_eq!(msgs[7].json()["key"], Value::Null);
+
+    // Transactional message: raw bytes, seq 1 after the insert of its tx.
+    let m = &msgs[9];
+    assert_eq!(m.payload, b"hello");
+    assert_eq!(m.header("Cdc-Seq"), "1");
+    assert_eq!(m.header("Cdc-Commit-Lsn"), msgs[8].header("Cdc-Commit-Lsn"));
+    let plain = &msgs[10];
+    assert_eq!(plain.payload, [0u8, 0xff]);
+
+    // Truncate: one per table, options kept.
+    let t = msgs[11].json();
+    assert_eq!(t["op"], "truncate");
+    assert_eq!(
+        t["truncate"],
+        json!({"cascade": true, "restart_identity": true})
+    );
+    assert_eq!(t["key"], Value::Null);
+    assert_eq!(t["before"], Value::Null);
+    assert_eq!(t["after"], Value::Null);
+    assert_eq!(msgs[12].header("Cdc-Seq"), "1");
+
+    // A _schema message precedes each table's first change.
+    let schema = all
+        .iter()
+        .find(|m| m.subject == format!("{p}._schema.public.orders"))
+        .expect("no _schema message for orders");
+    let s = schema.json();
+    assert_eq!(
+        s["columns"][0],
+        json!({"name": "id", "type": "bigint", "type_oid": 20, "key": true})
+    );
+    assert_eq!(s["columns"][2]["type"], "numeric(10,2)");
+    assert!(schema.seq < msgs[0].seq);
+
+    w.sigterm();
+    let status = w.wait_exit(std::time::Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "walnats did not exit 0 on SIGTERM:\n{}",
+        w.output()
+    );
+}
+
+#[tokio::test]
+async fn changes_carry_contract_subjects_headers_and_bodies_pg15() {
+    changes_carry_contract_subjects_headers_and_bodies(PgVersion::V15).await;
+}
+
+#[tokio::test]
+async fn changes_carry_contract_subjects_headers_and_bodies_pg18() {
+    changes_carry_contract_subjects_headers_and_bodies(PgVersion::V18).await;
+}
+
+/// Every row of the contract's type table, with a database whose defaults
+/// would change how PostgreSQL prints values if walnats did not fix them.
+async fn values_follow_the_type_table_under_hostile_defaults(version: PgVersion) {
+    let world = World::new(shared(version)).await;
+    world
+        .sql(&format!(
+            "ALTER DATABASE {db} SET datestyle = 'SQL, DMY';
+             ALTER DATABASE {db} SET timezone = 'America/New_York';
+             ALTER DATABASE {db} SET intervalstyle = 'iso_8601';
+             ALTER DATABASE {db} SET bytea_output = 'escape';
+             ALTER DATABASE {db} SET extra_float_digits = 0;",
+            db = world.db
+        ))
+        .await;
+    world
+        .sql(
+            "CREATE TYPE mood AS ENUM ('sad', 'happy');
+             CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
+             CREATE TABLE v (
+               id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, o oid,
+               f4 float4, f8 float8, f8nan float8, f8inf float8, f8ninf float8,
+               n numeric, nnan numeric, t text, vc varchar(10), c char(3), nm name,
+               j json, jb jsonb, u uuid, by bytea, d date, ts timestamp, tstz timestamptz,
+               tm time, tmtz timetz, iv interval, dinf date, tsinf timestamp, tstzninf timestamptz,
+               ai int4[], at text[], aa int8[], m mood, dm posint, am mood[],
+               inet_ inet, rng int4range, pt point, bits bit(3), mac macaddr, mo money)",
+        )
+        .await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    world
+        .sql(
+            r#"SET timezone = 'Asia/Tokyo';
+               INSERT INTO v VALUES (
+               1, true, -2, 2147483647, 9223372036854775807, 4294967295,
+               1.5, 0.1, 'NaN', 'Infinity', '-Infinity',
+               '19.90', 'NaN', E'h\u00e9 "q"\n\\', 'ab', 'ab', 'nm',
+               '{"a": [1, 2.50]}', '{"b": null}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x0102ff',
+               '2026-11-22', '2026-11-22 18:31:10.123456', '2026-11-22 18:31:10.123456+00',
+               '18:31:10', '18:31:10+02', '1 day 02:03:04', 'infinity', '-infinity', '-infinity',
+               '{{1,2},{3,NULL}}', '{"a,b","c\"d",NULL,"NULL",""}', '{}', 'happy', 5, '{sad,happy}',
+               '10.0.0.1', '[1,5)', '(1,2)', B'101', '08:00:2b:01:02:03', 12.5)"#,
+        )
+        .await;
+    let msgs = world.wait_changes(1, &w).await;
+    let after = msgs[0].json()["after"].clone();
+    let want = json!({
+        "id": 1, "b": true, "i2": -2, "i4": 2147483647, "i8": 9223372036854775807_i64, "o": 4294967295_u32,
+        "f4": 1.5, "f8": 0.1, "f8nan": "NaN", "f8inf": "Infinity", "f8ninf": "-Infinity",
+        "n": "19.90", "nnan": "NaN", "t": "hé \"q\"\n\\", "vc": "ab", "c": "ab ", "nm": "nm",
+        "j": {"a": [1, 2.50]}, "jb": {"b": null}, "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "by": "AQL/",
+        "d": "2026-11-22", "ts": "2026-11-22T18:31:10.123456", "tstz": "2026-11-22T18:31:10.123456Z",
+        "tm": "18:31:10", "tmtz": "18:31:10+02", "iv": "1 day 02:03:04",
+        "dinf": "infinity", "tsinf": "-infinity", "tstzninf": "-infinity",
+        "ai": [[1, 2], [3, null]], "at": ["a,b", "c\"d", null, "NULL", ""], "aa": [],
+        "m": "happy", "dm": 5, "am": ["sad", "happy"],
+        "inet_": "10.0.0.1", "rng": "[1,5)", "pt": "(1,2)", "bits": "101", "mac": "08:00:2b:01:02:03", "mo": "$12.50"
+    });
+    for (k, v) in want.as_object().unwrap() {
+        assert_eq!(&after[k], v, "column {k}: got {} want {v}", after[k]);
+    }
+    // Big integers keep every digit in the body (no float rounding).
+    let raw = String::from_utf8_lossy(&msgs[0].payload).into_owned();
+    assert!(raw.contains("\"i8\":9223372036854775807"), "{raw}");
+    w.sigterm();
+}
+
+#[tokio::test]
+async fn values_follow_the_type_table_under_hostile_defaults_pg15() {
+    values_follow_the_type_table_under_hostile_defaults(PgVersion::V15).await;
+}
+
+#[tokio::test]
+async fn values_follow_the_type_table_under_hostile_defaults_pg18() {
+    values_follow_the_type_table_under_hostile_defaults(PgVersion::V18).await;
+}
+
+/// Schema and table names with dots, spaces, quotes and non-ASCII map to
+/// one reversible subject token each.
+#[tokio::test]
+async fn odd_names_are_escaped_into_single_reversible_tokens() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql(
+            r#"CREATE SCHEMA "my.schema";
+               CREATE TABLE "my.schema"."Odd ""T"" ü.x" (id int PRIMARY KEY);
+               CREATE TABLE "a b*>" (id int PRIMARY KEY);"#,
+        )
+        .await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    world
+        .sql(
+            r#"INSERT INTO "my.schema"."Odd ""T"" ü.x" VALUES (1);
+               INSERT INTO "a b*>" VALUES (2);"#,
+        )
+        .await;
+    let msgs = world.wait_changes(2, &w).await;
+    assert_eq!(
+        msgs[0].subject,
+        format!("{PREFIX}.my%2Eschema.Odd%20%22T%22%20%C3%BC%2Ex.insert")
+    );
+    assert_eq!(
+        msgs[1].subject,
+        format!("{PREFIX}.public.a%20b%2A%3E.insert")
+    );
+    assert_eq!(msgs[0].json()["schema"], "my.schema");
+    assert_eq!(msgs[0].json()["table"], "Odd \"T\" ü.x");
+    w.sigterm();
+}
