@@ -7,4 +7,5 @@ mod support;
 
 mod cli;
 mod exactly_once;
+mod pg_connection;
 mod streaming;

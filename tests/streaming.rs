@@ -308,3 +308,71 @@ async fn odd_names_are_escaped_into_single_reversible_tokens() {
     assert_eq!(msgs[0].json()["table"], "Odd \"T\" ü.x");
     w.sigterm();
 }
+
+/// `_schema` goes out before a table's first change and again when its
+/// columns change; a restart does not repeat it (the checkpoint knows).
+#[tokio::test]
+async fn schema_messages_follow_column_changes_and_survive_restarts() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql("CREATE TABLE s (id int PRIMARY KEY, a text)")
+        .await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    world.sql("INSERT INTO s VALUES (1, 'x')").await;
+    world.wait_changes(1, &w).await;
+    world.sql("ALTER TABLE s ADD COLUMN b int").await;
+    world.sql("INSERT INTO s VALUES (2, 'y', 3)").await;
+    world.wait_changes(2, &w).await;
+    w.sigterm();
+    assert!(
+        w.wait_exit(std::time::Duration::from_secs(20)).success(),
+        "{}",
+        w.output()
+    );
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    world.sql("INSERT INTO s VALUES (3, 'z', 4)").await;
+    world.wait_changes(3, &w).await;
+    let all = world.read_stream().await;
+    let schemas: Vec<_> = all
+        .iter()
+        .filter(|m| m.subject == format!("{PREFIX}._schema.public.s"))
+        .collect();
+    assert_eq!(
+        schemas.len(),
+        2,
+        "{:?}",
+        all.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+    assert_eq!(schemas[0].json()["columns"].as_array().unwrap().len(), 2);
+    assert_eq!(schemas[1].json()["columns"][2]["name"], "b");
+    assert_eq!(
+        all.last().unwrap().json()["after"],
+        json!({"id": 3, "a": "z", "b": 4})
+    );
+    assert_exactly_once_in_order(&all);
+    w.sigterm();
+}
+
+/// A stream that exists with other subjects is refused, with the fix.
+#[tokio::test]
+async fn a_stream_that_does_not_cover_the_prefix_is_refused() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    let js = world.js().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: crate::support::STREAM.to_owned(),
+        subjects: vec!["other.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut w = world.spawn();
+    let status = w.wait_exit(std::time::Duration::from_secs(30));
+    let out = w.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("do not cover \"cdc.test.>\"") && out.contains("nats stream edit"),
+        "{out}"
+    );
+}

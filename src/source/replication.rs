@@ -81,11 +81,12 @@ pub struct ServerError {
     pub hint: Option<String>,
 }
 
+/// The detail is never printed: PostgreSQL may put row values there.
 impl std::fmt::Display for ServerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
-        if let Some(d) = &self.detail {
-            write!(f, "; {d}")?;
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
         }
         Ok(())
     }
@@ -127,6 +128,8 @@ pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
             ),
         ),
         "55006" => (Kind::SlotInUse, "the replication slot is active for another process".to_owned()),
+        // Another process created the slot between our look-up and create.
+        "42710" => (Kind::SlotInUse, "the replication slot was just created by another process".to_owned()),
         "42704" => (Kind::PgSetup, "the replication slot or publication does not exist".to_owned()),
         "53300" => (Kind::PgConnect, "PostgreSQL has no free connection or walsender slot (max_connections / max_wal_senders)".to_owned()),
         "57P01" | "57P02" | "57P03" => (Kind::PgConnect, "PostgreSQL is shutting down or starting up".to_owned()),
@@ -146,6 +149,7 @@ pub struct ReplicationConn {
     out: BytesMut,
     server_version_num: u32,
     cfg: PgConnectConfig,
+    params: Vec<(String, String)>,
 }
 
 /// One backend message: its tag and body (without the length).
@@ -231,8 +235,10 @@ impl ReplicationConn {
             out: BytesMut::with_capacity(1024),
             server_version_num: 0,
             cfg: cfg.clone(),
+            params: Vec::new(),
         };
         conn.startup().await?;
+        conn.verify_session()?;
         Ok(conn)
     }
 
@@ -385,6 +391,7 @@ impl ReplicationConn {
                     if name == "server_version" {
                         self.server_version_num = parse_server_version(&value);
                     }
+                    self.params.push((name, value));
                 }
                 b'K' | b'N' => {}
                 b'Z' => return Ok(()),
@@ -397,6 +404,40 @@ impl ReplicationConn {
                 }
             }
         }
+    }
+
+    /// The server reports the settings that shape value output; if one is
+    /// not what walnats asked for (a pooler or an extension interfering),
+    /// values would be misread, so refuse to stream.
+    fn verify_session(&self) -> Result<()> {
+        let get = |name: &str| {
+            self.params
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        type Check = (&'static str, fn(&str) -> bool);
+        let checks: [Check; 4] = [
+            ("DateStyle", |v| v.starts_with("ISO")),
+            ("IntervalStyle", |v| v == "postgres"),
+            ("TimeZone", |v| v == "UTC" || v == "Etc/UTC"),
+            ("client_encoding", |v| v == "UTF8"),
+        ];
+        for (name, ok) in checks {
+            if let Some(v) = get(name)
+                && !ok(v)
+            {
+                return Err(Error::new(
+                    Kind::PgSetup,
+                    format!(
+                        "PostgreSQL reports {name} = {v} although walnats asked for its own value in the startup packet: \
+                         something between walnats and PostgreSQL (a pooler?) changes session settings; connect directly"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn password(&self) -> Result<String> {
@@ -649,7 +690,9 @@ impl ReplicationConn {
                         ))),
                     };
                 }
-                b'c' => return Ok(ReplicationMessage::CopyDone),
+                // A logical walsender that shuts down ends the COPY with
+                // CopyDone, or straight away with CommandComplete.
+                b'c' | b'C' | b'Z' => return Ok(ReplicationMessage::CopyDone),
                 b'N' | b'S' => {}
                 b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
                 other => {

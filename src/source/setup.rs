@@ -91,13 +91,13 @@ pub async fn ensure_publication(sql: &Client, pg: &PostgresConfig) -> Result<boo
             }
             _ => "create it by hand or fix postgres.tables",
         };
-        Error::with_source(
+        Error::new(
             Kind::PgSetup,
             format!(
-                "cannot create publication {:?}: {hint}",
-                pg.publication
+                "cannot create publication {:?} ({}): {hint}",
+                pg.publication,
+                crate::event::relation::pg_error_text(&e)
             ),
-            e,
         )
     })?;
     tracing::info!(publication = %pg.publication, "publication created");
@@ -201,10 +201,12 @@ pub async fn drop_slot(sql: &Client, slot: &str) -> Result<bool> {
             } else {
                 Kind::PgQuery
             };
-            Error::with_source(
+            Error::new(
                 kind,
-                format!("cannot drop slot {slot:?}: stop every walnats streaming from it first"),
-                e,
+                format!(
+                    "cannot drop slot {slot:?} ({}): stop every walnats streaming from it first",
+                    crate::event::relation::pg_error_text(&e)
+                ),
             )
         })?;
     Ok(!rows.is_empty())

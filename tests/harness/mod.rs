@@ -23,13 +23,22 @@ pub use nats::NatsServer;
 pub use postgres::{PgServer, PgVersion, shared_pg};
 pub use walnats::WalnatsProc;
 
-/// A port nobody listens on right now (the small race with other
-/// processes is accepted; starts retry on a new port).
+/// A port nobody listens on right now, from 20000-32000: below the
+/// kernel's ephemeral range, so that a server restarted on its port is not
+/// beaten to it by some outgoing connection.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot find a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(37)) % 12_000);
+        let port = u16::try_from(port).expect("port in range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32000");
 }
 
 pub fn repo_root() -> PathBuf {

@@ -287,6 +287,32 @@ impl PgServer {
         }
     }
 
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Replaces pg_hba.conf and reloads the configuration.
+    pub fn set_hba(&self, text: &str) {
+        let path = self.data.join("pg_hba.conf");
+        std::fs::write(&path, text).unwrap();
+        process::chown_to_postgres(&path);
+        if let Some(pid) = self.pid() {
+            process::signal(pid, libc::SIGHUP);
+        }
+        // The postmaster rereads it asynchronously.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Writes a file into the data dir, owned by the server, mode 0600.
+    pub fn put_file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        process::chown_to_postgres(&path);
+        path
+    }
+
     /// Starts again on the same data dir and port.
     pub fn start_again(&self) {
         self.launch();

@@ -1,0 +1,244 @@
+//! The PostgreSQL side from the outside: every auth method, every sslmode,
+//! and the refusals a user meets first (wrong password, no REPLICATION).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::harness::{NatsServer, PgServer, PgVersion, WalnatsProc};
+use crate::support::walnats_bin;
+
+/// A CA and a server certificate for `localhost` only, so that
+/// verify-full against 127.0.0.1 must fail while verify-ca passes.
+fn certificates() -> (String, String, String) {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "walnats test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut srv = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    srv.distinguished_name.push(DnType::CommonName, "localhost");
+    let srv_key = KeyPair::generate().unwrap();
+    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
+    (ca_cert.pem(), srv_cert.pem(), srv_key.serialize_pem())
+}
+
+struct Setup {
+    pg: PgServer,
+    nats: NatsServer,
+    ca: std::path::PathBuf,
+}
+
+async fn setup() -> Setup {
+    let (ca_pem, cert_pem, key_pem) = certificates();
+    let pg = PgServer::start(PgVersion::V15);
+    pg.put_file("server.crt", cert_pem.as_bytes());
+    pg.put_file("server.key", key_pem.as_bytes());
+    let dir = crate::harness::temp_dir("walnats-ca-");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    for stmt in [
+        "ALTER SYSTEM SET ssl = on",
+        "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION SUPERUSER PASSWORD 'md5 pw'",
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE scramuser LOGIN REPLICATION SUPERUSER PASSWORD 'scr:am/pw@'",
+        "CREATE ROLE clearuser LOGIN REPLICATION SUPERUSER PASSWORD 'clear'",
+        "CREATE ROLE norepl LOGIN NOREPLICATION",
+        "SELECT pg_reload_conf()",
+    ] {
+        pg.execute("postgres", stmt).await;
+    }
+    pg.set_hba(
+        "local all all trust
+         host all postgres 127.0.0.1/32 trust
+         host replication postgres 127.0.0.1/32 trust
+         host all md5user 127.0.0.1/32 md5
+         host replication md5user 127.0.0.1/32 md5
+         hostssl all scramuser 127.0.0.1/32 scram-sha-256
+         hostssl replication scramuser 127.0.0.1/32 scram-sha-256
+         host all clearuser 127.0.0.1/32 password
+         host replication clearuser 127.0.0.1/32 password
+         host all norepl 127.0.0.1/32 trust
+         host replication norepl 127.0.0.1/32 trust
+",
+    );
+    let nats = NatsServer::start().await;
+    Setup { pg, nats, ca }
+}
+
+impl Setup {
+    fn config(&self, url: &str) -> String {
+        format!(
+            "[postgres]\nurl = \"{url}\"\n[nats]\nurl = \"{}\"\n[snapshot]\nmode = \"never\"\n[http]\nlisten = \"\"\n",
+            self.nats.url()
+        )
+    }
+
+    fn url(&self, userinfo: &str, host: &str, params: &str) -> String {
+        format!(
+            "postgres://{userinfo}@{host}:{}/postgres?{params}",
+            self.pg.port()
+        )
+    }
+
+    fn check(&self, url: &str, env: &[(&str, &str)]) -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(&path, self.config(url)).unwrap();
+        let mut cmd = Command::new(walnats_bin());
+        cmd.args(["check", "--config"]).arg(&path);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_auth_method_and_sslmode_connects_and_refusals_say_why() {
+    let s = setup().await;
+    let ca = s.ca.display().to_string();
+
+    // Each auth method over each transport it is allowed on.
+    let ok_cases = [
+        s.url("md5user:md5%20pw", "127.0.0.1", "sslmode=disable"),
+        s.url("md5user:md5%20pw", "127.0.0.1", "sslmode=prefer"),
+        s.url("clearuser:clear", "127.0.0.1", "sslmode=require"),
+        s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", "sslmode=require"),
+        s.url(
+            "scramuser:scr%3Aam%2Fpw%40",
+            "127.0.0.1",
+            &format!("sslmode=verify-ca&sslrootcert={ca}"),
+        ),
+        s.url(
+            "scramuser:scr%3Aam%2Fpw%40",
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+    ];
+    for url in &ok_cases {
+        let (ok, out) = s.check(url, &[]);
+        assert!(
+            ok && out.contains("[ok]   replication connection accepted"),
+            "{url}:\n{out}"
+        );
+        assert!(
+            !out.contains("md5 pw") && !out.contains("scr:am"),
+            "a password leaked:\n{out}"
+        );
+    }
+    // The password from the environment instead of the URL.
+    let (ok, out) = s.check(
+        &s.url("md5user", "127.0.0.1", "sslmode=disable"),
+        &[("WALNATS_POSTGRES_PASSWORD", "md5 pw")],
+    );
+    assert!(ok, "{out}");
+
+    // Refusals, each naming the cause.
+    let (ok, out) = s.check(&s.url("md5user:wrong", "127.0.0.1", "sslmode=disable"), &[]);
+    assert!(!ok && out.contains("refused user \"md5user\""), "{out}");
+    assert!(
+        !out.contains("wrong"),
+        "the wrong password was printed:\n{out}"
+    );
+    let (ok, out) = s.check(
+        &s.url(
+            "scramuser:scr%3Aam%2Fpw%40",
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+        &[],
+    );
+    assert!(
+        !ok && out.contains("TLS"),
+        "verify-full must check the host name:\n{out}"
+    );
+    let (ok, out) = s.check(
+        &s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", "sslmode=disable"),
+        &[],
+    );
+    assert!(!ok && out.contains("pg_hba.conf"), "{out}");
+    let (ok, out) = s.check(&s.url("norepl", "127.0.0.1", "sslmode=disable"), &[]);
+    assert!(
+        !ok && out.contains("ALTER ROLE norepl REPLICATION")
+            || out.contains("ALTER ROLE \"norepl\" REPLICATION"),
+        "{out}"
+    );
+    let (ok, out) = s.check(
+        &format!("postgres://postgres@127.0.0.1:{}/nosuchdb", s.pg.port()),
+        &[],
+    );
+    assert!(!ok && out.contains("nosuchdb"), "{out}");
+
+    // And a real stream over SCRAM + verify-full.
+    let url = s.url(
+        "scramuser:scr%3Aam%2Fpw%40",
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    s.pg.execute("postgres", "CREATE TABLE t (id int PRIMARY KEY)")
+        .await;
+    let mut w = WalnatsProc::spawn(walnats_bin(), &["run"], &s.config(&url), &[]);
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    crate::harness::wait_until(Duration::from_secs(30), "the slot to be active", || async {
+        let c = s.pg.client("postgres").await;
+        c.query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    s.pg.execute("postgres", "INSERT INTO t VALUES (7)").await;
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "the insert to reach the stream",
+        || async {
+            crate::support::read_stream(&js, "CDC_POSTGRES")
+                .await
+                .iter()
+                .any(|m| m.subject == "cdc.postgres.public.t.insert")
+        },
+    )
+    .await;
+    assert!(w.is_running(), "{}", w.output());
+    w.sigterm();
+}
+
+#[tokio::test]
+async fn run_exits_non_zero_with_the_fix_when_retrying_cannot_help() {
+    let pg = crate::support::shared(PgVersion::V15);
+    let nats = NatsServer::start().await;
+    pg.execute("postgres", "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'plainuser') THEN CREATE ROLE plainuser LOGIN; END IF; END $$").await;
+    let config = format!(
+        "[postgres]\nurl = \"postgres://plainuser@127.0.0.1:{}/postgres?sslmode=disable\"\nslot = \"plain\"\n[nats]\nurl = \"{}\"\n[snapshot]\nmode = \"never\"\n[http]\nlisten = \"\"\n",
+        pg.port(),
+        nats.url()
+    );
+    let mut w = WalnatsProc::spawn(walnats_bin(), &["run"], &config, &[]);
+    let status = w.wait_exit(Duration::from_secs(30));
+    let out = w.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("CREATE PUBLICATION") && out.contains("superuser"),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+}
