@@ -247,6 +247,13 @@ async fn session(cfg: &Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Resu
         None => {
             let made = conn.create_logical_slot(slot, false).await?;
             info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
+            if cfg.snapshot == crate::config::SnapshotMode::Initial {
+                warn!(
+                    %slot,
+                    "snapshot.mode = \"initial\" is not implemented yet: rows that existed before the slot \
+                     are not published; changes from the slot's creation on are"
+                );
+            }
             created_at = Some(made.consistent_point);
         }
     }

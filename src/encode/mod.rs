@@ -5,6 +5,7 @@
 //! NATS; it writes bodies straight into reusable buffers.
 
 pub mod array;
+pub mod datetime;
 pub mod json;
 pub mod json_str;
 pub mod value;
