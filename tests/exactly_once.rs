@@ -429,3 +429,68 @@ async fn slot_never_confirms_past_unacknowledged_events() {
     );
     w.sigterm();
 }
+
+/// Guarantee 5: a second walnats on the same slot stands by while the first
+/// streams, and takes over within seconds when the first dies; the stream
+/// still holds every change exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_walnats_dies() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    create_load_tables(&world).await;
+    let mut first = world.spawn();
+    world.wait_streaming(&mut first).await;
+    let mut second = world.spawn();
+    let stop = Arc::new(AtomicBool::new(false));
+    let txs = Arc::new(AtomicU64::new(0));
+    let la = start_load(
+        world.pg_url(),
+        "load_a",
+        Arc::clone(&stop),
+        Arc::clone(&txs),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        second.is_running(),
+        "the standby exited:\n{}",
+        second.output()
+    );
+    assert!(
+        second.output().contains("standing by"),
+        "no standby:\n{}",
+        second.output()
+    );
+    let pid_before = slot_pid(&world).await;
+    first.kill9();
+    let mut took_over = false;
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pid = slot_pid(&world).await;
+        if pid.is_some() && pid != pid_before {
+            took_over = true;
+            break;
+        }
+    }
+    assert!(
+        took_over,
+        "the standby did not take over within 15 s:\n{}",
+        second.output()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    la.await.unwrap();
+    let msgs = settle(&world, &second).await;
+    assert_exactly_once_in_order(&msgs);
+    assert_stream_equals_table(&world, &msgs, "load_a").await;
+    second.sigterm();
+}
+
+async fn slot_pid(world: &World<'_>) -> Option<i32> {
+    let c = world.client().await;
+    c.query_one(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+        &[&world.slot()],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
