@@ -494,3 +494,37 @@ async fn slot_pid(world: &World<'_>) -> Option<i32> {
     .unwrap()
     .get(0)
 }
+
+/// An idle slot must not pin WAL: with nothing in flight, walnats confirms
+/// the keepalive position (after a checkpoint), so the slot follows WAL
+/// written by other databases.
+#[tokio::test]
+async fn an_idle_slot_follows_the_server_wal_position() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world.sql("CREATE TABLE quiet (id int PRIMARY KEY)").await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    let other = world.pg.create_database().await;
+    world.pg.execute(&other, "CREATE TABLE busy (v text); INSERT INTO busy SELECT md5(g::text) FROM generate_series(1, 2000) g").await;
+    let client = world.client().await;
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut moved = false;
+    for _ in 0..150 {
+        let c = world.confirmed_flush().await.unwrap();
+        if crate::support::lsn(&c) >= crate::support::lsn(&target) {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        moved,
+        "the idle slot stayed behind {target}:\n{}",
+        w.output()
+    );
+    w.sigterm();
+}
