@@ -232,11 +232,13 @@ async fn check_nats(cfg: &Config, c: &mut Checklist) {
 }
 
 #[derive(Serialize)]
-struct Status {
+pub struct Status {
     database: String,
     slot: SlotStatus,
     checkpoint: Option<Checkpoint>,
     stream: Option<StreamStatus>,
+    #[serde(skip)]
+    stream_name: String,
 }
 
 #[derive(Serialize)]
@@ -266,7 +268,9 @@ struct StreamStatus {
     replicas: usize,
 }
 
-pub async fn status(cfg: &Config, json: bool) -> Result<()> {
+/// Slot, checkpoint and stream figures, as `status --json` and `/status`
+/// print them.
+pub async fn gather_status(cfg: &Config) -> Result<Status> {
     let c = connect_both(cfg).await?;
     let slot = setup::slot_state(&c.sql, &cfg.postgres.slot).await?;
     let current = setup::current_wal_lsn(&c.sql).await?;
@@ -325,7 +329,13 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         },
         checkpoint,
         stream,
+        stream_name: c.stream_name.clone(),
     };
+    Ok(st)
+}
+
+pub async fn status(cfg: &Config, json: bool) -> Result<()> {
+    let st = gather_status(cfg).await?;
     if json {
         let text = serde_json::to_string_pretty(&st)
             .map_err(|e| Error::with_source(Kind::Io, "cannot encode status", e))?;
@@ -365,7 +375,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
             "stream     {} {:?}: {} messages, {} bytes, last seq {}, {} replica(s)",
             x.name, x.subjects, x.messages, x.bytes, x.last_seq, x.replicas
         ),
-        None => println!("stream     {} (missing)", c.stream_name),
+        None => println!("stream     {} (missing)", st.stream_name),
     }
     Ok(())
 }

@@ -483,6 +483,8 @@ impl RawConfig {
             ));
         }
         let pg_password = one_secret(pg.password, pg.password_file, "postgres.password")?;
+        // Every URL parameter is checked now, before anything is touched.
+        crate::source::PgConnectConfig::parse(url.expose(), pg_password.clone())?;
 
         let n = self.nats;
         let nats_url = n

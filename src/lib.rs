@@ -11,6 +11,7 @@ pub mod config;
 pub mod encode;
 pub mod error;
 pub mod event;
+pub mod http;
 pub mod lsn;
 pub mod pgoutput;
 pub mod pipeline;

@@ -143,7 +143,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run(c) => {
             let cfg = load(&c)?;
             let shutdown = shutdown_signal()?;
-            walnats::pipeline::run(cfg, shutdown).await?;
+            let health = Arc::new(walnats::http::Health::default());
+            let metrics = walnats::http::install_metrics()?;
+            if let Some(addr) = cfg.http_listen {
+                walnats::http::serve(addr, metrics, Arc::clone(&health), Arc::clone(&cfg)).await?;
+            }
+            walnats::pipeline::run(cfg, shutdown, health).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(c) => {

@@ -22,6 +22,7 @@ use crate::config::{Config, OutputFormat, OversizePolicy};
 use crate::encode::{self, Encoder};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, TxInfo, TypeResolver};
+use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
 use crate::sink::{self, Publisher};
@@ -40,7 +41,11 @@ pub fn proto_version(server_version_num: u32) -> u32 {
 /// Runs sessions until shutdown or a definite error. Transient errors
 /// restart the session after a capped, jittered exponential backoff; a slot
 /// held by another walsender makes this process a standby that polls.
-pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(
+    cfg: Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+    health: Arc<Health>,
+) -> Result<()> {
     refuse_unsupported(&cfg)?;
     let mut failures: u32 = 0;
     let mut standby = false;
@@ -49,11 +54,13 @@ pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Resul
             return Ok(());
         }
         let started = Instant::now();
-        let result = session(&cfg, shutdown.clone()).await;
+        let result = session(&cfg, shutdown.clone(), &health).await;
+        health.set_ready(false);
         let err = match result {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
+        metrics::counter!(http::ERRORS, "kind" => err.kind().name()).increment(1);
         if err.retry() == Retry::Definite {
             return Err(err);
         }
@@ -78,6 +85,16 @@ pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Resul
             _ = shutdown.changed() => return Ok(()),
         }
     }
+}
+
+/// Seconds from a PostgreSQL timestamp (µs since 2000-01-01) to now.
+fn seconds_since_pg_time(pg_us: i64) -> f64 {
+    const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    (now_us - PG_EPOCH_UNIX_US - pg_us).max(0) as f64 / 1e6
 }
 
 /// 200 ms doubling to 30 s, with up to 25% jitter so that a fleet does not
@@ -169,6 +186,10 @@ enum Acked {
         seq: u64,
         pos: Option<Position>,
         schema: Option<(u32, u64)>,
+        /// Counted in `walnats_events_published_total` when published by
+        /// this process (not when found in the stream on resume).
+        counter: Option<metrics::Counter>,
+        commit_time: Option<i64>,
     },
     /// Not published by policy (oversize "skip"), but done with.
     Dropped { pos: Position },
@@ -204,9 +225,16 @@ struct Session {
     received: Lsn,
     server_end: Lsn,
     status_due: bool,
+    health: Arc<Health>,
+    nats: async_nats::Client,
+    counters: std::collections::HashMap<(u32, &'static str), metrics::Counter>,
 }
 
-async fn session(cfg: &Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+async fn session(
+    cfg: &Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+    health: &Arc<Health>,
+) -> Result<()> {
     let c = connect_both(cfg).await?;
     setup::require_logical_wal(&c.sql).await?;
     setup::ensure_publication(&c.sql, &cfg.postgres).await?;
@@ -328,7 +356,11 @@ async fn session(cfg: &Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Resu
         received: Lsn::ZERO,
         server_end: Lsn::ZERO,
         status_due: false,
+        health: Arc::clone(health),
+        nats: c.js.client(),
+        counters: std::collections::HashMap::new(),
     };
+    health.set_ready(true);
     s.stream(&mut shutdown).await
 }
 
@@ -404,6 +436,14 @@ impl Session {
     async fn send_status(&mut self, reply: bool) -> Result<()> {
         let flush = self.tracker.confirmable();
         let write = self.received.max(flush);
+        // Lossy on purpose: a gauge is an f64; LSNs below 2^53 are exact.
+        metrics::gauge!(http::CONFIRMED_FLUSH_LSN).set(flush.as_u64() as f64);
+        metrics::gauge!(http::REPLICATION_LAG)
+            .set(self.server_end.max(write).bytes_since(flush) as f64);
+        self.health.set_ready(matches!(
+            self.nats.connection_state(),
+            async_nats::connection::State::Connected
+        ));
         self.conn
             .send_standby_status(write, flush, flush, reply)
             .await
@@ -411,12 +451,29 @@ impl Session {
 
     fn on_acked(&mut self, a: Acked) {
         match a {
-            Acked::Msg { seq, pos, schema } => self.tracker.on_message(seq, pos, schema),
+            Acked::Msg {
+                seq,
+                pos,
+                schema,
+                counter,
+                commit_time,
+            } => {
+                self.tracker.on_message(seq, pos, schema);
+                if let Some(c) = counter {
+                    c.increment(1);
+                }
+                if let Some(t) = commit_time {
+                    metrics::histogram!(http::PUBLISH_LATENCY).record(seconds_since_pg_time(t));
+                }
+            }
             Acked::Dropped { pos } => {
                 let seq = self.tracker.acked().stream_seq;
                 self.tracker.on_message(seq, Some(pos), None);
             }
-            Acked::TxEnd(end) => self.tracker.on_tx_end(end),
+            Acked::TxEnd(end) => {
+                self.tracker.on_tx_end(end);
+                metrics::counter!(http::TRANSACTIONS).increment(1);
+            }
         }
     }
 
@@ -633,6 +690,27 @@ impl Session {
         self.emit_one(&ev, Some(pos), None).await
     }
 
+    /// The `walnats_events_published_total{table,op}` handle, made once
+    /// per (relation, op) so the hot path does no label formatting.
+    fn counter_for(&mut self, ev: &Event) -> metrics::Counter {
+        let (oid, table) = match &ev.body {
+            Body::Row { rel, .. } | Body::Truncate { rel, .. } | Body::Schema { rel } => {
+                (rel.oid.0, Some(rel))
+            }
+            Body::Message { .. } => (0, None),
+        };
+        let op = ev.op_name();
+        self.counters
+            .entry((oid, op))
+            .or_insert_with(|| {
+                let table = table
+                    .map(|r| format!("{}.{}", r.schema, r.table))
+                    .unwrap_or_else(|| "_message".to_owned());
+                metrics::counter!(http::EVENTS_PUBLISHED, "table" => table, "op" => op)
+            })
+            .clone()
+    }
+
     async fn emit_one(
         &mut self,
         ev: &Event,
@@ -695,13 +773,23 @@ impl Session {
                     seq,
                     pos,
                     schema,
+                    counter: None,
+                    commit_time: None,
                 }))));
             return Ok(());
         }
+        let counter = pos.map(|_| self.counter_for(ev));
+        let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| pos.is_some());
         let pending = self.publisher.publish(msg).await?;
         self.inflight.push_back(Box::pin(async move {
             let seq = sink::await_ack(pending).await?;
-            Ok(Acked::Msg { seq, pos, schema })
+            Ok(Acked::Msg {
+                seq,
+                pos,
+                schema,
+                counter,
+                commit_time,
+            })
         }));
         Ok(())
     }

@@ -49,7 +49,9 @@ fn start_load(
                     break;
                 }
                 txs.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Enough load to interleave with every fault, not so much
+                // that the shared server's other walsenders fall behind.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     })

@@ -132,7 +132,9 @@ impl<'a> World<'a> {
     pub async fn wait_changes(&self, n: usize, w: &WalnatsProc) -> Vec<Msg> {
         let js = self.js().await;
         let mut last = 0;
-        for _ in 0..600 {
+        // Generous: every walsender of the shared server decodes all of the
+        // cluster's WAL, so under a loaded machine a slot can lag a while.
+        for _ in 0..1800 {
             let msgs = read_stream(&js, STREAM).await;
             let changes: Vec<Msg> = msgs.into_iter().filter(Msg::is_change).collect();
             if changes.len() >= n {

@@ -1,0 +1,168 @@
+//! `/metrics` (Prometheus text), `/healthz`, `/readyz` and `/status`.
+//!
+//! Owns the metric names and the readiness flag. It only reads: a request
+//! never changes what walnats streams. `/readyz` is 200 only while a session
+//! streams with both PostgreSQL and NATS connected; `/status` gathers the
+//! same figures as `walnats status --json` (it opens its own connections,
+//! so keep scrapes of it infrequent; `/metrics` is cheap).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Config;
+use crate::error::{Error, Kind, Result};
+
+pub const EVENTS_PUBLISHED: &str = "walnats_events_published_total";
+pub const TRANSACTIONS: &str = "walnats_transactions_total";
+pub const REPLICATION_LAG: &str = "walnats_replication_lag_bytes";
+pub const CONFIRMED_FLUSH_LSN: &str = "walnats_confirmed_flush_lsn";
+pub const PUBLISH_LATENCY: &str = "walnats_publish_latency_seconds";
+pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
+pub const ERRORS: &str = "walnats_errors_total";
+
+/// Whether a session is streaming right now.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Installs the Prometheus recorder (once per process) and describes every
+/// metric, so that each appears in `/metrics` from the start.
+pub fn install_metrics() -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ])
+        .map_err(|e| Error::with_source(Kind::Config, "bad histogram buckets", e))?
+        .install_recorder()
+        .map_err(|e| Error::with_source(Kind::Io, "cannot install the metrics recorder", e))?;
+    metrics::describe_counter!(
+        EVENTS_PUBLISHED,
+        "change events acknowledged by JetStream, by table and op"
+    );
+    metrics::describe_counter!(
+        TRANSACTIONS,
+        "transactions whose every event JetStream acknowledged"
+    );
+    metrics::describe_gauge!(
+        REPLICATION_LAG,
+        "bytes of WAL between the server's position and the slot's confirmed position"
+    );
+    metrics::describe_gauge!(
+        CONFIRMED_FLUSH_LSN,
+        "the LSN walnats last confirmed to the slot, as a number"
+    );
+    metrics::describe_histogram!(
+        PUBLISH_LATENCY,
+        metrics::Unit::Seconds,
+        "commit in PostgreSQL to acknowledgement by JetStream"
+    );
+    metrics::describe_counter!(SNAPSHOT_ROWS, "rows published by snapshots");
+    metrics::describe_counter!(
+        ERRORS,
+        "errors that ended a session or the process, by kind"
+    );
+    metrics::counter!(SNAPSHOT_ROWS).absolute(0);
+    metrics::counter!(TRANSACTIONS).absolute(0);
+    Ok(handle)
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    cfg: Arc<Config>,
+}
+
+/// Binds `addr` and serves in a background task; fails at once when the
+/// address cannot be bound (a port in use is a setup error, not a retry).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    cfg: Arc<Config>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::with_source(
+            Kind::Config,
+            format!("http.listen: cannot listen on {addr}: set another address, or \"\" to turn HTTP off"),
+            e,
+        )
+    })?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        // Histograms are drained into their buckets here.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(AppState {
+            metrics,
+            health,
+            cfg,
+        });
+    tracing::info!(%addr, "HTTP listening (/metrics, /healthz, /readyz, /status)");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not streaming\n").into_response()
+    }
+}
+
+async fn status(State(s): State<AppState>) -> Response {
+    match crate::admin::gather_status(&s.cfg).await {
+        Ok(st) => axum::Json(st).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": e.to_string(), "kind": e.kind().name()})),
+        )
+            .into_response(),
+    }
+}
