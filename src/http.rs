@@ -28,6 +28,7 @@ pub const CONFIRMED_FLUSH_LSN: &str = "walnats_confirmed_flush_lsn";
 pub const PUBLISH_LATENCY: &str = "walnats_publish_latency_seconds";
 pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
 pub const ERRORS: &str = "walnats_errors_total";
+pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]

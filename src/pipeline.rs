@@ -734,6 +734,8 @@ impl Session {
             match (self.cfg.on_oversize, pos) {
                 (OversizePolicy::Skip, Some(p)) => {
                     warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
+                    metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
+                        .increment(1);
                     self.inflight
                         .push_back(Box::pin(std::future::ready(Ok(Acked::Dropped { pos: p }))));
                     return Ok(());

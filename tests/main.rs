@@ -8,5 +8,8 @@ mod support;
 mod cli;
 mod exactly_once;
 mod http;
+mod limits;
 mod pg_connection;
+mod secrets;
 mod streaming;
+mod tail;
