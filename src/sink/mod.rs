@@ -158,14 +158,29 @@ pub async fn ensure_stream(
                 })
                 .await
                 .map_err(|e| {
-                    Error::with_source(
-                        Kind::NatsSetup,
-                        format!(
-                            "cannot create JetStream stream {name:?} with subjects \"{prefix}.>\": \
-                             another stream may already hold these subjects; set nats.stream to it"
-                        ),
-                        e,
-                    )
+                    use jetstream::context::CreateStreamErrorKind as K;
+                    let overlap = matches!(
+                        e.kind(),
+                        K::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+                    );
+                    if overlap {
+                        Error::with_source(
+                            Kind::NatsSetup,
+                            format!(
+                                "cannot create JetStream stream {name:?}: another stream already holds subjects \
+                                 under \"{prefix}.>\"; set nats.stream to that stream"
+                            ),
+                            e,
+                        )
+                    } else {
+                        // A cluster still electing its leader, a timeout:
+                        // worth another try.
+                        Error::with_source(
+                            Kind::NatsConnect,
+                            format!("cannot create JetStream stream {name:?} yet"),
+                            e,
+                        )
+                    }
                 })?;
             Ok(StreamSetup {
                 stream,
