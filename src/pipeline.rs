@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{self, Checkpoint, Store, Tracker};
-use crate::config::{Config, OutputFormat, OversizePolicy};
+use crate::config::{Config, OversizePolicy};
 use crate::encode::{self, Encoder};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, TxInfo, TypeResolver};
@@ -111,9 +111,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 fn refuse_unsupported(cfg: &Config) -> Result<()> {
-    let missing = if cfg.output.format == OutputFormat::Debezium {
-        Some("output.format = \"debezium\"")
-    } else if cfg.output.tx_markers {
+    let missing = if cfg.output.tx_markers {
         Some("output.tx_markers = true")
     } else if cfg.on_oversize == OversizePolicy::ObjectStore {
         Some("limits.on_oversize = \"object_store\"")
@@ -340,7 +338,7 @@ async fn session(
         conn,
         decoder: pgoutput::Decoder::default(),
         cache: RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
-        encoder: Encoder::new(src),
+        encoder: Encoder::new(src, cfg.output.format),
         // Counting starts at the checkpoint: the `skip` replayed messages
         // that are already in the stream bring it up to `resume.last_seq`.
         publisher: Publisher::new(c.js.clone(), resume.state.stream_seq),

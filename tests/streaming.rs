@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::harness::PgVersion;
-use crate::support::{PREFIX, World, assert_exactly_once_in_order, shared};
+use crate::support::{PREFIX, World, assert_exactly_once_in_order, lsn, shared};
 
 async fn changes_carry_contract_subjects_headers_and_bodies(version: PgVersion) {
     let world = World::new(shared(version)).await;
@@ -375,4 +375,187 @@ async fn a_stream_that_does_not_cover_the_prefix_is_refused() {
         out.contains("do not cover \"cdc.test.>\"") && out.contains("nats stream edit"),
         "{out}"
     );
+}
+
+/// `[output] format = "debezium"`: the same subjects and headers, bodies in
+/// Debezium's PostgreSQL envelope (the payload object of its JSON converter).
+#[tokio::test]
+async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, status text, amount numeric(10,2), note text);
+             ALTER TABLE orders ALTER COLUMN note SET STORAGE EXTERNAL;
+             CREATE TABLE audit (at text, what text);
+             ALTER TABLE audit REPLICA IDENTITY FULL;",
+        )
+        .await;
+    let mut w = world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_FORMAT", "debezium")]);
+    world.wait_streaming(&mut w).await;
+    let big = "x".repeat(10_000);
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for stmt in [
+        format!("INSERT INTO orders VALUES (42, 'new', 19.90, '{big}')"),
+        "UPDATE orders SET status = 'paid' WHERE id = 42".to_owned(),
+        "DELETE FROM orders WHERE id = 42".to_owned(),
+        "INSERT INTO audit VALUES ('a', 'b')".to_owned(),
+        "DELETE FROM audit".to_owned(),
+        "SELECT pg_logical_emit_message(true, 'p', 'hello')".to_owned(),
+        "TRUNCATE orders".to_owned(),
+    ] {
+        world.sql(&stmt).await;
+    }
+    let msgs = world.wait_changes(7, &w).await;
+    let all = world.read_stream().await;
+    assert_exactly_once_in_order(&all);
+
+    let p = PREFIX;
+    let subjects: Vec<String> = msgs.iter().map(|m| m.subject.clone()).collect();
+    assert_eq!(
+        subjects,
+        vec![
+            format!("{p}.public.orders.insert"),
+            format!("{p}.public.orders.update"),
+            format!("{p}.public.orders.delete"),
+            format!("{p}.public.audit.insert"),
+            format!("{p}.public.audit.delete"),
+            format!("{p}._message.p"),
+            format!("{p}.public.orders.truncate"),
+        ]
+    );
+
+    // Every row change: exactly Debezium's field set, source filled from
+    // the same facts as the headers.
+    let mut prev_ts = 0;
+    for m in msgs.iter().filter(|m| !m.subject.contains("._message.")) {
+        let body = m.json();
+        let keys: Vec<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = keys;
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["after", "before", "op", "source", "transaction", "ts_ms"],
+            "{}",
+            m.subject
+        );
+        assert_eq!(body["transaction"], Value::Null);
+        let src = &body["source"];
+        let mut skeys: Vec<&str> = src
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        skeys.sort_unstable();
+        assert_eq!(
+            skeys,
+            [
+                "connector",
+                "db",
+                "lsn",
+                "name",
+                "schema",
+                "sequence",
+                "snapshot",
+                "table",
+                "ts_ms",
+                "txId",
+                "version",
+                "xmin"
+            ]
+        );
+        assert_eq!(src["connector"], "postgresql");
+        assert_eq!(src["name"], PREFIX);
+        assert_eq!(src["db"], world.db.as_str());
+        assert_eq!(src["schema"], "public");
+        assert_eq!(src["snapshot"], "false");
+        assert_eq!(src["xmin"], Value::Null);
+        assert!(src["version"].is_string());
+        assert_eq!(
+            src["txId"].as_u64().unwrap().to_string(),
+            m.header("Cdc-Xid")
+        );
+        assert_eq!(src["lsn"].as_u64().unwrap(), lsn(m.header("Cdc-Lsn")));
+        let seq: Vec<String> = serde_json::from_str(src["sequence"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            seq,
+            [
+                lsn(m.header("Cdc-Commit-Lsn")).to_string(),
+                lsn(m.header("Cdc-Lsn")).to_string()
+            ]
+        );
+        // Commit time and encoding time, in Unix milliseconds.
+        let commit_ms = src["ts_ms"].as_i64().unwrap();
+        let ts_ms = body["ts_ms"].as_i64().unwrap();
+        assert!(commit_ms >= before_ms - 60_000, "{commit_ms} {before_ms}");
+        assert!(commit_ms >= prev_ts, "commit times go backwards");
+        assert!(ts_ms >= commit_ms - 1_000, "{ts_ms} {commit_ms}");
+        prev_ts = commit_ms;
+        // Headers are those of the json format.
+        assert_eq!(m.header("Content-Type"), "application/json");
+        assert!(
+            m.header("Nats-Msg-Id")
+                .starts_with(&format!("{}:", world.db))
+        );
+    }
+
+    let ins = msgs[0].json();
+    assert_eq!(msgs[0].header("Cdc-Op"), "insert");
+    assert_eq!(ins["op"], "c");
+    assert_eq!(ins["source"]["table"], "orders");
+    assert_eq!(ins["before"], Value::Null);
+    assert_eq!(
+        ins["after"],
+        json!({"id": 42, "status": "new", "amount": "19.90", "note": big})
+    );
+
+    // The TOASTed note did not change: Debezium's placeholder, not absent.
+    let upd = msgs[1].json();
+    assert_eq!(upd["op"], "u");
+    assert_eq!(upd["before"], Value::Null);
+    assert_eq!(
+        upd["after"],
+        json!({"id": 42, "status": "paid", "amount": "19.90",
+               "note": "__debezium_unavailable_value"})
+    );
+
+    // Default replica identity: the old key only.
+    let del = msgs[2].json();
+    assert_eq!(del["op"], "d");
+    assert_eq!(del["before"], json!({"id": 42}));
+    assert_eq!(del["after"], Value::Null);
+
+    // REPLICA IDENTITY FULL: the whole old row.
+    let adel = msgs[4].json();
+    assert_eq!(adel["op"], "d");
+    assert_eq!(adel["source"]["table"], "audit");
+    assert_eq!(adel["before"], json!({"at": "a", "what": "b"}));
+
+    // `_message` stays raw bytes.
+    assert_eq!(msgs[5].payload, b"hello");
+    assert_eq!(msgs[5].header("Content-Type"), "application/octet-stream");
+
+    let tr = msgs[6].json();
+    assert_eq!(tr["op"], "t");
+    assert_eq!(tr["before"], Value::Null);
+    assert_eq!(tr["after"], Value::Null);
+    assert_eq!(tr["source"]["table"], "orders");
+
+    // `_schema` stays walnats' JSON.
+    let schema = all
+        .iter()
+        .find(|m| m.subject == format!("{p}._schema.public.orders"))
+        .expect("a _schema message for orders");
+    let s = schema.json();
+    assert_eq!(s["table"], "orders");
+    assert_eq!(s["columns"][0]["name"], "id");
+    drop(w);
 }

@@ -4,11 +4,11 @@ use crate::encode::Source;
 use crate::encode::json_str::write_json_string;
 use crate::encode::value::write_text_value;
 use crate::error::{Error, Kind, Result};
-use crate::event::{Body, Event, RelationInfo};
+use crate::event::{Body, ColumnInfo, Event, RelationInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, TupleData, TupleValue};
 
-fn push_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
+pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
     write_json_string(s.as_bytes(), out).map_err(Error::from)
 }
 
@@ -61,15 +61,26 @@ fn decode_err(rel: &RelationInfo, column: &str, lsn: Lsn, e: impl std::fmt::Disp
     )
 }
 
+/// What [`write_tuple`] does with an unchanged TOAST value, which
+/// PostgreSQL did not send.
+pub(crate) enum Unchanged<'a> {
+    /// Leave the column out of the object.
+    Omit,
+    /// Leave it out and push its column index here.
+    Report(&'a mut Vec<usize>),
+    /// Write the column with this value (a placeholder) instead.
+    Placeholder(fn(&ColumnInfo, &mut Vec<u8>)),
+}
+
 /// Writes `{"col":value,...}` for the columns `pick` selects; unchanged
-/// TOAST values are left out and reported to `unchanged`.
-fn write_tuple(
+/// TOAST values are handled as `unchanged` says.
+pub(crate) fn write_tuple(
     out: &mut Vec<u8>,
     rel: &RelationInfo,
     tuple: &TupleData,
     lsn: Lsn,
     pick: impl Fn(usize, &TupleValue) -> bool,
-    mut unchanged: Option<&mut Vec<usize>>,
+    mut unchanged: Unchanged<'_>,
 ) -> Result<()> {
     out.push(b'{');
     let mut first = true;
@@ -77,17 +88,24 @@ fn write_tuple(
         if !pick(i, val) {
             continue;
         }
-        if let TupleValue::Unchanged = val {
-            if let Some(u) = unchanged.as_deref_mut() {
+        let placeholder = match (&mut unchanged, val) {
+            (Unchanged::Omit, TupleValue::Unchanged) => continue,
+            (Unchanged::Report(u), TupleValue::Unchanged) => {
                 u.push(i);
+                continue;
             }
-            continue;
-        }
+            (Unchanged::Placeholder(f), TupleValue::Unchanged) => Some(*f),
+            _ => None,
+        };
         if !first {
             out.push(b',');
         }
         first = false;
         out.extend_from_slice(&col.json_key);
+        if let Some(write_placeholder) = placeholder {
+            write_placeholder(col, out);
+            continue;
+        }
         match val {
             TupleValue::Null => out.extend_from_slice(b"null"),
             TupleValue::Text(b) => write_text_value(&col.kind, b, out)
@@ -119,7 +137,9 @@ fn write_tuple(
     Ok(())
 }
 
-fn old_tuple(old: &Option<OldTuple>) -> Option<(&TupleData, bool)> {
+/// The old tuple and whether it holds only the key ('K') rather than the
+/// whole row ('O').
+pub(crate) fn old_tuple(old: &Option<OldTuple>) -> Option<(&TupleData, bool)> {
     match old {
         Some(OldTuple::Key(t)) => Some((t, true)),
         Some(OldTuple::Full(t)) => Some((t, false)),
@@ -175,7 +195,7 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
                 t,
                 ev.lsn,
                 |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-                None,
+                Unchanged::Omit,
             )?;
         }
         _ => out.extend_from_slice(b"null"),
@@ -190,16 +210,23 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
             t,
             ev.lsn,
             |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-            None,
+            Unchanged::Omit,
         )?,
-        Some((t, false)) => write_tuple(out, rel, t, ev.lsn, |_, _| true, None)?,
+        Some((t, false)) => write_tuple(out, rel, t, ev.lsn, |_, _| true, Unchanged::Omit)?,
         None => out.extend_from_slice(b"null"),
     }
 
     out.extend_from_slice(b",\"after\":");
     let mut unchanged = Vec::new();
     match new {
-        Some(t) => write_tuple(out, rel, t, ev.lsn, |_, _| true, Some(&mut unchanged))?,
+        Some(t) => write_tuple(
+            out,
+            rel,
+            t,
+            ev.lsn,
+            |_, _| true,
+            Unchanged::Report(&mut unchanged),
+        )?,
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"unchanged\":[");

@@ -6,6 +6,7 @@
 
 pub mod array;
 pub mod datetime;
+pub mod debezium;
 pub mod json;
 pub mod json_str;
 pub mod value;
@@ -13,6 +14,7 @@ pub mod value;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use crate::config::OutputFormat;
 use crate::error::Result;
 use crate::event::{Body, Event};
 use crate::lsn::Position;
@@ -44,14 +46,27 @@ pub fn msg_id(src: &Source, pos: Position) -> String {
 
 pub struct Encoder {
     src: Source,
+    /// The body of row changes and truncates; `_message` and `_schema`
+    /// bodies are the same in every format.
+    format: OutputFormat,
     buf: Vec<u8>,
 }
 
 impl Encoder {
-    pub fn new(src: Source) -> Encoder {
+    pub fn new(src: Source, format: OutputFormat) -> Encoder {
         Encoder {
             src,
+            format,
             buf: Vec::with_capacity(4096),
+        }
+    }
+
+    fn write_change(&mut self, ev: &Event) -> Result<()> {
+        match self.format {
+            OutputFormat::Json => json::write_row(&mut self.buf, &self.src, ev),
+            OutputFormat::Debezium => {
+                debezium::write_row(&mut self.buf, &self.src, ev, unix_now_ms())
+            }
         }
     }
 
@@ -63,7 +78,7 @@ impl Encoder {
         self.buf.clear();
         let (subject, content_type, msg_id) = match &ev.body {
             Body::Row { op, rel, .. } => {
-                json::write_row(&mut self.buf, &self.src, ev)?;
+                self.write_change(ev)?;
                 (
                     format!("{}{}", rel.subject_base, op.as_str()),
                     "application/json",
@@ -71,7 +86,7 @@ impl Encoder {
                 )
             }
             Body::Truncate { rel, .. } => {
-                json::write_row(&mut self.buf, &self.src, ev)?;
+                self.write_change(ev)?;
                 (
                     format!("{}truncate", rel.subject_base),
                     "application/json",
@@ -122,4 +137,13 @@ impl Encoder {
             msg_id,
         })
     }
+}
+
+/// Milliseconds since the Unix epoch by the system clock (0 if the clock is
+/// before 1970): Debezium's envelope `ts_ms`, when the event was encoded.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
