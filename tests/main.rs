@@ -6,6 +6,7 @@ mod harness;
 mod support;
 
 mod cli;
+mod cluster;
 mod exactly_once;
 mod http;
 mod limits;

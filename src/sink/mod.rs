@@ -91,14 +91,23 @@ pub fn context(client: async_nats::Client, cfg: &NatsConfig) -> jetstream::Conte
 
 /// Fails with a fix when the server has no JetStream.
 pub async fn require_jetstream(js: &jetstream::Context) -> Result<()> {
-    js.query_account().await.map(|_| ()).map_err(|e| {
-        Error::with_source(
-            Kind::NatsSetup,
-            "JetStream is not enabled for this NATS account: start nats-server with -js \
+    use jetstream::context::AccountErrorKind as K;
+    js.query_account()
+        .await
+        .map(|_| ())
+        .map_err(|e| match e.kind() {
+            // No responders, or the server's own "not enabled": a setup fix.
+            K::JetStreamUnavailable | K::JetStream(_) => Error::with_source(
+                Kind::NatsSetup,
+                "JetStream is not enabled for this NATS account: start nats-server with -js \
              (or a jetstream {} block in its config)",
-            e,
-        )
-    })
+                e,
+            ),
+            // A cluster still electing its meta leader answers late: retry.
+            K::TimedOut | K::Other => {
+                Error::with_source(Kind::NatsConnect, "JetStream did not answer yet", e)
+            }
+        })
 }
 
 /// What walnats found or made.
