@@ -7,5 +7,6 @@ mod support;
 
 mod cli;
 mod exactly_once;
+mod examples;
 mod pg_connection;
 mod streaming;
