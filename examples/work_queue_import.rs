@@ -48,7 +48,12 @@ use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        hide_env_values = true,
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// The walnats stream (`nats.stream`).
     #[arg(long, env = "IMPORT_STREAM", default_value = "CDC_APP")]
@@ -63,8 +68,9 @@ struct Args {
     max_deliver: i64,
     #[arg(long, env = "IMPORT_DLQ_PREFIX", default_value = "dlq")]
     dlq_prefix: String,
-    /// The database to write to, e.g. `postgres://user:pw@host/db`.
-    #[arg(long, env = "TARGET_DATABASE_URL")]
+    /// The database to write to, e.g. `postgres://user:pw@host/db`; its
+    /// value from the environment is never shown in --help.
+    #[arg(long, env = "TARGET_DATABASE_URL", hide_env_values = true)]
     target_url: String,
     /// `schema.table` or `table` in the target database.
     #[arg(long, env = "IMPORT_TARGET_TABLE")]
