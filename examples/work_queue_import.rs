@@ -64,6 +64,8 @@ struct Args {
     /// Durable consumer name: the consumer remembers what was acked.
     #[arg(long, env = "IMPORT_DURABLE")]
     durable: String,
+    /// Deliveries of one event before it goes to the dead-letter subject
+    /// (for a consumer this creates; an existing one keeps its own).
     #[arg(long, env = "IMPORT_MAX_DELIVER", default_value_t = 5)]
     max_deliver: i64,
     #[arg(long, env = "IMPORT_DLQ_PREFIX", default_value = "dlq")]
@@ -269,6 +271,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             },
         )
         .await?;
+    // An existing consumer keeps its own setting; 0 or -1: unlimited.
+    let max_deliver = consumer.cached_info().config.max_deliver;
     let dlq_probe = format!(
         "{}.{}",
         args.dlq_prefix,
@@ -296,29 +300,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let info = message.info()?;
             (info.stream_sequence, info.delivered)
         };
-        let problem = match target
-            .apply(message.headers.as_ref(), &message.payload)
-            .await
-        {
-            Ok(_) => {
+        // A lost target connection is not the event's fault: reconnect and
+        // apply it again within this delivery, so an outage of the target
+        // database never uses up its attempts.
+        let problem = loop {
+            match target
+                .apply(message.headers.as_ref(), &message.payload)
+                .await
+            {
+                Ok(_) => break None,
+                Err(Problem::Failed(_)) if target.client.is_closed() => {
+                    target = reconnect(&args, &message).await;
+                }
+                Err(p) => break Some(p),
+            }
+        };
+        let reason = match problem {
+            None => {
                 message.double_ack().await?;
                 continue;
             }
-            Err(p) => p,
-        };
-        let reason = match problem {
-            Problem::Malformed(why) => why,
-            Problem::Failed(e) if delivered < args.max_deliver => {
-                eprintln!("stream seq {seq}: attempt {delivered} failed, will retry: {e}");
-                if target.client.is_closed() {
-                    target = reconnect(&args).await;
-                }
+            Some(Problem::Malformed(why)) => why,
+            Some(Problem::Failed(e)) if max_deliver <= 0 || delivered < max_deliver => {
+                eprintln!(
+                    "stream seq {seq}: attempt {delivered} failed, will retry: {}",
+                    describe(&e)
+                );
                 let backoff = Duration::from_secs(u64::try_from(delivered).unwrap_or(1));
                 message.ack_with(AckKind::Nak(Some(backoff))).await?;
                 continue;
             }
-            Problem::Failed(e) => {
-                format!("attempt {delivered} of {} failed: {e}", args.max_deliver)
+            Some(Problem::Failed(e)) => {
+                format!(
+                    "attempt {delivered} of {max_deliver} failed: {}",
+                    describe(&e)
+                )
             }
         };
         // Dead letter: the original headers that identify the event, its
@@ -351,15 +367,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
 }
 
-/// Waits for the target database, doubling the pause up to 30 s.
-async fn reconnect(args: &Args) -> Target {
+/// Waits for the target database, doubling the pause up to 30 s, and keeps
+/// `message` from being redelivered meanwhile (ack_wait starts over).
+async fn reconnect(args: &Args, message: &jetstream::Message) -> Target {
     let mut pause = Duration::from_millis(200);
     loop {
         match Target::connect(&args.target_url, &args.target_table).await {
             Ok(t) => return t,
-            Err(e) => eprintln!("target database unreachable, retrying in {pause:?}: {e}"),
+            Err(e) => eprintln!(
+                "target database unreachable, retrying in {pause:?}: {}",
+                describe(&e)
+            ),
         }
+        let _ = message.ack_with(AckKind::Progress).await;
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The SQLSTATE and message of a database error, not its DETAIL, which may
+/// quote row values (`Key (id)=(42) already exists`): logs and dead-letter
+/// headers carry no data.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
