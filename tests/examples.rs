@@ -4,14 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use futures::StreamExt;
 
-use crate::harness::{self, PgVersion, process};
+use crate::harness::{self, PgServer, PgVersion, process};
 use crate::support::{PREFIX, STREAM, World, shared};
 
 const TABLE: &str = "CREATE TABLE orders (id int PRIMARY KEY, status text NOT NULL,
@@ -40,12 +40,13 @@ struct Importer {
 }
 
 impl Importer {
-    fn spawn(world: &World<'_>, target_db: &str, log: &std::path::Path) -> Importer {
+    fn spawn(world: &World<'_>, target_url: &str, max_deliver: u32, log: &Path) -> Importer {
         let mut cmd = Command::new(example_bin());
         cmd.args(["--nats-url", &world.nats.url(), "--stream", STREAM])
             .args(["--filter", &format!("{PREFIX}.public.orders.>")])
-            .args(["--durable", "orders-import", "--max-deliver", "3"])
-            .args(["--target-url", &world.pg.url(target_db)])
+            .args(["--durable", "orders-import"])
+            .args(["--max-deliver", &max_deliver.to_string()])
+            .args(["--target-url", target_url])
             .args(["--target-table", "public.orders"])
             .stdin(Stdio::null())
             .stdout(process::append_log(log))
@@ -108,7 +109,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     world.wait_streaming(&mut w).await;
 
     let log = harness::temp_dir("walnats-example-").join("import.log");
-    let mut imp = Importer::spawn(&world, &target_db, &log);
+    let mut imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
     world
         .sql(
             "INSERT INTO orders SELECT i, 'new', i * 1.5, jsonb_build_object('i', i),
@@ -122,7 +123,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     // kill -9 mid-import: the unacked event comes back and is applied once.
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(imp);
-    imp = Importer::spawn(&world, &target_db, &log);
+    imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
     world
         .sql(
             "TRUNCATE orders;
@@ -146,7 +147,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     let js = world.js().await;
     let stream = js.get_stream(STREAM).await.unwrap();
     stream.delete_consumer("orders-import").await.unwrap();
-    imp = Importer::spawn(&world, &target_db, &log);
+    imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
     harness::wait_until(Duration::from_secs(30), "the replay to finish", || async {
         let mut c = stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>("orders-import")
@@ -209,4 +210,53 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
         .await
         .unwrap();
     assert_eq!(nine.get::<_, i64>(0), 0);
+}
+
+/// The target database going away is not the events' fault: the importer
+/// reconnects and applies the event it holds within the same delivery, so
+/// even with --max-deliver 1 nothing reaches the dead-letter subject.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_queue_import_waits_out_a_target_outage_without_dead_letters() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world.sql(TABLE).await;
+    let target_pg = PgServer::start(PgVersion::V15);
+    let target_db = target_pg.create_database().await;
+    target_pg.execute(&target_db, TABLE).await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    let nats = async_nats::connect(world.nats.url()).await.unwrap();
+    let mut dead = nats.subscribe("dlq.>").await.unwrap();
+    nats.flush().await.unwrap();
+
+    let log = harness::temp_dir("walnats-example-").join("import.log");
+    let imp = Importer::spawn(&world, &target_pg.url(&target_db), 1, &log);
+    let insert = |from: i32| {
+        format!(
+            "INSERT INTO orders SELECT i, 'new', i, NULL, NULL, now() FROM generate_series({from}, {}) i;
+             UPDATE orders SET status = 'paid' WHERE id % 2 = 0",
+            from + 99
+        )
+    };
+    world.sql(&insert(1)).await;
+    let source = world.client().await;
+    wait_equal(&source, &target_pg.client(&target_db).await, &imp).await;
+
+    target_pg.kill9();
+    world.sql(&insert(101)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    target_pg.start_again();
+    wait_equal(&source, &target_pg.client(&target_db).await, &imp).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), dead.next())
+            .await
+            .is_err(),
+        "an event went to the dead-letter subject:\n{}",
+        imp.output()
+    );
+    assert!(
+        imp.output().contains("target database unreachable"),
+        "{}",
+        imp.output()
+    );
+    w.sigterm();
 }
