@@ -19,6 +19,8 @@
 //!   change. Positions only grow along the stream, so an event at or below
 //!   the stored position was applied already (we crashed between COMMIT and
 //!   ack, or the ack was lost) and its redelivery is acked as a no-op.
+//!   (`read` events will come from `walnats snapshot`, not implemented yet:
+//!   check this rule against the positions they carry when it lands.)
 //! - insert, update, read → upsert by the event's `key` columns (the target
 //!   needs a primary key or unique index on them); delete → delete by key;
 //!   truncate → TRUNCATE. Values go through `jsonb_populate_record`, so the
