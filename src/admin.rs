@@ -3,7 +3,17 @@
 //! They read state and print it; only `slot drop` changes anything, and
 //! only when told to with `--yes`.
 
+use std::io::Write;
+
 use serde::Serialize;
+
+/// Prints a line; a closed stdout (`walnats check | head -1`) is not an
+/// error worth a panic.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
 
 use crate::checkpoint::{Checkpoint, Store};
 use crate::config::Config;
@@ -19,14 +29,14 @@ struct Checklist {
 
 impl Checklist {
     fn pass(&mut self, what: &str) {
-        println!("[ok]   {what}");
+        say!("[ok]   {what}");
     }
     fn note(&mut self, what: &str) {
-        println!("[info] {what}");
+        say!("[info] {what}");
     }
     fn fail(&mut self, what: &str, fix: &str) {
         self.ok = false;
-        println!("[FAIL] {what}\n       fix: {fix}");
+        say!("[FAIL] {what}\n       fix: {fix}");
     }
 }
 
@@ -39,9 +49,9 @@ pub async fn check(cfg: &Config) -> bool {
     check_postgres(cfg, &mut c).await;
     check_nats(cfg, &mut c).await;
     if c.ok {
-        println!("all checks passed");
+        say!("all checks passed");
     } else {
-        println!("some checks failed");
+        say!("some checks failed");
     }
     c.ok
 }
@@ -339,13 +349,13 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
     if json {
         let text = serde_json::to_string_pretty(&st)
             .map_err(|e| Error::with_source(Kind::Io, "cannot encode status", e))?;
-        println!("{text}");
+        say!("{text}");
         return Ok(());
     }
-    println!("database   {}", st.database);
+    say!("database   {}", st.database);
     let s = &st.slot;
     if s.exists {
-        println!(
+        say!(
             "slot       {} ({}), confirmed {}, lag {} bytes, WAL retained {} bytes, wal_status {}",
             s.name,
             if s.active { "active" } else { "inactive" },
@@ -357,10 +367,10 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
             s.wal_status.as_deref().unwrap_or("-")
         );
     } else {
-        println!("slot       {} (missing)", s.name);
+        say!("slot       {} (missing)", s.name);
     }
     match &st.checkpoint {
-        Some(cp) => println!(
+        Some(cp) => say!(
             "checkpoint after {} (stream seq {}), confirmable {}",
             cp.pos
                 .map(|p| format!("{}:{}", p.commit_lsn, p.seq))
@@ -368,14 +378,19 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
             cp.stream_seq,
             cp.confirmed
         ),
-        None => println!("checkpoint none"),
+        None => say!("checkpoint none"),
     }
     match &st.stream {
-        Some(x) => println!(
+        Some(x) => say!(
             "stream     {} {:?}: {} messages, {} bytes, last seq {}, {} replica(s)",
-            x.name, x.subjects, x.messages, x.bytes, x.last_seq, x.replicas
+            x.name,
+            x.subjects,
+            x.messages,
+            x.bytes,
+            x.last_seq,
+            x.replicas
         ),
-        None => println!("stream     {} (missing)", st.stream_name),
+        None => say!("stream     {} (missing)", st.stream_name),
     }
     Ok(())
 }
@@ -401,9 +416,9 @@ pub async fn slot_drop(cfg: &Config) -> Result<()> {
         store.delete().await?;
     }
     if dropped {
-        println!("dropped slot {:?} and its checkpoint", cfg.postgres.slot);
+        say!("dropped slot {:?} and its checkpoint", cfg.postgres.slot);
     } else {
-        println!(
+        say!(
             "slot {:?} did not exist; checkpoint removed",
             cfg.postgres.slot
         );

@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod cluster;
 mod exactly_once;
+mod examples;
 mod http;
 mod limits;
 mod pg_connection;
