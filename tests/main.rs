@@ -11,6 +11,7 @@ mod exactly_once;
 mod examples;
 mod http;
 mod limits;
+mod nats_auth;
 mod pg_connection;
 mod secrets;
 mod streaming;

@@ -1,0 +1,158 @@
+//! Every NATS auth method walnats offers, against a nats-server configured
+//! for it; a wrong credential is a clear, non-retried error.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::harness::{NatsServer, PgVersion};
+use crate::support::{World, shared, walnats_bin};
+
+/// `walnats check` with the world's PostgreSQL and `nats` as the `[nats]`
+/// section's extra keys: (exit code, output).
+fn check(world: &World<'_>, url: &str, nats: &str) -> (i32, String) {
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[nats]\nurl = \"{url}\"\nstream = \"CDC_TEST\"\nsubject_prefix = \"cdc.test\"\n{nats}\n\
+         [snapshot]\nmode = \"never\"\n[http]\nlisten = \"\"\n",
+        world.pg_url(),
+        world.slot()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(walnats_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn assert_connects(r: (i32, String)) {
+    assert!(
+        r.0 == 0 && r.1.contains("[ok]   JetStream enabled"),
+        "{}",
+        r.1
+    );
+}
+
+fn assert_refused(r: (i32, String), secret: &str) {
+    assert!(r.0 == 1 && r.1.contains("[FAIL] NATS"), "{}", r.1);
+    assert!(!r.1.contains(secret), "a secret was printed:\n{}", r.1);
+}
+
+#[tokio::test]
+async fn user_password_nkey_and_token_connect_and_wrong_ones_are_refused() {
+    let mut world = World::new(shared(PgVersion::V15)).await;
+    let nkey = nkeys::KeyPair::new_user();
+    let seed = nkey.seed().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let seed_file = dir.path().join("walnats.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let other_seed = nkeys::KeyPair::new_user().seed().unwrap();
+    world.nats = NatsServer::start_with(Some(&format!(
+        "authorization {{ users = [ {{user: walnats, password: \"pw-s3cret\"}}, {{nkey: \"{}\"}} ] }}\n",
+        nkey.public_key()
+    )))
+    .await;
+    let url = world.nats.url();
+    assert_connects(check(
+        &world,
+        &url,
+        "user = \"walnats\"\npassword = \"pw-s3cret\"",
+    ));
+    assert_connects(check(
+        &world,
+        &url,
+        &format!("nkey_file = \"{}\"", seed_file.display()),
+    ));
+    assert_connects(check(&world, &url, &format!("nkey = \"{seed}\"")));
+    assert_refused(
+        check(
+            &world,
+            &url,
+            "user = \"walnats\"\npassword = \"wrong-s3cret\"",
+        ),
+        "wrong-s3cret",
+    );
+    assert_refused(
+        check(&world, &url, &format!("nkey = \"{other_seed}\"")),
+        &other_seed,
+    );
+    assert_refused(check(&world, &url, ""), "pw-s3cret");
+}
+
+fn certificates(dir: &std::path::Path) -> (String, String, String, String, String) {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "walnats test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let srv_key = KeyPair::generate().unwrap();
+    let srv = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
+    let mut cli = CertificateParams::new(vec!["walnats".to_owned()]).unwrap();
+    cli.distinguished_name.push(DnType::CommonName, "walnats");
+    let cli_key = KeyPair::generate().unwrap();
+    let cli_cert = cli.signed_by(&cli_key, &issuer).unwrap();
+    (
+        write("ca.pem", ca_cert.pem()),
+        write("server.pem", srv_cert.pem()),
+        write("server-key.pem", srv_key.serialize_pem()),
+        write("client.pem", cli_cert.pem()),
+        write("client-key.pem", cli_key.serialize_pem()),
+    )
+}
+
+#[tokio::test]
+async fn tls_with_a_custom_ca_and_a_client_certificate() {
+    let mut world = World::new(shared(PgVersion::V15)).await;
+    let dir = crate::harness::temp_dir("walnats-nats-tls-");
+    let (ca, cert, key, client_cert, client_key) = certificates(&dir);
+    world.nats = NatsServer::start_with(Some(&format!(
+        "tls {{ cert_file: \"{cert}\"\n key_file: \"{key}\"\n ca_file: \"{ca}\"\n verify: true }}\n"
+    )))
+    .await;
+    let url = world.nats.url();
+    assert_connects(check(
+        &world,
+        &url,
+        &format!(
+            "tls_required = true\ntls_ca_file = \"{ca}\"\ntls_cert_file = \"{client_cert}\"\ntls_key_file = \"{client_key}\""
+        ),
+    ));
+    // Without the client certificate the server refuses the handshake.
+    let (code, out) = check(
+        &world,
+        &url,
+        &format!("tls_required = true\ntls_ca_file = \"{ca}\""),
+    );
+    assert!(code == 1 && out.contains("[FAIL] NATS"), "{out}");
+    // Without the CA walnats refuses the server's certificate.
+    let (code, out) = check(
+        &world,
+        &url,
+        &format!(
+            "tls_required = true\ntls_cert_file = \"{client_cert}\"\ntls_key_file = \"{client_key}\""
+        ),
+    );
+    assert!(code == 1 && out.contains("[FAIL] NATS"), "{out}");
+}
