@@ -73,6 +73,9 @@ enum Command {
         /// Start from the stream's first message instead of new ones.
         #[arg(long)]
         from_start: bool,
+        /// Start from this far back (90s, 10m, 2h, 1d) or an RFC 3339 time.
+        #[arg(long, conflicts_with = "from_start")]
+        since: Option<String>,
         /// Pretty-print JSON bodies.
         #[arg(long)]
         pretty: bool,
@@ -192,10 +195,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
             config,
             filter,
             from_start,
+            since,
             pretty,
         } => {
             let cfg = load(&config)?;
-            walnats::tail::tail(&cfg, filter.as_deref(), from_start, pretty).await?;
+            walnats::tail::tail(
+                &cfg,
+                filter.as_deref(),
+                from_start,
+                since.as_deref(),
+                pretty,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
     }

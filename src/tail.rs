@@ -27,12 +27,41 @@ pub fn filter_subject(prefix: &str, filter: Option<&str>) -> String {
     }
 }
 
+/// `--since`: a duration back from now (`90s`, `10m`, `2h`, `1d`) or an
+/// RFC 3339 time (`2026-11-22T18:31:10Z`).
+pub fn parse_since(s: &str, now: time::OffsetDateTime) -> Result<time::OffsetDateTime> {
+    let bad = || {
+        Error::new(
+            Kind::Config,
+            format!("--since {s:?}: use a duration like 90s, 10m, 2h, 1d, or an RFC 3339 time"),
+        )
+    };
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        "d" => n.checked_mul(86_400).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    now.checked_sub(time::Duration::seconds(secs))
+        .ok_or_else(bad)
+}
+
 pub async fn tail(
     cfg: &Config,
     filter: Option<&str>,
     from_start: bool,
+    since: Option<&str>,
     pretty: bool,
 ) -> Result<()> {
+    let since = since
+        .map(|s| parse_since(s, time::OffsetDateTime::now_utc()))
+        .transpose()?;
     let (js, prefix, stream_name) = connect_nats_only(cfg).await?;
     let stream = js.get_stream(&stream_name).await.map_err(|e| {
         Error::with_source(
@@ -44,10 +73,10 @@ pub async fn tail(
     let consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: filter_subject(&prefix, filter),
-            deliver_policy: if from_start {
-                DeliverPolicy::All
-            } else {
-                DeliverPolicy::New
+            deliver_policy: match (since, from_start) {
+                (Some(start_time), _) => DeliverPolicy::ByStartTime { start_time },
+                (None, true) => DeliverPolicy::All,
+                (None, false) => DeliverPolicy::New,
             },
             ..Default::default()
         })
@@ -78,6 +107,28 @@ pub async fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_takes_durations_and_rfc3339() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        assert_eq!(
+            parse_since("90s", now).unwrap().unix_timestamp(),
+            1_800_000_000 - 90
+        );
+        assert_eq!(
+            parse_since("2h", now).unwrap().unix_timestamp(),
+            1_800_000_000 - 7200
+        );
+        assert_eq!(
+            parse_since("2026-11-22T18:31:10Z", now)
+                .unwrap()
+                .unix_timestamp(),
+            1_795_372_270
+        );
+        for bad in ["", "10", "m", "10y", "yesterday", "99999999999999999999d"] {
+            assert!(parse_since(bad, now).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn filters_are_relative_to_the_prefix() {
