@@ -5,6 +5,7 @@
 mod harness;
 mod support;
 
+mod catalogue;
 mod cli;
 mod cluster;
 mod exactly_once;

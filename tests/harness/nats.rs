@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::process;
 
 pub struct NatsServer {
+    jetstream: bool,
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
@@ -23,6 +24,15 @@ impl NatsServer {
     /// `config`: the text of a nats-server config file (auth, TLS,
     /// max_payload...); JetStream, the store dir and the port are added.
     pub async fn start_with(config: Option<&str>) -> NatsServer {
+        Self::start_full(config, true).await
+    }
+
+    /// A server without JetStream, for the refusal tests.
+    pub async fn start_without_jetstream() -> NatsServer {
+        Self::start_full(None, false).await
+    }
+
+    async fn start_full(config: Option<&str>, jetstream: bool) -> NatsServer {
         let bin = std::env::var_os("WALNATS_NATS_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|| super::repo_root().join(".deps/py/bin/nats-server"));
@@ -32,6 +42,7 @@ impl NatsServer {
             bin.display()
         );
         let server = NatsServer {
+            jetstream,
             bin,
             dir: super::temp_dir("walnats-nats-"),
             port: super::free_port(),
@@ -48,12 +59,10 @@ impl NatsServer {
 
     async fn launch(&self) {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["-js", "-sd"]).arg(self.dir.join("store")).args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-        ]);
+        if self.jetstream {
+            cmd.args(["-js", "-sd"]).arg(self.dir.join("store"));
+        }
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(text) = &self.config {
             let path = self.dir.join("nats.conf");
             std::fs::write(&path, text).unwrap();
