@@ -21,7 +21,7 @@ use crate::checkpoint::{self, Checkpoint, Store, Tracker};
 use crate::config::{Config, OversizePolicy};
 use crate::encode::{self, Encoder};
 use crate::error::{Error, Kind, Result, Retry};
-use crate::event::{Body, Event, Op, RelationCache, TxInfo, TypeResolver};
+use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
 use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
@@ -111,9 +111,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 fn refuse_unsupported(cfg: &Config) -> Result<()> {
-    let missing = if cfg.output.tx_markers {
-        Some("output.tx_markers = true")
-    } else if cfg.on_oversize == OversizePolicy::ObjectStore {
+    let missing = if cfg.on_oversize == OversizePolicy::ObjectStore {
         Some("limits.on_oversize = \"object_store\"")
     } else {
         None
@@ -199,6 +197,8 @@ enum Acked {
 struct OpenTx {
     info: TxInfo,
     next_seq: u32,
+    /// Changes per table, for the END marker (only with tx_markers).
+    counts: Vec<(String, u64)>,
 }
 
 struct Session {
@@ -220,6 +220,9 @@ struct Session {
     last_msg_id: Option<String>,
     /// `_schema` state as of the last emitted message.
     emitted_schemas: BTreeMap<u32, u64>,
+    /// `tx_markers` as the checkpoint recorded it: what the messages still
+    /// to be skipped were published with.
+    markers_before: bool,
     received: Lsn,
     server_end: Lsn,
     status_due: bool,
@@ -351,6 +354,7 @@ async fn session(
         skip: resume.skip,
         last_msg_id: resume.last_msg_id,
         emitted_schemas: resume.state.schemas.clone(),
+        markers_before: resume.state.tx_markers,
         received: Lsn::ZERO,
         server_end: Lsn::ZERO,
         status_due: false,
@@ -358,6 +362,9 @@ async fn session(
         nats: c.js.client(),
         counters: std::collections::HashMap::new(),
     };
+    if s.skip == 0 {
+        s.tracker.set_tx_markers(cfg.output.tx_markers);
+    }
     health.set_ready(true);
     s.stream(&mut shutdown).await
 }
@@ -505,20 +512,36 @@ impl Session {
         }
     }
 
-    fn next_pos(&mut self, what: &str) -> Result<(Position, TxInfo)> {
+    fn next_pos(&mut self, what: &str, table: Option<&RelationInfo>) -> Result<(Position, TxInfo)> {
+        let markers = self.markers();
         let tx = self.tx.as_mut().ok_or_else(|| {
             Error::new(
                 Kind::Protocol,
                 format!("pgoutput sent {what} outside a transaction"),
             )
         })?;
+        if markers {
+            let name = table.map_or_else(
+                || "_message".to_owned(),
+                |r| format!("{}.{}", r.schema, r.table),
+            );
+            match tx.counts.iter_mut().find(|(t, _)| *t == name) {
+                Some((_, n)) => *n += 1,
+                None => tx.counts.push((name, 1)),
+            }
+        }
         let pos = Position::new(tx.info.commit_lsn, tx.next_seq);
-        tx.next_seq = tx.next_seq.checked_add(1).ok_or_else(|| {
-            Error::new(
-                Kind::Protocol,
-                "a transaction with more than 4 billion changes",
-            )
-        })?;
+        // u32::MAX is the END marker's position.
+        tx.next_seq = tx
+            .next_seq
+            .checked_add(1)
+            .filter(|n| *n < u32::MAX)
+            .ok_or_else(|| {
+                Error::new(
+                    Kind::Protocol,
+                    "a transaction with more than 4 billion changes",
+                )
+            })?;
         Ok((pos, tx.info))
     }
 
@@ -531,14 +554,26 @@ impl Session {
                         "pgoutput sent Begin inside a transaction",
                     ));
                 }
+                let info = TxInfo {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
+                };
                 self.tx = Some(OpenTx {
-                    info: TxInfo {
-                        xid: b.xid,
-                        commit_lsn: b.final_lsn,
-                        commit_time: b.commit_time,
-                    },
+                    info,
                     next_seq: 0,
+                    counts: Vec::new(),
                 });
+                if self.markers() {
+                    let ev = Event {
+                        pos: Position::new(info.commit_lsn, 0),
+                        lsn,
+                        tx: Some(info),
+                        snapshot: false,
+                        body: Body::TxBegin,
+                    };
+                    self.emit_marker(ev, false).await?;
+                }
             }
             Message::Commit(c) => {
                 let tx = self.tx.take().ok_or_else(|| {
@@ -553,6 +588,18 @@ impl Session {
                         ),
                     ));
                 }
+                if self.markers() {
+                    let ev = Event {
+                        // After every change of the transaction: once its
+                        // END is acknowledged, all of it is in the stream.
+                        pos: Position::new(tx.info.commit_lsn, u32::MAX),
+                        lsn,
+                        tx: Some(tx.info),
+                        snapshot: false,
+                        body: Body::TxEnd { counts: tx.counts },
+                    };
+                    self.emit_marker(ev, true).await?;
+                }
                 self.inflight
                     .push_back(Box::pin(std::future::ready(Ok(Acked::TxEnd(c.end_lsn)))));
             }
@@ -562,7 +609,7 @@ impl Session {
             Message::Type(_) | Message::Origin(_) => {}
             Message::Insert(i) => {
                 let rel = Arc::clone(self.cache.get(i.oid)?);
-                let (pos, tx) = self.next_pos("an insert")?;
+                let (pos, tx) = self.next_pos("an insert", Some(&rel))?;
                 self.emit_change(Event {
                     pos,
                     lsn,
@@ -579,7 +626,7 @@ impl Session {
             }
             Message::Update(u) => {
                 let rel = Arc::clone(self.cache.get(u.oid)?);
-                let (pos, tx) = self.next_pos("an update")?;
+                let (pos, tx) = self.next_pos("an update", Some(&rel))?;
                 self.emit_change(Event {
                     pos,
                     lsn,
@@ -596,7 +643,7 @@ impl Session {
             }
             Message::Delete(d) => {
                 let rel = Arc::clone(self.cache.get(d.oid)?);
-                let (pos, tx) = self.next_pos("a delete")?;
+                let (pos, tx) = self.next_pos("a delete", Some(&rel))?;
                 self.emit_change(Event {
                     pos,
                     lsn,
@@ -614,7 +661,7 @@ impl Session {
             Message::Truncate(t) => {
                 for oid in &t.oids {
                     let rel = Arc::clone(self.cache.get(*oid)?);
-                    let (pos, tx) = self.next_pos("a truncate")?;
+                    let (pos, tx) = self.next_pos("a truncate", Some(&rel))?;
                     self.emit_change(Event {
                         pos,
                         lsn,
@@ -631,7 +678,7 @@ impl Session {
             }
             Message::LogicalMessage(m) => {
                 let (pos, tx) = if m.transactional {
-                    let (p, t) = self.next_pos("a transactional message")?;
+                    let (p, t) = self.next_pos("a transactional message", None)?;
                     (p, Some(t))
                 } else {
                     (Position::new(m.lsn, 0), None)
@@ -660,6 +707,26 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Whether `_tx` markers go out now: while replaying what the stream
+    /// already holds, as the checkpoint recorded; then as configured.
+    fn markers(&self) -> bool {
+        if self.skip > 0 {
+            self.markers_before
+        } else {
+            self.cfg.output.tx_markers
+        }
+    }
+
+    /// BEGIN rides with the first change (dropped once that is published);
+    /// END carries the transaction's last position.
+    async fn emit_marker(&mut self, ev: Event, is_end: bool) -> Result<()> {
+        if self.published_through.is_some_and(|p| ev.pos <= p) {
+            return Ok(());
+        }
+        let pos = is_end.then_some(ev.pos);
+        self.emit_one(&ev, pos, None).await
     }
 
     async fn emit_change(&mut self, ev: Event) -> Result<()> {
@@ -695,7 +762,7 @@ impl Session {
             Body::Row { rel, .. } | Body::Truncate { rel, .. } | Body::Schema { rel } => {
                 (rel.oid.0, Some(rel))
             }
-            Body::Message { .. } => (0, None),
+            Body::Message { .. } | Body::TxBegin | Body::TxEnd { .. } => (0, None),
         };
         let op = ev.op_name();
         self.counters
@@ -753,6 +820,9 @@ impl Session {
         if self.skip > 0 {
             self.skip -= 1;
             let seq = self.publisher.assume_published();
+            if self.skip == 0 {
+                self.tracker.set_tx_markers(self.cfg.output.tx_markers);
+            }
             if self.skip == 0
                 && let Some(want) = self.last_msg_id.take()
                 && want != msg.msg_id
@@ -778,8 +848,8 @@ impl Session {
                 }))));
             return Ok(());
         }
-        let counter = pos.map(|_| self.counter_for(ev));
-        let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| pos.is_some());
+        let counter = ev.is_change().then(|| self.counter_for(ev));
+        let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| ev.is_change());
         let pending = self.publisher.publish(msg).await?;
         self.inflight.push_back(Box::pin(async move {
             let seq = sink::await_ack(pending).await?;

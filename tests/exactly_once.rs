@@ -128,10 +128,23 @@ async fn settle(world: &World<'_>, w: &crate::harness::WalnatsProc) -> Vec<Msg> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_and_duplicates_nothing() {
+    kill_9_under_load(false).await;
+}
+
+/// The same with `_tx` markers, which must replay as deterministically as
+/// the changes they frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_with_tx_markers_loses_and_duplicates_nothing() {
+    kill_9_under_load(true).await;
+}
+
+async fn kill_9_under_load(tx_markers: bool) {
     let world = World::new(shared(PgVersion::V15)).await;
     create_load_tables(&world).await;
     let mut rng = Rng::from_env();
-    let mut w = world.spawn();
+    let markers = if tx_markers { "true" } else { "false" };
+    let spawn = || world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_TX_MARKERS", markers)]);
+    let mut w = spawn();
     world.wait_streaming(&mut w).await;
     let stop = Arc::new(AtomicBool::new(false));
     let txs = Arc::new(AtomicU64::new(0));
@@ -157,7 +170,7 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
         };
         tokio::time::sleep(Duration::from_millis(wait)).await;
         w.kill9();
-        w = world.spawn();
+        w = spawn();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -169,6 +182,7 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
     );
     let msgs = settle(&world, &w).await;
     assert_exactly_once_in_order(&msgs);
+    assert_eq!(msgs.iter().any(|m| m.subject.ends_with("._tx")), tx_markers);
     assert_stream_equals_table(&world, &msgs, "load_a").await;
     assert_stream_equals_table(&world, &msgs, "load_b").await;
     w.sigterm();

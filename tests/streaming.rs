@@ -559,3 +559,56 @@ async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
     assert_eq!(s["columns"][0]["name"], "id");
     drop(w);
 }
+
+/// `[output] tx_markers`: BEGIN and END on `<prefix>._tx` around each
+/// transaction, END with its change count per table.
+#[tokio::test]
+async fn tx_markers_frame_each_transaction_with_counts_per_table() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql("CREATE TABLE ta (id int PRIMARY KEY); CREATE TABLE tb (id int PRIMARY KEY)")
+        .await;
+    let mut w = world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_TX_MARKERS", "true")]);
+    world.wait_streaming(&mut w).await;
+    world
+        .sql("BEGIN; INSERT INTO ta VALUES (1), (2); INSERT INTO tb VALUES (3); SELECT pg_logical_emit_message(true, 'p', 'x'); COMMIT;")
+        .await;
+    world.sql("INSERT INTO tb VALUES (4)").await;
+    world.wait_changes(5, &w).await;
+    let all = world.read_stream().await;
+    assert_exactly_once_in_order(&all);
+    let tx: Vec<_> = all
+        .iter()
+        .filter(|m| m.subject == format!("{PREFIX}._tx"))
+        .collect();
+    assert_eq!(
+        tx.len(),
+        4,
+        "{:?}",
+        all.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+    let end = tx[1].json();
+    assert_eq!(end["type"], "END");
+    assert_eq!(end["event_count"], 4);
+    assert_eq!(
+        end["data_collections"],
+        json!([
+            {"data_collection": "public.ta", "event_count": 2},
+            {"data_collection": "public.tb", "event_count": 1},
+            {"data_collection": "_message", "event_count": 1}
+        ])
+    );
+    assert_eq!(tx[0].json()["type"], "BEGIN");
+    assert_eq!(tx[0].header("Cdc-Op"), "begin");
+    assert_eq!(
+        tx[0].header("Nats-Msg-Id"),
+        format!(
+            "{}:{}:{}:0:begin",
+            world.db,
+            world.slot(),
+            tx[0].header("Cdc-Commit-Lsn")
+        )
+    );
+    assert_eq!(tx[3].json()["event_count"], 1);
+    w.sigterm();
+}

@@ -171,9 +171,10 @@ impl Msg {
         })
     }
 
-    /// Changes and `_message`s carry a position; `_schema` does not count.
+    /// Changes and `_message`s carry a position; `_schema` and `_tx`
+    /// messages do not count.
     pub fn is_change(&self) -> bool {
-        !self.subject.contains("._schema.")
+        !self.subject.contains("._schema.") && !self.subject.ends_with("._tx")
     }
 
     pub fn position(&self) -> (u64, u32) {
@@ -255,6 +256,7 @@ pub fn assert_exactly_once_in_order(msgs: &[Msg]) {
             m.seq
         );
     }
+    assert_tx_markers_frame_transactions(msgs);
     let changes: Vec<&Msg> = msgs.iter().filter(|m| m.is_change()).collect();
     for w in changes.windows(2) {
         assert!(
@@ -283,6 +285,51 @@ pub fn assert_exactly_once_in_order(msgs: &[Msg]) {
             );
         }
     }
+}
+
+/// When `_tx` markers are present: each transaction's changes stand between
+/// exactly one BEGIN and one END of its commit LSN, and END's counts equal
+/// the changes in between.
+pub fn assert_tx_markers_frame_transactions(msgs: &[Msg]) {
+    if !msgs.iter().any(|m| m.subject.ends_with("._tx")) {
+        return;
+    }
+    let mut open: Option<(String, u64)> = None;
+    for m in msgs {
+        if m.subject.ends_with("._tx") {
+            let body = m.json();
+            let commit = m.header("Cdc-Commit-Lsn").to_owned();
+            match body["type"].as_str() {
+                Some("BEGIN") => {
+                    assert!(open.is_none(), "BEGIN {commit} inside {open:?}");
+                    open = Some((commit, 0));
+                }
+                Some("END") => {
+                    let (c, n) = open
+                        .take()
+                        .unwrap_or_else(|| panic!("END {commit} without BEGIN"));
+                    assert_eq!(c, commit, "END of another transaction");
+                    assert_eq!(
+                        body["event_count"].as_u64(),
+                        Some(n),
+                        "END {commit} counts {n} changes"
+                    );
+                }
+                other => panic!("bad _tx type {other:?}"),
+            }
+        } else if m.is_change() && !m.header("Cdc-Xid").is_empty() {
+            let (c, n) = open
+                .as_mut()
+                .unwrap_or_else(|| panic!("change {} outside BEGIN/END", m.header("Nats-Msg-Id")));
+            assert_eq!(
+                *c,
+                m.header("Cdc-Commit-Lsn"),
+                "change of another transaction inside BEGIN/END"
+            );
+            *n += 1;
+        }
+    }
+    assert!(open.is_none(), "a transaction has no END");
 }
 
 /// A small deterministic PRNG (xorshift) so that fault timings vary per

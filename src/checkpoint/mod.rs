@@ -43,6 +43,10 @@ pub struct Checkpoint {
     pub confirmed: Lsn,
     /// Relation OID → hash of the column set last published on `_schema`.
     pub schemas: BTreeMap<u32, u64>,
+    /// Whether `_tx` markers were being published: a replay must emit the
+    /// same messages the stream already holds, even if the setting changed.
+    #[serde(default)]
+    pub tx_markers: bool,
 }
 
 /// Where checkpoints live: one key per (stream, database, slot) in a KV
@@ -305,6 +309,11 @@ impl Tracker {
     /// move there once this is durable (idle slots must not pin WAL).
     pub fn on_idle(&mut self, wal_end: Lsn) {
         self.acked.confirmed = self.acked.confirmed.max(wal_end);
+    }
+
+    /// From now on checkpoints record this `tx_markers` setting.
+    pub fn set_tx_markers(&mut self, on: bool) {
+        self.acked.tx_markers = on;
     }
 
     pub fn acked(&self) -> &Checkpoint {

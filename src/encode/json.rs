@@ -278,6 +278,56 @@ fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
     Ok(())
 }
 
+/// `_tx` body: `{"type": "BEGIN"|"END", "xid", "commit_lsn", "commit_time",
+/// "db"}`, and on END `"event_count"` and `"data_collections": [{
+/// "data_collection": "public.orders", "event_count": 2}]` (Debezium's
+/// transaction metadata names).
+pub fn write_tx_marker(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
+    let end = match &ev.body {
+        Body::TxBegin => None,
+        Body::TxEnd { counts } => Some(counts),
+        _ => return Ok(()),
+    };
+    out.extend_from_slice(if end.is_some() {
+        b"{\"type\":\"END\""
+    } else {
+        b"{\"type\":\"BEGIN\""
+    });
+    out.extend_from_slice(b",\"xid\":");
+    match &ev.tx {
+        Some(tx) => out.extend_from_slice(tx.xid.0.to_string().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"commit_lsn\":");
+    write_lsn(out, ev.pos.commit_lsn);
+    out.extend_from_slice(b",\"commit_time\":");
+    match &ev.tx {
+        Some(tx) => write_pg_time(out, tx.commit_time),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"db\":");
+    push_str(out, &src.db)?;
+    if let Some(counts) = end {
+        let total: u64 = counts.iter().map(|(_, n)| n).sum();
+        out.extend_from_slice(b",\"event_count\":");
+        out.extend_from_slice(total.to_string().as_bytes());
+        out.extend_from_slice(b",\"data_collections\":[");
+        for (i, (table, n)) in counts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"data_collection\":");
+            push_str(out, table)?;
+            out.extend_from_slice(b",\"event_count\":");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 /// `_schema` body: the table's column set.
 pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationInfo) -> Result<()> {
     out.extend_from_slice(b"{\"schema\":");

@@ -113,6 +113,20 @@ impl Encoder {
                     format!("{}:schema", msg_id(&self.src, ev.pos)),
                 )
             }
+            Body::TxBegin | Body::TxEnd { .. } => {
+                json::write_tx_marker(&mut self.buf, &self.src, ev)?;
+                let kind = if matches!(ev.body, Body::TxBegin) {
+                    "begin"
+                } else {
+                    "end"
+                };
+                let first = Position::new(ev.pos.commit_lsn, 0);
+                (
+                    format!("{}._tx", self.src.prefix),
+                    "application/json",
+                    format!("{}:{kind}", msg_id(&self.src, first)),
+                )
+            }
         };
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id.as_str());
@@ -122,7 +136,9 @@ impl Encoder {
         if let Some(tx) = &ev.tx {
             headers.insert("Cdc-Xid", tx.xid.0.to_string().as_str());
         }
-        headers.insert("Cdc-Seq", ev.pos.seq.to_string().as_str());
+        if ev.is_change() || matches!(ev.body, Body::Schema { .. }) {
+            headers.insert("Cdc-Seq", ev.pos.seq.to_string().as_str());
+        }
         headers.insert("Content-Type", content_type);
         if let Body::Message { transactional, .. } = &ev.body {
             headers.insert(

@@ -70,6 +70,11 @@ pub enum Body {
     /// A table's column set, published before its first change and when
     /// it changes.
     Schema { rel: Arc<RelationInfo> },
+    /// `[output] tx_markers`: a transaction starts.
+    TxBegin,
+    /// `[output] tx_markers`: a transaction ended, with its change count
+    /// per table (`schema.table`, or `_message`), in first-seen order.
+    TxEnd { counts: Vec<(String, u64)> },
 }
 
 /// One message-to-be. `pos` orders it in the stream; a `Schema` event
@@ -92,12 +97,18 @@ impl Event {
             Body::Truncate { .. } => "truncate",
             Body::Message { .. } => "message",
             Body::Schema { .. } => "schema",
+            Body::TxBegin => "begin",
+            Body::TxEnd { .. } => "end",
         }
     }
 
     /// Whether this event counts as a change of its transaction (and so has
-    /// its own `Cdc-Seq`); schema events ride along with the next change.
+    /// its own `Cdc-Seq`); schema events ride along with the next change,
+    /// transaction markers frame them.
     pub fn is_change(&self) -> bool {
-        !matches!(self.body, Body::Schema { .. })
+        !matches!(
+            self.body,
+            Body::Schema { .. } | Body::TxBegin | Body::TxEnd { .. }
+        )
     }
 }
