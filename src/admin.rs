@@ -15,7 +15,7 @@ macro_rules! say {
     }};
 }
 
-use crate::checkpoint::{Checkpoint, Store};
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
@@ -302,20 +302,9 @@ pub async fn gather_status(cfg: &Config) -> Result<Status> {
         }
         Err(_) => None,
     };
-    let checkpoint = match c.js.get_key_value(&cfg.nats.checkpoint_bucket).await {
-        Ok(_) => {
-            let store = Store::open(
-                &c.js,
-                &cfg.nats.checkpoint_bucket,
-                cfg.nats.replicas,
-                &c.stream_name,
-                &c.db,
-                &cfg.postgres.slot,
-            )
-            .await?;
-            store.load().await?
-        }
-        Err(_) => None,
+    let checkpoint = match c.existing_store(cfg).await? {
+        Some(store) => store.load().await?,
+        None => None,
     };
     let st = Status {
         database: c.db.clone(),
@@ -399,20 +388,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
 pub async fn slot_drop(cfg: &Config) -> Result<()> {
     let c = connect_both(cfg).await?;
     let dropped = setup::drop_slot(&c.sql, &cfg.postgres.slot).await?;
-    if c.js
-        .get_key_value(&cfg.nats.checkpoint_bucket)
-        .await
-        .is_ok()
-    {
-        let store = Store::open(
-            &c.js,
-            &cfg.nats.checkpoint_bucket,
-            cfg.nats.replicas,
-            &c.stream_name,
-            &c.db,
-            &cfg.postgres.slot,
-        )
-        .await?;
+    if let Some(store) = c.existing_store(cfg).await? {
         store.delete().await?;
     }
     if dropped {

@@ -136,6 +136,36 @@ pub struct Connected {
     pub js: async_nats::jetstream::Context,
 }
 
+impl Connected {
+    /// The checkpoint store of this stream, database and slot; creates the
+    /// bucket when it is missing.
+    pub async fn store(&self, cfg: &Config) -> Result<Store> {
+        Store::open(
+            &self.js,
+            &cfg.nats.checkpoint_bucket,
+            cfg.nats.replicas,
+            &self.stream_name,
+            &self.db,
+            &cfg.postgres.slot,
+        )
+        .await
+    }
+
+    /// As `store`, but `None` when the bucket does not exist: commands that
+    /// only read or delete must not create it.
+    pub async fn existing_store(&self, cfg: &Config) -> Result<Option<Store>> {
+        if self
+            .js
+            .get_key_value(&cfg.nats.checkpoint_bucket)
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+        self.store(cfg).await.map(Some)
+    }
+}
+
 pub async fn connect_both(cfg: &Config) -> Result<Connected> {
     let pg = PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())?;
     let sql = Arc::new(source::connect_sql(&pg).await?);
@@ -244,17 +274,7 @@ async fn session(
     if st.created {
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
-    let store = Arc::new(
-        Store::open(
-            &c.js,
-            &cfg.nats.checkpoint_bucket,
-            cfg.nats.replicas,
-            &c.stream_name,
-            &c.db,
-            &cfg.postgres.slot,
-        )
-        .await?,
-    );
+    let store = Arc::new(c.store(cfg).await?);
 
     let slot = &cfg.postgres.slot;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
@@ -608,55 +628,16 @@ impl Session {
             }
             Message::Type(_) | Message::Origin(_) => {}
             Message::Insert(i) => {
-                let rel = Arc::clone(self.cache.get(i.oid)?);
-                let (pos, tx) = self.next_pos("an insert", Some(&rel))?;
-                self.emit_change(Event {
-                    pos,
-                    lsn,
-                    tx: Some(tx),
-                    snapshot: false,
-                    body: Body::Row {
-                        op: Op::Insert,
-                        rel,
-                        old: None,
-                        new: Some(i.new),
-                    },
-                })
-                .await?;
+                self.emit_row(Op::Insert, i.oid, None, Some(i.new), lsn)
+                    .await?;
             }
             Message::Update(u) => {
-                let rel = Arc::clone(self.cache.get(u.oid)?);
-                let (pos, tx) = self.next_pos("an update", Some(&rel))?;
-                self.emit_change(Event {
-                    pos,
-                    lsn,
-                    tx: Some(tx),
-                    snapshot: false,
-                    body: Body::Row {
-                        op: Op::Update,
-                        rel,
-                        old: u.old,
-                        new: Some(u.new),
-                    },
-                })
-                .await?;
+                self.emit_row(Op::Update, u.oid, u.old, Some(u.new), lsn)
+                    .await?;
             }
             Message::Delete(d) => {
-                let rel = Arc::clone(self.cache.get(d.oid)?);
-                let (pos, tx) = self.next_pos("a delete", Some(&rel))?;
-                self.emit_change(Event {
-                    pos,
-                    lsn,
-                    tx: Some(tx),
-                    snapshot: false,
-                    body: Body::Row {
-                        op: Op::Delete,
-                        rel,
-                        old: Some(d.old),
-                        new: None,
-                    },
-                })
-                .await?;
+                self.emit_row(Op::Delete, d.oid, Some(d.old), None, lsn)
+                    .await?;
             }
             Message::Truncate(t) => {
                 for oid in &t.oids {
@@ -707,6 +688,26 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    async fn emit_row(
+        &mut self,
+        op: Op,
+        oid: crate::pgoutput::Oid,
+        old: Option<crate::pgoutput::OldTuple>,
+        new: Option<crate::pgoutput::TupleData>,
+        lsn: Lsn,
+    ) -> Result<()> {
+        let rel = Arc::clone(self.cache.get(oid)?);
+        let (pos, tx) = self.next_pos(op.as_str(), Some(&rel))?;
+        self.emit_change(Event {
+            pos,
+            lsn,
+            tx: Some(tx),
+            snapshot: false,
+            body: Body::Row { op, rel, old, new },
+        })
+        .await
     }
 
     /// Whether `_tx` markers go out now: while replaying what the stream

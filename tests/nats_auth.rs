@@ -5,8 +5,6 @@
 
 use std::process::Command;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
 use crate::harness::{NatsServer, PgVersion};
 use crate::support::{World, shared, walnats_bin};
 
@@ -90,35 +88,20 @@ async fn user_password_nkey_and_token_connect_and_wrong_ones_are_refused() {
 }
 
 fn certificates(dir: &std::path::Path) -> (String, String, String, String, String) {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "walnats test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
     let write = |name: &str, pem: String| {
         let p = dir.join(name);
         std::fs::write(&p, pem).unwrap();
         p.display().to_string()
     };
-    let srv_key = KeyPair::generate().unwrap();
-    let srv = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
-    let mut cli = CertificateParams::new(vec!["walnats".to_owned()]).unwrap();
-    cli.distinguished_name.push(DnType::CommonName, "walnats");
-    let cli_key = KeyPair::generate().unwrap();
-    let cli_cert = cli.signed_by(&cli_key, &issuer).unwrap();
+    let (ca, issuer) = crate::support::test_ca();
+    let (srv_cert, srv_key) = crate::support::test_leaf(&issuer, &["localhost", "127.0.0.1"]);
+    let (cli_cert, cli_key) = crate::support::test_leaf(&issuer, &["walnats"]);
     (
-        write("ca.pem", ca_cert.pem()),
-        write("server.pem", srv_cert.pem()),
-        write("server-key.pem", srv_key.serialize_pem()),
-        write("client.pem", cli_cert.pem()),
-        write("client-key.pem", cli_key.serialize_pem()),
+        write("ca.pem", ca),
+        write("server.pem", srv_cert),
+        write("server-key.pem", srv_key),
+        write("client.pem", cli_cert),
+        write("client-key.pem", cli_key),
     )
 }
 

@@ -6,30 +6,15 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
 use crate::harness::{NatsServer, PgServer, PgVersion, WalnatsProc};
 use crate::support::walnats_bin;
 
 /// A CA and a server certificate for `localhost` only, so that
 /// verify-full against 127.0.0.1 must fail while verify-ca passes.
 fn certificates() -> (String, String, String) {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "walnats test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let mut srv = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    srv.distinguished_name.push(DnType::CommonName, "localhost");
-    let srv_key = KeyPair::generate().unwrap();
-    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
-    (ca_cert.pem(), srv_cert.pem(), srv_key.serialize_pem())
+    let (ca, issuer) = crate::support::test_ca();
+    let (cert, key) = crate::support::test_leaf(&issuer, &["localhost"]);
+    (ca, cert, key)
 }
 
 struct Setup {

@@ -367,3 +367,37 @@ impl Rng {
 pub fn shared(version: PgVersion) -> &'static PgServer {
     harness::shared_pg(version)
 }
+
+/// A test certificate authority: its PEM and the issuer that signs leaves.
+pub fn test_ca() -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "walnats test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = ca.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(ca, key))
+}
+
+/// A certificate for `names` (DNS names or IP addresses) signed by
+/// `issuer`: (certificate PEM, key PEM).
+pub fn test_leaf(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    names: &[&str],
+) -> (String, String) {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .unwrap();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().copied().unwrap_or("walnats"),
+    );
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
