@@ -46,8 +46,8 @@ impl Checklist {
 pub async fn check(cfg: &Config) -> bool {
     let mut c = Checklist { ok: true };
     c.pass("configuration is valid");
-    check_postgres(cfg, &mut c).await;
-    check_nats(cfg, &mut c).await;
+    let db = check_postgres(cfg, &mut c).await;
+    check_nats(cfg, db.as_deref(), &mut c).await;
     if c.ok {
         say!("all checks passed");
     } else {
@@ -176,7 +176,8 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
     Some(db)
 }
 
-async fn check_nats(cfg: &Config, c: &mut Checklist) {
+/// `db` (when PostgreSQL answered) gives the default stream and prefix.
+async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
     let client = match sink::connect(&cfg.nats).await {
         Ok(cl) => cl,
         Err(e) => {
@@ -194,15 +195,14 @@ async fn check_nats(cfg: &Config, c: &mut Checklist) {
         return;
     }
     c.pass("JetStream enabled");
-    let Some(stream) = cfg.nats.stream.clone() else {
-        c.note("nats.stream not set: the stream is named after the database (CDC_<DB>)");
-        return;
+    let (stream, prefix) = match (db, &cfg.nats.stream, &cfg.nats.subject_prefix) {
+        (Some(db), _, _) => (cfg.nats.stream_for(db), cfg.nats.subject_prefix_for(db)),
+        (None, Some(s), Some(p)) => (s.clone(), p.clone()),
+        _ => {
+            c.note("the stream and prefix default to the database's name, which PostgreSQL did not give");
+            return;
+        }
     };
-    let prefix = cfg
-        .nats
-        .subject_prefix
-        .clone()
-        .unwrap_or_else(|| "cdc.<database>".to_owned());
     match js.get_stream(&stream).await {
         Ok(s) => {
             let info = s.cached_info();
