@@ -5,6 +5,10 @@
 //! `cargo bench --bench encode`; throughput is in rows (elements) per second.
 
 use std::hint::black_box;
+
+// The walnats binary runs on mimalloc; measure with the same allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 
 use bytes::Bytes;

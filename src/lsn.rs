@@ -28,6 +28,25 @@ impl Lsn {
         self.0 == 0
     }
 
+    /// Appends `X/XXXXXXXX` (as `Display` prints it) without allocating:
+    /// this runs several times per published message.
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        fn hex32(out: &mut Vec<u8>, v: u32) {
+            let mut started = false;
+            for shift in (0..8).rev() {
+                let d = ((v >> (shift * 4)) & 0xF) as usize;
+                if d != 0 || started || shift == 0 {
+                    started = true;
+                    out.push(HEX[d]);
+                }
+            }
+        }
+        hex32(out, (self.0 >> 32) as u32);
+        out.push(b'/');
+        hex32(out, self.0 as u32);
+    }
+
     /// Bytes from `older` to `self`, zero when `older` is ahead.
     pub fn bytes_since(self, older: Lsn) -> u64 {
         self.0.saturating_sub(older.0)
@@ -144,6 +163,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn write_to_matches_display(v: u64) {
+            let mut out = Vec::new();
+            Lsn::from_u64(v).write_to(&mut out);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), Lsn::from_u64(v).to_string());
+        }
+
         #[test]
         fn text_round_trips(v: u64) {
             let l = Lsn::from_u64(v);

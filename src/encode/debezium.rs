@@ -122,7 +122,7 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Re
     match &ev.tx {
         Some(tx) => {
             let ms = tx.commit_time.div_euclid(1000).saturating_add(PG_EPOCH_MS);
-            out.extend_from_slice(ms.to_string().as_bytes());
+            crate::encode::json::push_int(out, ms);
         }
         None => out.extend_from_slice(b"null"),
     }
@@ -136,24 +136,24 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Re
     push_str(out, &src.db)?;
     // A JSON array of two decimal strings, itself in a string, as Debezium.
     out.extend_from_slice(b",\"sequence\":\"[\\\"");
-    out.extend_from_slice(ev.pos.commit_lsn.as_u64().to_string().as_bytes());
+    crate::encode::json::push_int(out, ev.pos.commit_lsn.as_u64());
     out.extend_from_slice(b"\\\",\\\"");
-    out.extend_from_slice(ev.lsn.as_u64().to_string().as_bytes());
+    crate::encode::json::push_int(out, ev.lsn.as_u64());
     out.extend_from_slice(b"\\\"]\",\"schema\":");
     push_str(out, &rel.schema)?;
     out.extend_from_slice(b",\"table\":");
     push_str(out, &rel.table)?;
     out.extend_from_slice(b",\"txId\":");
     match &ev.tx {
-        Some(tx) => out.extend_from_slice(tx.xid.0.to_string().as_bytes()),
+        Some(tx) => crate::encode::json::push_int(out, tx.xid.0),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"lsn\":");
-    out.extend_from_slice(ev.lsn.as_u64().to_string().as_bytes());
+    crate::encode::json::push_int(out, ev.lsn.as_u64());
     out.extend_from_slice(b",\"xmin\":null},\"op\":\"");
     out.extend_from_slice(op_code(op));
     out.extend_from_slice(b"\",\"ts_ms\":");
-    out.extend_from_slice(now_ms.to_string().as_bytes());
+    crate::encode::json::push_int(out, now_ms);
     out.extend_from_slice(b",\"transaction\":null}");
     Ok(())
 }

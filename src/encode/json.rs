@@ -21,13 +21,41 @@ pub fn write_pg_time(out: &mut Vec<u8>, us: i64) {
     let (y, m, d) = civil_from_days(days);
     let secs = rem / 1_000_000;
     let frac = rem % 1_000_000;
-    let s = format!(
-        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z\"",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    );
-    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+    if (0..=9999).contains(&y) {
+        push_padded(out, y as u64, 4);
+    } else {
+        // Outside what PostgreSQL's commit timestamps reach; keep it exact.
+        out.extend_from_slice(format!("{y:04}").as_bytes());
+    }
+    out.push(b'-');
+    push_padded(out, u64::from(m), 2);
+    out.push(b'-');
+    push_padded(out, u64::from(d), 2);
+    out.push(b'T');
+    push_padded(out, (secs / 3600) as u64, 2);
+    out.push(b':');
+    push_padded(out, ((secs / 60) % 60) as u64, 2);
+    out.push(b':');
+    push_padded(out, (secs % 60) as u64, 2);
+    out.push(b'.');
+    push_padded(out, frac as u64, 6);
+    out.extend_from_slice(b"Z\"");
+}
+
+/// `v` in decimal with leading zeros to `width` digits.
+fn push_padded(out: &mut Vec<u8>, v: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v).as_bytes();
+    for _ in digits.len()..width {
+        out.push(b'0');
+    }
+    out.extend_from_slice(digits);
+}
+
+/// A number in decimal, without allocating.
+pub(crate) fn push_int(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Howard Hinnant's days → (year, month, day), proleptic Gregorian.
@@ -46,7 +74,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 fn write_lsn(out: &mut Vec<u8>, lsn: Lsn) {
     out.push(b'"');
-    out.extend_from_slice(lsn.to_string().as_bytes());
+    lsn.write_to(out);
     out.push(b'"');
 }
 
@@ -262,7 +290,7 @@ fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
     write_lsn(out, ev.pos.commit_lsn);
     out.extend_from_slice(b",\"xid\":");
     match &ev.tx {
-        Some(tx) => out.extend_from_slice(tx.xid.0.to_string().as_bytes()),
+        Some(tx) => push_int(out, tx.xid.0),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"commit_time\":");
@@ -271,7 +299,7 @@ fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(ev.pos.seq.to_string().as_bytes());
+    push_int(out, ev.pos.seq);
     out.extend_from_slice(b",\"snapshot\":");
     out.extend_from_slice(if ev.snapshot { b"true" } else { b"false" });
     out.push(b'}');
@@ -295,7 +323,7 @@ pub fn write_tx_marker(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()
     });
     out.extend_from_slice(b",\"xid\":");
     match &ev.tx {
-        Some(tx) => out.extend_from_slice(tx.xid.0.to_string().as_bytes()),
+        Some(tx) => push_int(out, tx.xid.0),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"commit_lsn\":");
@@ -310,7 +338,7 @@ pub fn write_tx_marker(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()
     if let Some(counts) = end {
         let total: u64 = counts.iter().map(|(_, n)| n).sum();
         out.extend_from_slice(b",\"event_count\":");
-        out.extend_from_slice(total.to_string().as_bytes());
+        push_int(out, total);
         out.extend_from_slice(b",\"data_collections\":[");
         for (i, (table, n)) in counts.iter().enumerate() {
             if i > 0 {
@@ -319,7 +347,7 @@ pub fn write_tx_marker(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()
             out.extend_from_slice(b"{\"data_collection\":");
             push_str(out, table)?;
             out.extend_from_slice(b",\"event_count\":");
-            out.extend_from_slice(n.to_string().as_bytes());
+            push_int(out, *n);
             out.push(b'}');
         }
         out.push(b']');
@@ -335,7 +363,7 @@ pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationI
     out.extend_from_slice(b",\"table\":");
     push_str(out, &rel.table)?;
     out.extend_from_slice(b",\"relation_oid\":");
-    out.extend_from_slice(rel.oid.0.to_string().as_bytes());
+    push_int(out, rel.oid.0);
     out.extend_from_slice(b",\"replica_identity\":\"");
     out.extend_from_slice(rel.replica_identity_name().as_bytes());
     out.extend_from_slice(b"\",\"columns\":[");
@@ -348,7 +376,7 @@ pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationI
         out.extend_from_slice(b",\"type\":");
         push_str(out, &c.type_name)?;
         out.extend_from_slice(b",\"type_oid\":");
-        out.extend_from_slice(c.type_oid.to_string().as_bytes());
+        push_int(out, c.type_oid);
         out.extend_from_slice(b",\"key\":");
         out.extend_from_slice(if c.key { b"true" } else { b"false" });
         out.push(b'}');

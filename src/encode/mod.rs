@@ -12,6 +12,7 @@ pub mod json_str;
 pub mod value;
 
 use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, HeaderValue, IntoHeaderName};
 use bytes::Bytes;
 
 use crate::config::OutputFormat;
@@ -39,13 +40,63 @@ pub struct Source {
 }
 
 /// `<database>:<slot>:<commit_lsn>:<seq>`: the one place a message id is
-/// made, always from a `Position`.
+/// made, always from a `Position`. A header value cannot hold CR or LF, so
+/// those (possible in a quoted database name) are written `%0D` / `%0A`.
 pub fn msg_id(src: &Source, pos: Position) -> String {
-    format!("{}:{}:{}:{}", src.db, src.slot, pos.commit_lsn, pos.seq)
+    let mut id = String::with_capacity(src.db.len() + src.slot.len() + 32);
+    for ch in src.db.chars() {
+        match ch {
+            '\r' => id.push_str("%0D"),
+            '\n' => id.push_str("%0A"),
+            c => id.push(c),
+        }
+    }
+    id.push(':');
+    id.push_str(&src.slot);
+    id.push(':');
+    id.push_str(&lsn_string(pos.commit_lsn));
+    id.push(':');
+    id.push_str(itoa::Buffer::new().format(pos.seq));
+    id
+}
+
+fn lsn_string(lsn: crate::lsn::Lsn) -> String {
+    let mut v = Vec::with_capacity(17);
+    lsn.write_to(&mut v);
+    // Only ASCII hex digits and '/' were written.
+    String::from_utf8(v).unwrap_or_default()
+}
+
+/// Header names, made once: a name made from `&str` allocates each time.
+struct Names {
+    msg_id: HeaderName,
+    op: HeaderName,
+    lsn: HeaderName,
+    commit_lsn: HeaderName,
+    xid: HeaderName,
+    seq: HeaderName,
+    content_type: HeaderName,
+    transactional: HeaderName,
+}
+
+impl Names {
+    fn new() -> Names {
+        Names {
+            msg_id: "Nats-Msg-Id".into_header_name(),
+            op: "Cdc-Op".into_header_name(),
+            lsn: "Cdc-Lsn".into_header_name(),
+            commit_lsn: "Cdc-Commit-Lsn".into_header_name(),
+            xid: "Cdc-Xid".into_header_name(),
+            seq: "Cdc-Seq".into_header_name(),
+            content_type: "Content-Type".into_header_name(),
+            transactional: "Cdc-Transactional".into_header_name(),
+        }
+    }
 }
 
 pub struct Encoder {
     src: Source,
+    names: Names,
     /// The body of row changes and truncates; `_message` and `_schema`
     /// bodies are the same in every format.
     format: OutputFormat,
@@ -56,6 +107,7 @@ impl Encoder {
     pub fn new(src: Source, format: OutputFormat) -> Encoder {
         Encoder {
             src,
+            names: Names::new(),
             format,
             buf: Vec::with_capacity(4096),
         }
@@ -128,21 +180,25 @@ impl Encoder {
                 )
             }
         };
+        let n = &self.names;
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
-        headers.insert("Cdc-Op", ev.op_name());
-        headers.insert("Cdc-Lsn", ev.lsn.to_string().as_str());
-        headers.insert("Cdc-Commit-Lsn", ev.pos.commit_lsn.to_string().as_str());
+        headers.insert(n.msg_id.clone(), HeaderValue::from(msg_id.clone()));
+        headers.insert(n.op.clone(), ev.op_name());
+        headers.insert(n.lsn.clone(), HeaderValue::from(lsn_string(ev.lsn)));
+        headers.insert(
+            n.commit_lsn.clone(),
+            HeaderValue::from(lsn_string(ev.pos.commit_lsn)),
+        );
         if let Some(tx) = &ev.tx {
-            headers.insert("Cdc-Xid", tx.xid.0.to_string().as_str());
+            headers.insert(n.xid.clone(), itoa::Buffer::new().format(tx.xid.0));
         }
         if ev.is_change() || matches!(ev.body, Body::Schema { .. }) {
-            headers.insert("Cdc-Seq", ev.pos.seq.to_string().as_str());
+            headers.insert(n.seq.clone(), itoa::Buffer::new().format(ev.pos.seq));
         }
-        headers.insert("Content-Type", content_type);
+        headers.insert(n.content_type.clone(), content_type);
         if let Body::Message { transactional, .. } = &ev.body {
             headers.insert(
-                "Cdc-Transactional",
+                n.transactional.clone(),
                 if *transactional { "true" } else { "false" },
             );
         }
