@@ -98,3 +98,48 @@ async fn check_reports_every_failure_with_a_fix() {
     );
     assert!(text.contains("[FAIL] NATS"), "{text}");
 }
+
+/// A slot invalidated by max_slot_wal_keep_size has lost changes: walnats
+/// stops with the fix and never recreates it silently.
+#[tokio::test]
+async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_refused() {
+    let pg = PgServer::start_with(
+        PgVersion::V15,
+        &[
+            "max_slot_wal_keep_size=1MB",
+            "min_wal_size=32MB",
+            "max_wal_size=64MB",
+        ],
+    );
+    let world = World::new(&pg).await;
+    world.sql("CREATE TABLE t (v text)").await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    w.sigterm();
+    assert!(
+        w.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        w.output()
+    );
+    // Push the slot's restart point out of the kept WAL.
+    for _ in 0..4 {
+        world.sql("INSERT INTO t SELECT md5(g::text) FROM generate_series(1, 20000) g; SELECT pg_switch_wal();").await;
+    }
+    world.sql("CHECKPOINT").await;
+    let c = world.client().await;
+    let status: Option<String> = c
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&world.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status.as_deref(),
+        Some("lost"),
+        "the test did not manage to invalidate the slot"
+    );
+    let mut w = world.spawn();
+    assert_refused(&mut w, &["invalidated", "walnats slot drop --yes"]);
+}
