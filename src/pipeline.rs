@@ -216,6 +216,8 @@ enum Acked {
         /// this process (not when found in the stream on resume).
         counter: Option<metrics::Counter>,
         commit_time: Option<i64>,
+        /// Set on a BEGIN marker: its transaction's commit LSN.
+        begin_of: Option<Lsn>,
     },
     /// Not published by policy (oversize "skip"), but done with.
     Dropped { pos: Position },
@@ -253,6 +255,8 @@ struct Session {
     /// `tx_markers` as the checkpoint recorded it: what the messages still
     /// to be skipped were published with.
     markers_before: bool,
+    /// The transaction whose BEGIN the checkpoint says is out already.
+    begun_before: Option<Lsn>,
     received: Lsn,
     server_end: Lsn,
     status_due: bool,
@@ -307,6 +311,13 @@ async fn session(
         }
     }
     let mut resume = checkpoint::resume(&store, &mut st.stream, created_at.is_some()).await?;
+    if !resume.from_checkpoint {
+        // Nothing of this slot is in the stream yet: what follows is
+        // published with today's settings, and the first checkpoint (saved
+        // below for a new slot) must say so, or a replay after a crash
+        // before the next checkpoint would not emit the same messages.
+        resume.state.tx_markers = cfg.output.tx_markers;
+    }
     if let Some(cp) = created_at {
         resume.state.confirmed = cp;
         store.save(&resume.state).await?;
@@ -375,6 +386,7 @@ async fn session(
         last_msg_id: resume.last_msg_id,
         emitted_schemas: resume.state.schemas.clone(),
         markers_before: resume.state.tx_markers,
+        begun_before: resume.state.begun,
         received: Lsn::ZERO,
         server_end: Lsn::ZERO,
         status_due: false,
@@ -482,8 +494,9 @@ impl Session {
                 schema,
                 counter,
                 commit_time,
+                begin_of,
             } => {
-                self.tracker.on_message(seq, pos, schema);
+                self.tracker.on_message(seq, pos, schema, begin_of);
                 if let Some(c) = counter {
                     c.increment(1);
                 }
@@ -493,7 +506,7 @@ impl Session {
             }
             Acked::Dropped { pos } => {
                 let seq = self.tracker.acked().stream_seq;
-                self.tracker.on_message(seq, Some(pos), None);
+                self.tracker.on_message(seq, Some(pos), None, None);
             }
             Acked::TxEnd(end) => {
                 self.tracker.on_tx_end(end);
@@ -723,7 +736,9 @@ impl Session {
     /// BEGIN rides with the first change (dropped once that is published);
     /// END carries the transaction's last position.
     async fn emit_marker(&mut self, ev: Event, is_end: bool) -> Result<()> {
-        if self.published_through.is_some_and(|p| ev.pos <= p) {
+        if self.published_through.is_some_and(|p| ev.pos <= p)
+            || (!is_end && self.begun_before == Some(ev.pos.commit_lsn))
+        {
             return Ok(());
         }
         let pos = is_end.then_some(ev.pos);
@@ -783,6 +798,7 @@ impl Session {
         pos: Option<Position>,
         schema: Option<(u32, u64)>,
     ) -> Result<()> {
+        let begin_of = matches!(ev.body, Body::TxBegin).then_some(ev.pos.commit_lsn);
         // Encode first: whether a message is dropped by the oversize policy
         // must be decided the same way when it is replayed, or the count of
         // messages already in the stream would drift.
@@ -846,6 +862,7 @@ impl Session {
                     schema,
                     counter: None,
                     commit_time: None,
+                    begin_of,
                 }))));
             return Ok(());
         }
@@ -860,6 +877,7 @@ impl Session {
                 schema,
                 counter,
                 commit_time,
+                begin_of,
             })
         }));
         Ok(())

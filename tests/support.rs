@@ -135,6 +135,14 @@ impl<'a> World<'a> {
         // Generous: every walsender of the shared server decodes all of the
         // cluster's WAL, so under a loaded machine a slot can lag a while.
         for _ in 0..1800 {
+            // A walnats that stopped will not deliver: fail now, with its log.
+            if let Some(pid) = w.pid() {
+                assert!(
+                    harness::process::is_alive(pid),
+                    "walnats exited:\n{}",
+                    w.output()
+                );
+            }
             let msgs = read_stream(&js, STREAM).await;
             let changes: Vec<Msg> = msgs.into_iter().filter(Msg::is_change).collect();
             if changes.len() >= n {

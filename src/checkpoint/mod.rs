@@ -47,6 +47,11 @@ pub struct Checkpoint {
     /// same messages the stream already holds, even if the setting changed.
     #[serde(default)]
     pub tx_markers: bool,
+    /// The commit LSN of the last transaction whose BEGIN marker is
+    /// acknowledged: a BEGIN precedes its transaction's first position, so
+    /// the position alone cannot say it is out.
+    #[serde(default)]
+    pub begun: Option<Lsn>,
 }
 
 /// Where checkpoints live: one key per (stream, database, slot) in a KV
@@ -170,6 +175,9 @@ pub struct Resume {
     /// `Nats-Msg-Id` of the stream's last message, when it is still there:
     /// the last skipped message must carry it.
     pub last_msg_id: Option<String>,
+    /// Whether `state` was read from a saved checkpoint (otherwise it is a
+    /// fresh start and takes the current settings).
+    pub from_checkpoint: bool,
 }
 
 /// Reads the checkpoint and the stream's tail and decides where to resume.
@@ -209,6 +217,7 @@ pub async fn resume(store: &Store, stream: &mut Stream, slot_created: bool) -> R
                 ));
             }
             Ok(Resume {
+                from_checkpoint: true,
                 skip: last_seq - state.stream_seq,
                 last_seq,
                 last_msg_id: if last_seq > state.stream_seq {
@@ -228,6 +237,7 @@ pub async fn resume(store: &Store, stream: &mut Stream, slot_created: bool) -> R
             skip: 0,
             last_seq,
             last_msg_id: None,
+            from_checkpoint: false,
         }),
         None => {
             // The slot exists but the checkpoint is gone. The stream's last
@@ -256,6 +266,7 @@ pub async fn resume(store: &Store, stream: &mut Stream, slot_created: bool) -> R
                         skip: 0,
                         last_seq,
                         last_msg_id: None,
+                        from_checkpoint: false,
                     })
                 }
                 None => Err(Error::new(
@@ -290,8 +301,17 @@ impl Tracker {
 
     /// A message JetStream stored at `seq` (or that the stream already
     /// held, on resume).
-    pub fn on_message(&mut self, seq: u64, pos: Option<Position>, schema: Option<(u32, u64)>) {
+    pub fn on_message(
+        &mut self,
+        seq: u64,
+        pos: Option<Position>,
+        schema: Option<(u32, u64)>,
+        begin_of: Option<Lsn>,
+    ) {
         self.acked.stream_seq = seq;
+        if begin_of.is_some() {
+            self.acked.begun = begin_of;
+        }
         if let Some(p) = pos {
             self.acked.pos = Some(p);
         }
@@ -356,7 +376,7 @@ mod tests {
     #[test]
     fn confirm_moves_only_with_durable_checkpoints() {
         let mut t = Tracker::new(Checkpoint::default());
-        t.on_message(1, Some(Position::new(Lsn::from_u64(100), 0)), None);
+        t.on_message(1, Some(Position::new(Lsn::from_u64(100), 0)), None, None);
         t.on_tx_end(Lsn::from_u64(120));
         assert_eq!(t.confirmable(), Lsn::ZERO, "acked is not durable");
         let c = t.due(std::time::Duration::ZERO).unwrap();
