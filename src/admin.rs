@@ -21,7 +21,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 use crate::pipeline::connect_both;
 use crate::sink::{self, subject};
-use crate::source::{self, PgConnectConfig, ReplicationConn, setup};
+use crate::source::{self, ReplicationConn, setup};
 
 struct Checklist {
     ok: bool,
@@ -57,15 +57,8 @@ pub async fn check(cfg: &Config) -> bool {
 }
 
 async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
-    let pg = match PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())
-    {
-        Ok(p) => p,
-        Err(e) => {
-            c.fail(&format!("postgres.url: {e}"), "fix postgres.url");
-            return None;
-        }
-    };
-    let sql = match source::connect_sql(&pg).await {
+    let pg = &cfg.postgres.connect;
+    let sql = match source::connect_sql(pg).await {
         Ok(s) => s,
         Err(e) => {
             c.fail(
@@ -101,7 +94,7 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
         }
         Err(e) => c.fail(&format!("cannot read the role: {e}"), "check the role's permissions"),
     }
-    match ReplicationConn::connect(&pg).await {
+    match ReplicationConn::connect(pg).await {
         Ok(conn) => {
             c.pass("replication connection accepted");
             let _ = conn.close().await;

@@ -201,6 +201,8 @@ pub struct PostgresConfig {
     /// From `password`, `password_file` or `WALNATS_POSTGRES_PASSWORD`;
     /// wins over a password in the URL.
     pub password: Option<Secret>,
+    /// `url` and `password`, parsed and checked once.
+    pub connect: crate::source::PgConnectConfig,
     pub slot: String,
     pub publication: String,
     /// Empty: all tables.
@@ -483,8 +485,9 @@ impl RawConfig {
             ));
         }
         let pg_password = one_secret(pg.password, pg.password_file, "postgres.password")?;
-        // Every URL parameter is checked now, before anything is touched.
-        crate::source::PgConnectConfig::parse(url.expose(), pg_password.clone())?;
+        // Every URL parameter is checked now, before anything is touched,
+        // and kept parsed for every connection made later.
+        let connect = crate::source::PgConnectConfig::parse(url.expose(), pg_password.clone())?;
 
         let n = self.nats;
         let nats_url = n
@@ -625,6 +628,7 @@ impl RawConfig {
             postgres: PostgresConfig {
                 url,
                 password: pg_password,
+                connect,
                 slot,
                 publication,
                 tables,

@@ -167,7 +167,7 @@ impl Connected {
 }
 
 pub async fn connect_both(cfg: &Config) -> Result<Connected> {
-    let pg = PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())?;
+    let pg = cfg.postgres.connect.clone();
     let sql = Arc::new(source::connect_sql(&pg).await?);
     let db = setup::database_name(&sql).await?;
     let nats = sink::connect(&cfg.nats).await?;
@@ -191,9 +191,7 @@ pub async fn connect_nats_only(
     let (prefix, stream) = match (&cfg.nats.subject_prefix, &cfg.nats.stream) {
         (Some(p), Some(s)) => (p.clone(), s.clone()),
         _ => {
-            let pg =
-                PgConnectConfig::parse(cfg.postgres.url.expose(), cfg.postgres.password.clone())?;
-            let sql = source::connect_sql(&pg).await?;
+            let sql = source::connect_sql(&cfg.postgres.connect).await?;
             let db = setup::database_name(&sql).await?;
             (cfg.nats.subject_prefix_for(&db), cfg.nats.stream_for(&db))
         }

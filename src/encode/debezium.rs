@@ -23,7 +23,7 @@
 use base64::Engine;
 
 use crate::encode::Source;
-use crate::encode::json::{Unchanged, old_tuple, push_str, write_tuple};
+use crate::encode::json::{Unchanged, old_tuple, push_str, write_old, write_tuple};
 use crate::encode::value::ValueKind;
 use crate::error::Result;
 use crate::event::{Body, ColumnInfo, Event, Op};
@@ -79,27 +79,15 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Re
     };
 
     out.extend_from_slice(b"{\"before\":");
-    match old {
-        // 'K': the key columns only, as Debezium gives them with the
-        // default replica identity.
-        Some((t, true)) => write_tuple(
-            out,
-            rel,
-            t,
-            ev.lsn,
-            |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-            Unchanged::Placeholder(write_unavailable),
-        )?,
-        Some((t, false)) => write_tuple(
-            out,
-            rel,
-            t,
-            ev.lsn,
-            |_, _| true,
-            Unchanged::Placeholder(write_unavailable),
-        )?,
-        None => out.extend_from_slice(b"null"),
-    }
+    // 'K' holds the key columns only, as Debezium gives them with the
+    // default replica identity.
+    write_old(
+        out,
+        rel,
+        old,
+        ev.lsn,
+        Unchanged::Placeholder(write_unavailable),
+    )?;
 
     out.extend_from_slice(b",\"after\":");
     match new {

@@ -165,6 +165,32 @@ pub(crate) fn write_tuple(
     Ok(())
 }
 
+/// `before`: the old key ('K': only key columns carry values) or the whole
+/// old row ('O'), or `null`; shared by every body format.
+pub(crate) fn write_old(
+    out: &mut Vec<u8>,
+    rel: &RelationInfo,
+    old: Option<(&TupleData, bool)>,
+    lsn: Lsn,
+    unchanged: Unchanged<'_>,
+) -> Result<()> {
+    match old {
+        Some((t, true)) => write_tuple(
+            out,
+            rel,
+            t,
+            lsn,
+            |i, _| rel.columns.get(i).is_some_and(|c| c.key),
+            unchanged,
+        ),
+        Some((t, false)) => write_tuple(out, rel, t, lsn, |_, _| true, unchanged),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
 /// The old tuple and whether it holds only the key ('K') rather than the
 /// whole row ('O').
 pub(crate) fn old_tuple(old: &Option<OldTuple>) -> Option<(&TupleData, bool)> {
@@ -230,19 +256,7 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
     }
 
     out.extend_from_slice(b",\"before\":");
-    match old {
-        // 'K': only the key columns carry values.
-        Some((t, true)) => write_tuple(
-            out,
-            rel,
-            t,
-            ev.lsn,
-            |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-            Unchanged::Omit,
-        )?,
-        Some((t, false)) => write_tuple(out, rel, t, ev.lsn, |_, _| true, Unchanged::Omit)?,
-        None => out.extend_from_slice(b"null"),
-    }
+    write_old(out, rel, old, ev.lsn, Unchanged::Omit)?;
 
     out.extend_from_slice(b",\"after\":");
     let mut unchanged = Vec::new();
