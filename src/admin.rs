@@ -362,6 +362,21 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         ),
         None => say!("checkpoint none"),
     }
+    if let Some(snap) = st.checkpoint.as_ref().and_then(|c| c.snapshot.as_ref()) {
+        let current = snap
+            .tables
+            .iter()
+            .find(|t| !t.done)
+            .map(|t| format!(", reading {}.{}", t.schema, t.table))
+            .unwrap_or_default();
+        say!(
+            "snapshot   running: {} of ~{} rows, {} of {} tables done{current}",
+            snap.rows,
+            snap.estimate,
+            snap.tables_done(),
+            snap.tables.len()
+        );
+    }
     match &st.stream {
         Some(x) => say!(
             "stream     {} {:?}: {} messages, {} bytes, last seq {}, {} replica(s)",

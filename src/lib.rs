@@ -3,7 +3,8 @@
 //! `source` (replication connection) → `pgoutput` (decoder) → `event`
 //! (relations, changes) → `encode` (subject, headers, body) → `sink`
 //! (JetStream publish and acks) → `checkpoint` (what is durable, what the
-//! slot may confirm), wired by `pipeline`.
+//! slot may confirm), wired by `pipeline`; `snapshot` reads the rows that
+//! existed before the slot.
 
 pub mod admin;
 pub mod checkpoint;
@@ -16,5 +17,6 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod tail;

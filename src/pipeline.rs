@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{self, Checkpoint, Store, Tracker};
-use crate::config::{Config, OversizePolicy};
+use crate::config::{Config, OversizePolicy, SnapshotMode};
 use crate::encode::{self, Encoder};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
@@ -26,6 +26,7 @@ use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
 use crate::sink::{self, Publisher};
+use crate::snapshot::{self, SnapshotState};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
@@ -281,7 +282,9 @@ async fn session(
     let slot = &cfg.postgres.slot;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
     let existing = setup::slot_state(&c.sql, slot).await?;
+    let want_snapshot = cfg.snapshot == SnapshotMode::Initial;
     let mut created_at = None;
+    let mut exported = None;
     match &existing {
         Some(s) => {
             setup::validate_slot(s, slot, &c.db)?;
@@ -296,16 +299,26 @@ async fn session(
             }
         }
         None => {
-            let made = conn.create_logical_slot(slot, false).await?;
-            info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
-            if cfg.snapshot == crate::config::SnapshotMode::Initial {
-                warn!(
-                    %slot,
-                    "snapshot.mode = \"initial\" is not implemented yet: rows that existed before the slot \
-                     are not published; changes from the slot's creation on are"
-                );
+            if want_snapshot {
+                // Refuse before making a slot if chunks cannot be atomic.
+                sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
+                // Write-ahead: if this process dies between creating the
+                // slot and saving its first checkpoint, the next start
+                // finds this and still snapshots.
+                store
+                    .save(&Checkpoint {
+                        version: 1,
+                        stream_seq: st.stream.cached_info().state.last_sequence,
+                        tx_markers: cfg.output.tx_markers,
+                        snapshot: Some(SnapshotState::default()),
+                        ..Default::default()
+                    })
+                    .await?;
             }
+            let made = conn.create_logical_slot(slot, want_snapshot).await?;
+            info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
             created_at = Some(made.consistent_point);
+            exported = made.snapshot_name;
         }
     }
     let mut resume = checkpoint::resume(&store, &mut st.stream, created_at.is_some()).await?;
@@ -318,6 +331,12 @@ async fn session(
     }
     if let Some(cp) = created_at {
         resume.state.confirmed = cp;
+        if want_snapshot {
+            resume.state.snapshot = Some(SnapshotState {
+                consistent_point: Some(cp),
+                ..Default::default()
+            });
+        }
         store.save(&resume.state).await?;
     } else if let (Some(s), true) = (&existing, resume.state.confirmed > Lsn::ZERO) {
         // The slot must never be ahead of what walnats confirmed: if
@@ -335,6 +354,46 @@ async fn session(
                 ),
             ));
         }
+    }
+    if resume.state.snapshot.is_some() {
+        sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
+        snapshot::settle(&mut resume.state, resume.last_seq)?;
+        if let Some(snap) = resume.state.snapshot.as_mut()
+            && snap.consistent_point.is_none()
+        {
+            // The slot was made by a start that died before saying where.
+            let cp = existing
+                .as_ref()
+                .and_then(|s| s.confirmed_flush)
+                .unwrap_or(Lsn::ZERO);
+            snap.consistent_point = Some(cp);
+            resume.state.confirmed = resume.state.confirmed.max(cp);
+        }
+        health.set_ready(true);
+        let src = encode::Source {
+            db: c.db.clone(),
+            slot: slot.clone(),
+            prefix: c.prefix.clone(),
+        };
+        let mut publisher = Publisher::new(c.js.clone(), resume.state.stream_seq);
+        let mut encoder = Encoder::new(src, cfg.output.format);
+        let mut cache = RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql)));
+        snapshot::Snapshotter {
+            cfg,
+            pg: &c.pg,
+            store: &store,
+            publisher: &mut publisher,
+            encoder: &mut encoder,
+            cache: &mut cache,
+            server_version_num: conn.server_version_num(),
+        }
+        .run(&mut resume.state, exported.as_deref())
+        .await?;
+        resume.skip = 0;
+        resume.last_msg_id = None;
+        resume.last_seq = resume.state.stream_seq;
+        // The connection that exported the snapshot has done its job.
+        conn = ReplicationConn::connect(&c.pg).await?;
     }
     info!(
         %slot,

@@ -15,5 +15,6 @@ mod limits;
 mod nats_auth;
 mod pg_connection;
 mod secrets;
+mod snapshot;
 mod streaming;
 mod tail;

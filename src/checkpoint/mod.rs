@@ -52,6 +52,9 @@ pub struct Checkpoint {
     /// the position alone cannot say it is out.
     #[serde(default)]
     pub begun: Option<Lsn>,
+    /// The initial snapshot, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::snapshot::SnapshotState>,
 }
 
 /// Where checkpoints live: one key per (stream, database, slot) in a KV

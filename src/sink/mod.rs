@@ -162,6 +162,8 @@ pub async fn ensure_stream(
                     storage: StorageType::File,
                     num_replicas: replicas,
                     allow_direct: true,
+                    // Snapshots publish each chunk as one atomic batch.
+                    allow_atomic_publish: supports_atomic_batches(&js.client()),
                     description: Some("PostgreSQL changes published by walnats".to_owned()),
                     ..Default::default()
                 })
@@ -198,6 +200,65 @@ pub async fn ensure_stream(
         }
     }
 }
+
+/// Whether the server stores atomic batches (nats-server 2.12.1+, which
+/// also deduplicates `Nats-Msg-Id` inside a batch).
+pub fn supports_atomic_batches(client: &async_nats::Client) -> bool {
+    let info = client.server_info();
+    let mut parts = info
+        .version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let v = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    v >= (2, 12, 1)
+}
+
+/// Makes sure the stream takes atomic batches: snapshots need them so that
+/// a chunk of rows is either wholly in the stream or not at all. Turning
+/// the setting on changes nothing for other publishers.
+pub async fn allow_atomic_batches(js: &jetstream::Context, stream: &mut Stream) -> Result<()> {
+    let cfg = stream.cached_info().config.clone();
+    if cfg.allow_atomic_publish {
+        return Ok(());
+    }
+    let name = cfg.name.clone();
+    if !supports_atomic_batches(&js.client()) {
+        return Err(Error::new(
+            Kind::NatsSetup,
+            format!(
+                "a snapshot publishes each chunk of rows as one atomic batch, which needs nats-server 2.12.1 or newer \
+                 (this one is {}): upgrade nats-server, or set snapshot.mode = \"never\"",
+                js.client().server_info().version
+            ),
+        ));
+    }
+    js.update_stream(StreamConfig {
+        allow_atomic_publish: true,
+        ..cfg
+    })
+    .await
+    .map_err(|e| {
+        Error::with_source(
+            Kind::NatsSetup,
+            format!(
+                "cannot turn on atomic batches (allow_atomic) on stream {name:?}, which snapshots need: \
+                 run `nats stream edit {name} --allow-batch`, or set snapshot.mode = \"never\""
+            ),
+            e,
+        )
+    })?;
+    *stream = js.get_stream(&name).await.map_err(|e| {
+        Error::with_source(Kind::NatsConnect, format!("cannot read stream {name:?}"), e)
+    })?;
+    Ok(())
+}
+
+/// The most messages nats-server takes in one atomic batch.
+pub const MAX_BATCH: usize = 1000;
 
 /// Publishes in order; each publish names the sequence it must follow.
 pub struct Publisher {
@@ -275,6 +336,139 @@ impl Publisher {
             seq: expected + 1,
             ack,
         })
+    }
+}
+
+impl Publisher {
+    /// Publishes `msgs` as one atomic batch (ADR-50): the stream stores all
+    /// of them, right after `last_seq`, or none. Returns the sequence of the
+    /// last one. Waits for the commit: nothing else may be in flight.
+    pub async fn publish_batch(&mut self, msgs: Vec<OutMsg>) -> Result<u64> {
+        let n = msgs.len();
+        if n == 0 {
+            return Ok(self.last_seq);
+        }
+        if n > MAX_BATCH {
+            return Err(Error::new(
+                Kind::Publish,
+                format!("a batch of {n} messages is over nats-server's limit of {MAX_BATCH}"),
+            ));
+        }
+        let expected = self.last_seq;
+        let client = self.js.client();
+        // Unique per attempt (a retried chunk must not join an abandoned
+        // batch); at most 64 characters.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!("walnats-{expected}-{nanos}");
+        let batch_err = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+            Error::with_source(Kind::Publish, format!("atomic batch: {what}"), e)
+        };
+        let mut last = None;
+        for (i, m) in msgs.into_iter().enumerate() {
+            let mut headers = m.headers;
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", itoa::Buffer::new().format(i + 1));
+            if i == 0 {
+                headers.insert(
+                    "Nats-Expected-Last-Sequence",
+                    itoa::Buffer::new().format(expected),
+                );
+            }
+            let commit = i + 1 == n;
+            if commit {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            if i == 0 || commit {
+                // The first message is a request so that a refusal (no
+                // atomic batches on this stream) comes back at once.
+                let reply = client
+                    .request_with_headers(m.subject, headers, m.payload)
+                    .await
+                    .map_err(|e| batch_err("no reply from JetStream", Box::new(e)))?;
+                check_batch_reply(&reply.payload)?;
+                if commit {
+                    last = Some(reply);
+                }
+            } else {
+                client
+                    .publish_with_headers(m.subject, headers, m.payload)
+                    .await
+                    .map_err(|e| batch_err("cannot publish", Box::new(e)))?;
+            }
+        }
+        let reply = last.ok_or_else(|| Error::new(Kind::Publish, "atomic batch: no commit"))?;
+        let ack: BatchAck = serde_json::from_slice(&reply.payload)
+            .map_err(|e| batch_err("unreadable commit acknowledgement", Box::new(e)))?;
+        let want = expected + n as u64;
+        if ack.seq != want || ack.count != n as u64 || ack.batch != id {
+            return Err(Error::new(
+                Kind::Publish,
+                format!(
+                    "JetStream committed a batch of {} ending at sequence {}, walnats expected {n} ending at {want}: \
+                     resuming from the stream",
+                    ack.count, ack.seq
+                ),
+            ));
+        }
+        self.last_seq = want;
+        Ok(want)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BatchAck {
+    seq: u64,
+    #[serde(default)]
+    count: u64,
+    #[serde(default)]
+    batch: String,
+}
+
+/// An empty reply (batch started) or a pub ack is fine; an error reply
+/// names what JetStream refused.
+fn check_batch_reply(payload: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        error: Option<ApiError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(default)]
+        description: String,
+    }
+    if payload.is_empty() {
+        return Ok(());
+    }
+    let reply: Reply = serde_json::from_slice(payload).map_err(|e| {
+        Error::with_source(
+            Kind::Publish,
+            "atomic batch: unreadable reply from JetStream",
+            e,
+        )
+    })?;
+    match reply.error {
+        None => Ok(()),
+        Some(e) => {
+            let hint = match e.err_code {
+                10174 => ": the stream does not allow atomic batches (allow_atomic)",
+                10071 => {
+                    ": the stream's last sequence is not what walnats expected (another client publishes to it?)"
+                }
+                _ => "",
+            };
+            Err(Error::new(
+                Kind::Publish,
+                format!(
+                    "JetStream refused an atomic batch: {} (error {}){hint}",
+                    e.description, e.err_code
+                ),
+            ))
+        }
     }
 }
 
