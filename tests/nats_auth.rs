@@ -225,6 +225,13 @@ async fn creds_file_in_operator_mode_streams_and_a_foreign_user_is_refused() {
     let (_, other_seed) = op.app_user("other");
     let jwt = walnats_creds.lines().nth(1).unwrap();
     let mismatched = write("mismatched.creds", &creds(jwt, &other_seed));
+    // `check` agrees with `run` on both.
+    let url = world.nats.url();
+    assert_connects(check(&world, &url, &format!("creds_file = \"{good}\"")));
+    assert_refused(
+        check(&world, &url, &format!("creds_file = \"{foreign}\"")),
+        &foreign_seed,
+    );
     for (path, secret) in [(&foreign, &foreign_seed), (&mismatched, &other_seed)] {
         let mut w = WalnatsProc::spawn(walnats_bin(), &["run"], &with_creds(path), &[]);
         let status = w.wait_exit(std::time::Duration::from_secs(60));
