@@ -29,6 +29,7 @@ pub const PUBLISH_LATENCY: &str = "walnats_publish_latency_seconds";
 pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
 pub const ERRORS: &str = "walnats_errors_total";
 pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
+pub const READY: &str = "walnats_ready";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]
@@ -37,8 +38,11 @@ pub struct Health {
 }
 
 impl Health {
+    /// Also the `walnats_ready` gauge, so that "nothing streams" is an
+    /// alert on `/metrics` alone.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        metrics::gauge!(READY).set(if ready { 1.0 } else { 0.0 });
     }
 
     pub fn is_ready(&self) -> bool {
@@ -83,6 +87,11 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         ERRORS,
         "errors that ended a session or the process, by kind"
     );
+    metrics::describe_gauge!(
+        READY,
+        "1 while a session streams with PostgreSQL and NATS connected (as /readyz), else 0"
+    );
+    metrics::gauge!(READY).set(0.0);
     metrics::counter!(SNAPSHOT_ROWS).absolute(0);
     metrics::counter!(TRANSACTIONS).absolute(0);
     Ok(handle)

@@ -91,6 +91,7 @@ async fn metrics_count_what_was_published_and_readyz_follows_nats() {
         "{body}"
     );
     assert!(body.contains("walnats_snapshot_rows_total"), "{body}");
+    assert_eq!(metric(&body, "walnats_ready"), Some(1.0), "{body}");
 
     let (code, status) = get(port, "/status").await.unwrap();
     assert_eq!(code, 200, "{status}");
@@ -104,6 +105,8 @@ async fn metrics_count_what_was_published_and_readyz_follows_nats() {
         || async { get(port, "/readyz").await.map(|r| r.0) == Some(503) },
     )
     .await;
+    let body = get(port, "/metrics").await.unwrap().1;
+    assert_eq!(metric(&body, "walnats_ready"), Some(0.0), "{body}");
     world.nats.start_again().await;
     wait_until(
         Duration::from_secs(60),

@@ -139,3 +139,113 @@ async fn tls_with_a_custom_ca_and_a_client_certificate() {
     );
     assert!(code == 1 && out.contains("[FAIL] NATS"), "{out}");
 }
+
+/// Operator mode, as `nsc` sets it up: walnats authenticates with a
+/// `.creds` file (user JWT + seed) of an account that has JetStream.
+#[tokio::test]
+async fn creds_file_in_operator_mode_streams_and_a_foreign_user_is_refused() {
+    use crate::harness::WalnatsProc;
+    use crate::harness::nats_jwt::{Operator, creds, user_jwt};
+    use crate::support::{PREFIX, STREAM, read_stream};
+
+    let mut world = World::new(shared(PgVersion::V15)).await;
+    let op = Operator::new();
+    world.nats = NatsServer::start_with(Some(&op.server_config())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let with_creds = |path: &str| {
+        world.config().replace(
+            "[snapshot]",
+            &format!("creds_file = \"{path}\"\n[snapshot]"),
+        )
+    };
+
+    // Without credentials the server lets nobody in: the test really runs
+    // against an authenticating server.
+    let (code, out) = check(&world, &world.nats.url(), "");
+    assert!(code == 1 && out.contains("[FAIL] NATS"), "{out}");
+
+    let (walnats_creds, seed) = op.app_user("walnats");
+    let good = write("walnats.creds", &walnats_creds);
+    world
+        .sql("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        .await;
+    let mut w = world.spawn_with(&with_creds(&good), &[]);
+    world.wait_streaming(&mut w).await;
+    world
+        .sql("INSERT INTO orders VALUES (1, 'via creds')")
+        .await;
+    // A consumer of the same account, with creds of its own.
+    let (reader, _) = op.app_user("reader");
+    let client = async_nats::ConnectOptions::with_credentials(&reader)
+        .unwrap()
+        .connect(world.nats.url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let subject = format!("{PREFIX}.public.orders.insert");
+    let mut found = None;
+    for _ in 0..600 {
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        found = read_stream(&js, STREAM)
+            .await
+            .into_iter()
+            .find(|m| m.subject == subject);
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let msg = found.unwrap_or_else(|| panic!("no {subject} in the stream:\n{}", w.output()));
+    assert_eq!(msg.json()["after"]["status"], "via creds");
+    w.sigterm();
+    assert!(
+        w.wait_exit(std::time::Duration::from_secs(20)).success(),
+        "{}",
+        w.output()
+    );
+    assert!(!w.output().contains(&seed), "the seed was printed");
+
+    // Refused: a user issued by an account this operator never signed, and
+    // a creds file whose seed is not the key its JWT names.
+    let foreign_account = nkeys::KeyPair::new_account();
+    let foreign_user = nkeys::KeyPair::new_user();
+    let foreign_seed = foreign_user.seed().unwrap();
+    let foreign = write(
+        "foreign.creds",
+        &creds(
+            &user_jwt(&foreign_account, &foreign_user, "walnats"),
+            &foreign_seed,
+        ),
+    );
+    let (_, other_seed) = op.app_user("other");
+    let jwt = walnats_creds.lines().nth(1).unwrap();
+    let mismatched = write("mismatched.creds", &creds(jwt, &other_seed));
+    // `check` agrees with `run` on both.
+    let url = world.nats.url();
+    assert_connects(check(&world, &url, &format!("creds_file = \"{good}\"")));
+    assert_refused(
+        check(&world, &url, &format!("creds_file = \"{foreign}\"")),
+        &foreign_seed,
+    );
+    for (path, secret) in [(&foreign, &foreign_seed), (&mismatched, &other_seed)] {
+        let mut w = WalnatsProc::spawn(walnats_bin(), &["run"], &with_creds(path), &[]);
+        let status = w.wait_exit(std::time::Duration::from_secs(60));
+        let out = w.output();
+        assert_eq!(status.code(), Some(1), "{out}");
+        let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
+        assert!(
+            last.starts_with("walnats: NATS refused walnats' credentials")
+                && last.contains("nats.creds_file"),
+            "{out}"
+        );
+        assert!(
+            !out.contains(secret.as_str()),
+            "the seed was printed:\n{out}"
+        );
+    }
+}

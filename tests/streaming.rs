@@ -442,7 +442,16 @@ async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["after", "before", "op", "source", "transaction", "ts_ms"],
+            [
+                "after",
+                "before",
+                "op",
+                "source",
+                "transaction",
+                "ts_ms",
+                "ts_ns",
+                "ts_us"
+            ],
             "{}",
             m.subject
         );
@@ -467,6 +476,8 @@ async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
                 "snapshot",
                 "table",
                 "ts_ms",
+                "ts_ns",
+                "ts_us",
                 "txId",
                 "version",
                 "xmin"
@@ -499,6 +510,12 @@ async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
         assert!(commit_ms >= prev_ts, "commit times go backwards");
         assert!(ts_ms >= commit_ms - 1_000, "{ts_ms} {commit_ms}");
         prev_ts = commit_ms;
+        // The same times in µs and ns, as Debezium 2.6+ adds them.
+        for t in [src, &body] {
+            let us = t["ts_us"].as_i64().unwrap();
+            assert_eq!(us.div_euclid(1000), t["ts_ms"].as_i64().unwrap());
+            assert_eq!(t["ts_ns"].as_i64().unwrap(), us * 1000);
+        }
         // Headers are those of the json format.
         assert_eq!(m.header("Content-Type"), "application/json");
         assert!(

@@ -4,10 +4,11 @@
 //! written for Debezium read walnats' messages unchanged.
 //!
 //! Owns the envelope only (`before`, `after`, `source`, `op`, `ts_ms`,
-//! `transaction`); column values go through `value::write_text_value`, so
-//! they follow the contract's type table exactly as in `json.rs`. Subjects
-//! and headers are the encoder's and do not change with the format. Like
-//! every encoder it must never do I/O or put a value into an error.
+//! `ts_us`, `ts_ns`, `transaction`); column values go through
+//! `value::write_text_value`, so they follow the contract's type table
+//! exactly as in `json.rs`. Subjects and headers are the encoder's and do
+//! not change with the format. Like every encoder it must never do I/O or
+//! put a value into an error.
 //!
 //! Where walnats differs from Debezium, on purpose (the README lists these):
 //! - `source.sequence` is `["<commit LSN>","<LSN>"]` (decimal strings):
@@ -19,6 +20,10 @@
 //!   one message, with one position.
 //! - Truncates are always published (`op: "t"`); there are no tombstones.
 //! - `source.version` is walnats' own version.
+//! - `source.snapshot` is `"true"` on every snapshot read and `"false"`
+//!   otherwise: Debezium also marks a snapshot's first and last rows
+//!   (`"first"`, `"last"`, `"first_in_data_collection"`...), which an event
+//!   alone cannot know.
 
 use base64::Engine;
 
@@ -32,8 +37,8 @@ use crate::event::{Body, ColumnInfo, Event, Op};
 /// not send (its `unavailable.value.placeholder` default).
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
 
-/// Milliseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
-const PG_EPOCH_MS: i64 = 946_684_800_000;
+/// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// Writes the placeholder as Debezium types it: bytes (base64 in JSON) for
 /// bytea, a one-element array for arrays, a string otherwise.
@@ -68,10 +73,21 @@ fn op_code(op: Op) -> &'static [u8] {
     }
 }
 
-/// The Debezium envelope of a row change or a truncate; `now_ms` is the
-/// envelope's `ts_ms`, when walnats encoded the event (Unix epoch, ms).
-/// Other events have no Debezium form and write nothing.
-pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Result<()> {
+/// Writes `"ts_ms":…,"ts_us":…,"ts_ns":…` for a Unix time in µs, as
+/// Debezium (2.6+) gives every timestamp of the envelope and `source`.
+fn push_times(out: &mut Vec<u8>, unix_us: i64) {
+    out.extend_from_slice(b"\"ts_ms\":");
+    crate::encode::json::push_int(out, unix_us.div_euclid(1000));
+    out.extend_from_slice(b",\"ts_us\":");
+    crate::encode::json::push_int(out, unix_us);
+    out.extend_from_slice(b",\"ts_ns\":");
+    crate::encode::json::push_int(out, unix_us.saturating_mul(1000));
+}
+
+/// The Debezium envelope of a row change or a truncate; `now_us` is the
+/// envelope's `ts_ms`/`ts_us`/`ts_ns`, when walnats encoded the event
+/// (Unix epoch, µs). Other events have no Debezium form and write nothing.
+pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_us: i64) -> Result<()> {
     let (op, rel, old, new) = match &ev.body {
         Body::Row { op, rel, old, new } => (*op, rel, old_tuple(old), new.as_ref()),
         Body::Truncate { rel, .. } => (Op::Truncate, rel, None, None),
@@ -106,13 +122,10 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Re
     out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
     out.extend_from_slice(b"\",\"connector\":\"postgresql\",\"name\":");
     push_str(out, &src.prefix)?;
-    out.extend_from_slice(b",\"ts_ms\":");
+    out.push(b',');
     match &ev.tx {
-        Some(tx) => {
-            let ms = tx.commit_time.div_euclid(1000).saturating_add(PG_EPOCH_MS);
-            crate::encode::json::push_int(out, ms);
-        }
-        None => out.extend_from_slice(b"null"),
+        Some(tx) => push_times(out, tx.commit_time.saturating_add(PG_EPOCH_US)),
+        None => out.extend_from_slice(b"\"ts_ms\":null,\"ts_us\":null,\"ts_ns\":null"),
     }
     out.extend_from_slice(b",\"snapshot\":");
     out.extend_from_slice(if ev.snapshot {
@@ -140,8 +153,8 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event, now_ms: i64) -> Re
     crate::encode::json::push_int(out, ev.lsn.as_u64());
     out.extend_from_slice(b",\"xmin\":null},\"op\":\"");
     out.extend_from_slice(op_code(op));
-    out.extend_from_slice(b"\",\"ts_ms\":");
-    crate::encode::json::push_int(out, now_ms);
+    out.extend_from_slice(b"\",");
+    push_times(out, now_us);
     out.extend_from_slice(b",\"transaction\":null}");
     Ok(())
 }
@@ -217,8 +230,8 @@ mod tests {
 
     // 2026-11-22T18:31:10.123456Z in PostgreSQL's microseconds.
     const COMMIT_US: i64 = ((9822 * 86_400) + 18 * 3600 + 31 * 60 + 10) * 1_000_000 + 123_456;
-    const COMMIT_MS: i64 = 1_795_372_270_123;
-    const NOW_MS: i64 = 1_795_372_271_000;
+    const COMMIT_UNIX_US: i64 = 1_795_372_270_123_456;
+    const NOW_US: i64 = 1_795_372_271_000_789;
 
     fn event(body: Body) -> Event {
         Event {
@@ -236,7 +249,7 @@ mod tests {
 
     fn encode(ev: &Event) -> Value {
         let mut out = Vec::new();
-        write_row(&mut out, &src(), ev, NOW_MS).unwrap();
+        write_row(&mut out, &src(), ev, NOW_US).unwrap();
         serde_json::from_slice(&out).unwrap()
     }
 
@@ -245,7 +258,9 @@ mod tests {
             "version": env!("CARGO_PKG_VERSION"),
             "connector": "postgresql",
             "name": "cdc.app",
-            "ts_ms": COMMIT_MS,
+            "ts_ms": 1_795_372_270_123_i64,
+            "ts_us": COMMIT_UNIX_US,
+            "ts_ns": COMMIT_UNIX_US * 1000,
             "snapshot": "false",
             "db": "app",
             "sequence": format!("[\"{}\",\"{}\"]", 0x16B_3800, 0x16B_3748),
@@ -262,9 +277,9 @@ mod tests {
     }
 
     #[test]
-    fn commit_time_converts_to_unix_milliseconds() {
+    fn commit_time_converts_to_unix_microseconds() {
         // The constant above, checked once by a second route.
-        assert_eq!(COMMIT_US / 1000 + PG_EPOCH_MS, COMMIT_MS);
+        assert_eq!(COMMIT_US + PG_EPOCH_US, COMMIT_UNIX_US);
     }
 
     #[test]
@@ -282,7 +297,9 @@ mod tests {
                 "after": full(42, "new"),
                 "source": source(),
                 "op": "c",
-                "ts_ms": NOW_MS,
+                "ts_ms": 1_795_372_271_000_i64,
+                "ts_us": NOW_US,
+                "ts_ns": NOW_US * 1000,
                 "transaction": null
             })
         );
@@ -306,7 +323,9 @@ mod tests {
                 "after": full(42, "new"),
                 "source": expected_source,
                 "op": "r",
-                "ts_ms": NOW_MS,
+                "ts_ms": 1_795_372_271_000_i64,
+                "ts_us": NOW_US,
+                "ts_ns": NOW_US * 1000,
                 "transaction": null
             })
         );
@@ -333,7 +352,9 @@ mod tests {
                           "blob": b64, "tags": [UNAVAILABLE]},
                 "source": source(),
                 "op": "u",
-                "ts_ms": NOW_MS,
+                "ts_ms": 1_795_372_271_000_i64,
+                "ts_us": NOW_US,
+                "ts_ns": NOW_US * 1000,
                 "transaction": null
             })
         );
@@ -377,7 +398,9 @@ mod tests {
                 "after": null,
                 "source": source(),
                 "op": "d",
-                "ts_ms": NOW_MS,
+                "ts_ms": 1_795_372_271_000_i64,
+                "ts_us": NOW_US,
+                "ts_ns": NOW_US * 1000,
                 "transaction": null
             })
         );
@@ -397,7 +420,9 @@ mod tests {
                 "after": null,
                 "source": source(),
                 "op": "t",
-                "ts_ms": NOW_MS,
+                "ts_ms": 1_795_372_271_000_i64,
+                "ts_us": NOW_US,
+                "ts_ns": NOW_US * 1000,
                 "transaction": null
             })
         );
@@ -414,7 +439,7 @@ mod tests {
             new: Some(new),
         });
         let mut out = Vec::new();
-        let err = write_row(&mut out, &src(), &ev, NOW_MS).unwrap_err();
+        let err = write_row(&mut out, &src(), &ev, NOW_US).unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

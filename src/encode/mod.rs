@@ -117,7 +117,7 @@ impl Encoder {
         match self.format {
             OutputFormat::Json => json::write_row(&mut self.buf, &self.src, ev),
             OutputFormat::Debezium => {
-                debezium::write_row(&mut self.buf, &self.src, ev, unix_now_ms())
+                debezium::write_row(&mut self.buf, &self.src, ev, unix_now_us())
             }
         }
     }
@@ -211,11 +211,12 @@ impl Encoder {
     }
 }
 
-/// Milliseconds since the Unix epoch by the system clock (0 if the clock is
-/// before 1970): Debezium's envelope `ts_ms`, when the event was encoded.
-fn unix_now_ms() -> i64 {
+/// Microseconds since the Unix epoch by the system clock (0 if the clock is
+/// before 1970): Debezium's envelope `ts_ms`/`ts_us`/`ts_ns`, when the
+/// event was encoded.
+fn unix_now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 pub mod nats;
+pub mod nats_jwt;
 pub mod postgres;
 pub mod process;
 pub mod walnats;
