@@ -377,6 +377,20 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
             snap.tables.len()
         );
     }
+    for (i, r) in st
+        .checkpoint
+        .iter()
+        .flat_map(|c| c.rereads.iter())
+        .enumerate()
+    {
+        say!(
+            "snapshot   {} {}.{}: {} rows so far",
+            if i == 0 { "reading" } else { "queued " },
+            r.target.schema,
+            r.target.table,
+            r.rows
+        );
+    }
     match &st.stream {
         Some(x) => say!(
             "stream     {} {:?}: {} messages, {} bytes, last seq {}, {} replica(s)",
@@ -407,5 +421,42 @@ pub async fn slot_drop(cfg: &Config) -> Result<()> {
             cfg.postgres.slot
         );
     }
+    Ok(())
+}
+
+/// `walnats snapshot TABLE...`: checks the tables and writes the request
+/// into the WAL, where the walnats streaming this slot finds it.
+pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
+    let sql = source::connect_sql(&cfg.postgres.connect).await?;
+    let slot = &cfg.postgres.slot;
+    if setup::slot_state(&sql, slot).await?.is_none() {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "slot {slot:?} does not exist: start `walnats run` first (a new slot takes an initial snapshot \
+                 of every published table when snapshot.mode = \"initial\")"
+            ),
+        ));
+    }
+    let version: u32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| crate::event::relation::pg_query_err("reading the server version", e))?
+        .get::<_, i32>(0)
+        .try_into()
+        .unwrap_or(0);
+    let (req, lsn) =
+        crate::snapshot::reread::request(&sql, &cfg.postgres.publication, slot, tables, version)
+            .await?;
+    let names: Vec<String> = req
+        .tables
+        .iter()
+        .map(|t| format!("{}.{}", t.schema, t.table))
+        .collect();
+    say!(
+        "requested a snapshot of {} at WAL position {lsn}: the walnats streaming slot {slot:?} re-reads them \
+         in chunks when its stream reaches that position (progress: `walnats status`, and its log)",
+        names.join(", ")
+    );
     Ok(())
 }

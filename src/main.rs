@@ -184,12 +184,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
             walnats::admin::slot_drop(&cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshot { config, .. } => {
-            load(&config)?;
-            Err(Error::new(
-                Kind::Config,
-                "walnats snapshot is not available in this build yet",
-            ))
+        Command::Snapshot { config, tables } => {
+            let cfg = load(&config)?;
+            walnats::admin::snapshot_request(&cfg, &tables).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Tail {
             config,

@@ -26,7 +26,7 @@ use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
 use crate::sink::{self, Publisher};
-use crate::snapshot::{self, SnapshotState};
+use crate::snapshot::{self, SnapshotState, reread};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
@@ -86,6 +86,17 @@ pub async fn run(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+}
+
+/// The position of a non-transactional message. pgoutput gives a
+/// message the LSN where its WAL record *ends*, which is where the next
+/// record starts, and that can be a commit record: a transaction
+/// committing right after the message would share the LSN (and with seq
+/// 0, the message id, which JetStream then drops as a duplicate). One
+/// byte earlier is still inside the message's own record, where no commit
+/// record can start, and sorts before that transaction.
+pub fn record_inside(end: Lsn) -> Lsn {
+    Lsn::from_u64(end.as_u64().saturating_sub(1))
 }
 
 /// Seconds from a PostgreSQL timestamp (µs since 2000-01-01) to now.
@@ -223,6 +234,28 @@ enum Acked {
     /// Every message before this one belongs to transactions that ended
     /// at or before `end`.
     TxEnd(Lsn),
+    /// `walnats snapshot` asked for these tables (a message in the WAL at
+    /// `pos`): they join the checkpoint's re-read queue in stream order.
+    Request {
+        pos: Position,
+        targets: Vec<reread::Target>,
+    },
+}
+
+/// The re-read chunk between its watermarks.
+struct Window {
+    id: String,
+    oid: u32,
+    pk: Vec<String>,
+    /// The table as the catalog describes it now, for the reads.
+    rel: Arc<RelationInfo>,
+    task: Option<tokio::task::JoinHandle<Result<snapshot::catalog::Chunk>>>,
+    chunk: Option<snapshot::catalog::Chunk>,
+    open: bool,
+    /// Primary keys changed between the low and the high watermark.
+    changed: std::collections::HashSet<Vec<String>>,
+    /// A change whose key the window could not tell: read the chunk again.
+    unknown: bool,
 }
 
 struct OpenTx {
@@ -262,6 +295,12 @@ struct Session {
     health: Arc<Health>,
     nats: async_nats::Client,
     counters: std::collections::HashMap<(u32, &'static str), metrics::Counter>,
+    sql: Arc<tokio_postgres::Client>,
+    server_version_num: u32,
+    window: Option<Window>,
+    windows_opened: u64,
+    /// Tells this process's watermarks from a dead one's.
+    run_id: u64,
 }
 
 async fn session(
@@ -395,6 +434,12 @@ async fn session(
         // The connection that exported the snapshot has done its job.
         conn = ReplicationConn::connect(&c.pg).await?;
     }
+    if resume.state.pending_reread.is_some() {
+        resume.skip = reread::settle(&mut resume.state, resume.last_seq)?;
+        if resume.skip == 0 {
+            resume.last_msg_id = None;
+        }
+    }
     info!(
         %slot,
         stream = %c.stream_name,
@@ -404,7 +449,8 @@ async fn session(
         "resuming"
     );
 
-    let version = proto_version(conn.server_version_num());
+    let conn_version = conn.server_version_num();
+    let version = proto_version(conn_version);
     let proto = version.to_string();
     let pubs = format!("\"{}\"", cfg.postgres.publication.replace('"', "\"\""));
     conn.start_replication(
@@ -450,6 +496,14 @@ async fn session(
         health: Arc::clone(health),
         nats: c.js.client(),
         counters: std::collections::HashMap::new(),
+        sql: Arc::clone(&c.sql),
+        server_version_num: conn_version,
+        window: None,
+        windows_opened: 0,
+        run_id: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
     };
     if s.skip == 0 {
         s.tracker.set_tx_markers(cfg.output.tx_markers);
@@ -486,6 +540,18 @@ impl Session {
                 _ = status.tick() => {
                     self.status_due = true;
                 }
+                read = async {
+                    match self.window.as_mut().and_then(|w| w.task.as_mut()) {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.window.as_ref().is_some_and(|w| w.task.is_some()) => {
+                    let chunk = read.map_err(|e| Error::new(Kind::Io, format!("snapshot chunk reader failed: {e}")))??;
+                    if let Some(w) = self.window.as_mut() {
+                        w.task = None;
+                        w.chunk = Some(chunk);
+                    }
+                }
                 msg = self.conn.recv(), if can_read => {
                     self.on_replication(msg?).await?;
                 }
@@ -510,6 +576,9 @@ impl Session {
                         Ok(c)
                     }));
                 }
+            }
+            if !draining {
+                self.start_window().await?;
             }
             if self.status_due {
                 self.status_due = false;
@@ -564,6 +633,22 @@ impl Session {
             Acked::Dropped { pos } => {
                 let seq = self.tracker.acked().stream_seq;
                 self.tracker.on_message(seq, Some(pos), None, None);
+            }
+            Acked::Request { pos, targets } => {
+                let seq = self.tracker.acked().stream_seq;
+                self.tracker.on_message(seq, Some(pos), None, None);
+                let queue = &mut self.tracker.acked_mut().rereads;
+                for t in targets {
+                    if queue.iter().any(|r| r.target.oid == t.oid) {
+                        continue;
+                    }
+                    info!(schema = %t.schema, table = %t.table, "snapshot of table requested");
+                    queue.push(reread::Reread {
+                        target: t,
+                        after: snapshot::Cursor::Start,
+                        rows: 0,
+                    });
+                }
             }
             Acked::TxEnd(end) => {
                 self.tracker.on_tx_end(end);
@@ -711,6 +796,12 @@ impl Session {
             }
             Message::Truncate(t) => {
                 for oid in &t.oids {
+                    if let Some(w) = self.window.as_mut()
+                        && w.open
+                        && w.oid == oid.0
+                    {
+                        w.unknown = true;
+                    }
                     let rel = Arc::clone(self.cache.get(*oid)?);
                     let (pos, tx) = self.next_pos("a truncate", Some(&rel))?;
                     self.emit_change(Event {
@@ -727,12 +818,25 @@ impl Session {
                     .await?;
                 }
             }
+            Message::LogicalMessage(m) if reread::is_own_message(&m.prefix) => {
+                // walnats' own messages are never published; those at or
+                // before the checkpoint were handled before it.
+                let pos = Position::new(record_inside(m.lsn), 0);
+                if m.transactional || self.published_through.is_some_and(|p| pos <= p) {
+                    return Ok(());
+                }
+                if m.prefix == reread::REQUEST_PREFIX {
+                    self.on_request(&m.content, pos);
+                } else {
+                    self.on_watermark(&m.content, m.lsn).await?;
+                }
+            }
             Message::LogicalMessage(m) => {
                 let (pos, tx) = if m.transactional {
                     let (p, t) = self.next_pos("a transactional message", None)?;
                     (p, Some(t))
                 } else {
-                    (Position::new(m.lsn, 0), None)
+                    (Position::new(record_inside(m.lsn), 0), None)
                 };
                 self.emit_change(Event {
                     pos,
@@ -769,6 +873,25 @@ impl Session {
         lsn: Lsn,
     ) -> Result<()> {
         let rel = Arc::clone(self.cache.get(oid)?);
+        if let Some(w) = self.window.as_mut()
+            && w.open
+            && w.oid == oid.0
+        {
+            let old = old.as_ref().map(|o| match o {
+                crate::pgoutput::OldTuple::Key(t) | crate::pgoutput::OldTuple::Full(t) => t,
+            });
+            for t in [old, new.as_ref()].into_iter().flatten() {
+                match reread::key_of(&rel, &w.pk, t) {
+                    Some(k) => {
+                        w.changed.insert(k);
+                    }
+                    None => w.unknown = true,
+                }
+            }
+            if op == Op::Delete && old.is_none() {
+                w.unknown = true;
+            }
+        }
         let (pos, tx) = self.next_pos(op.as_str(), Some(&rel))?;
         self.emit_change(Event {
             pos,
@@ -778,6 +901,175 @@ impl Session {
             body: Body::Row { op, rel, old, new },
         })
         .await
+    }
+
+    fn on_request(&mut self, content: &[u8], pos: Position) {
+        let req: reread::Request = match serde_json::from_slice(content) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "unreadable walnats.snapshot request in the WAL; ignored");
+                return;
+            }
+        };
+        if req.slot != self.cfg.postgres.slot {
+            return;
+        }
+        self.inflight
+            .push_back(Box::pin(std::future::ready(Ok(Acked::Request {
+                pos,
+                targets: req.tables,
+            }))));
+    }
+
+    /// Starts the next re-read chunk when none is under way and the queue
+    /// has a table: low watermark, SELECT, high watermark on the SQL side.
+    async fn start_window(&mut self) -> Result<()> {
+        if self.window.is_some() || self.skip > 0 {
+            return Ok(());
+        }
+        let Some(r) = self.tracker.acked().rereads.first().cloned() else {
+            return Ok(());
+        };
+        let plan = snapshot::catalog::plan(
+            &self.sql,
+            &self.cfg.postgres.publication,
+            r.target.oid,
+            self.server_version_num,
+        )
+        .await?;
+        let plan = match plan {
+            Some(p) if p.has_primary_key() => p,
+            other => {
+                let why = if other.is_some() {
+                    "it has no primary key"
+                } else {
+                    "it is gone or no longer published"
+                };
+                warn!(schema = %r.target.schema, table = %r.target.table, "snapshot of table abandoned: {why}");
+                self.tracker.acked_mut().rereads.remove(0);
+                return Ok(());
+            }
+        };
+        let rel = self.cache.describe(&plan.relation).await?;
+        self.windows_opened += 1;
+        let id = format!("{}-{}", self.run_id, self.windows_opened);
+        let sql = Arc::clone(&self.sql);
+        let (task_id, after, task_plan) = (id.clone(), r.after.clone(), plan.clone());
+        let task = tokio::spawn(async move {
+            snapshot::reread::read_window(
+                &sql,
+                &task_plan,
+                &after,
+                &task_id,
+                snapshot::CHUNK_ROWS,
+                snapshot::CHUNK_BYTES,
+            )
+            .await
+        });
+        self.window = Some(Window {
+            id,
+            oid: r.target.oid,
+            pk: plan.pk_names.clone(),
+            rel,
+            task: Some(task),
+            chunk: None,
+            open: false,
+            changed: Default::default(),
+            unknown: false,
+        });
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, content: &[u8], lsn: Lsn) -> Result<()> {
+        let Some(w) = self.window.as_mut() else {
+            return Ok(());
+        };
+        match reread::parse_watermark(content) {
+            Some(reread::Watermark::Low(id)) if id == w.id => {
+                w.open = true;
+                Ok(())
+            }
+            Some(reread::Watermark::High(id)) if id == w.id => self.close_window(lsn).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The high watermark: the chunk minus the rows changed inside the
+    /// window goes out as reads at its position, as one atomic batch that
+    /// the checkpoint announces first.
+    async fn close_window(&mut self, hw: Lsn) -> Result<()> {
+        let Some(mut w) = self.window.take() else {
+            return Ok(());
+        };
+        let mut chunk = match (w.chunk.take(), w.task.take()) {
+            (Some(c), _) => c,
+            (None, Some(t)) => t.await.map_err(|e| {
+                Error::new(Kind::Io, format!("snapshot chunk reader failed: {e}"))
+            })??,
+            (None, None) => return Ok(()),
+        };
+        if w.unknown || !w.open {
+            debug!("re-read chunk saw a change it cannot key; reading it again");
+            return Ok(());
+        }
+        reread::without_changed(&mut chunk, &w.changed);
+        // Everything before the high watermark must be acknowledged and
+        // the checkpoint quiet: the write-ahead record has to be exact.
+        while let Some(a) = self.inflight.next().await {
+            self.on_acked(a?);
+        }
+        if let Some(f) = self.writing.take() {
+            let c = f.await?;
+            self.tracker.mark_written(c);
+        }
+        let rows = chunk.rows.len() as u64;
+        // Right after the high watermark's own position (hw - 1, 0), before
+        // any transaction that commits after it.
+        let at = Position::new(record_inside(hw), 0);
+        let reads = snapshot::encode_reads(
+            &self.cfg,
+            &mut self.encoder,
+            self.publisher.max_payload(),
+            &self.emitted_schemas,
+            &w.rel,
+            chunk.rows,
+            &chunk.keys,
+            at.commit_lsn,
+            1,
+            hw,
+        )?;
+        let n = reads.msgs.len() as u64;
+        let last_pos =
+            (reads.next_seq > 1).then(|| Position::new(at.commit_lsn, reads.next_seq - 1));
+        let pending = reread::PendingReread {
+            messages: n,
+            end: chunk.end,
+            last: chunk.last,
+            rows,
+            schema: reads.schema,
+            last_pos,
+        };
+        {
+            let a = self.tracker.acked_mut();
+            a.pending_reread = Some(pending.clone());
+            a.stream_seq = self.publisher.last_seq();
+            if a.pos.is_none_or(|p| p < at) {
+                a.pos = Some(at);
+            }
+            let c = a.clone();
+            self.store.save(&c).await?;
+            self.tracker.mark_written(c);
+        }
+        let seq = self.publisher.publish_batch(reads.msgs).await?;
+        if let Some(s) = reads.schema {
+            self.emitted_schemas.insert(s.0, s.1);
+        }
+        let done = reread::apply(self.tracker.acked_mut(), &pending, seq);
+        metrics::counter!(http::SNAPSHOT_ROWS).increment(n);
+        if let Some(r) = done {
+            info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");
+        }
+        Ok(())
     }
 
     /// Whether `_tx` markers go out now: while replaying what the stream

@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::harness::PgVersion;
 use crate::support::{World, shared, walnats_bin};
 
-fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+pub(crate) fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("walnats.toml");
     std::fs::write(&path, config).unwrap();

@@ -32,7 +32,11 @@ fn project(row: &serde_json::Map<String, Value>, names: &[String]) -> String {
 /// What a consumer that applies every event in stream order ends with;
 /// checks ids are unique and positions increase on the way. Returns the
 /// model and the number of reads.
-async fn rebuild(world: &World<'_>) -> (Model, u64, Vec<String>) {
+async fn rebuild(
+    world: &World<'_>,
+    initial: bool,
+    trace: Option<String>,
+) -> (Model, u64, Vec<String>) {
     let js = world.js().await;
     let mut s = js.get_stream(STREAM).await.unwrap();
     let last = s.info().await.unwrap().state.last_sequence;
@@ -68,7 +72,10 @@ async fn rebuild(world: &World<'_>) -> (Model, u64, Vec<String>) {
             let body: Value = serde_json::from_slice(&m.payload).unwrap();
             let op = body["op"].as_str().unwrap().to_owned();
             if op == "read" {
-                assert!(!read_phase_over, "read {id} after a streamed change");
+                assert!(
+                    !(initial && read_phase_over),
+                    "read {id} after a streamed change"
+                );
                 assert_eq!(body["source"]["snapshot"], Value::Bool(true));
                 reads += 1;
             } else {
@@ -81,6 +88,14 @@ async fn rebuild(world: &World<'_>) -> (Model, u64, Vec<String>) {
             );
             if subjects_seen.len() < 64 && !subjects_seen.contains(&subject) {
                 subjects_seen.push(subject.clone());
+            }
+            if trace.as_deref() == Some(body["key"].to_string().as_str()) {
+                eprintln!(
+                    "trace {}: seq {seq} {id} {op} after {} (Cdc-Lsn {})",
+                    body["key"],
+                    body["after"],
+                    get("Cdc-Lsn")
+                );
             }
             let t = model.entry(table).or_default();
             // Key column names: from `key`, or every column of a table
@@ -247,7 +262,7 @@ fn config(world: &World<'_>) -> String {
 }
 
 async fn assert_rebuild_equals_tables(world: &World<'_>, min_reads: u64) {
-    let (model, reads, subjects) = rebuild(world).await;
+    let (model, reads, subjects) = rebuild(world, true, None).await;
     assert!(reads >= min_reads, "only {reads} reads");
     assert!(
         subjects
@@ -255,8 +270,11 @@ async fn assert_rebuild_equals_tables(world: &World<'_>, min_reads: u64) {
             .any(|s| s == "cdc.test.public.odd%2Ename.read"),
         "no read of the odd table: {subjects:?}"
     );
-    let want = truth(world, TABLES).await;
-    for (table, rows) in &want {
+    assert_model_equals(&model, &truth(world, TABLES).await);
+}
+
+fn assert_model_equals(model: &Model, want: &Model) {
+    for (table, rows) in want {
         let got = model.get(table).cloned().unwrap_or_default();
         if &got != rows {
             let missing: Vec<_> = rows
@@ -368,5 +386,111 @@ async fn initial_snapshot_on_postgres_18_rebuilds_every_table() {
     churn.await.unwrap();
     wait_fence(&world, &mut w, 1).await;
     assert_rebuild_equals_tables(&world, 30_000).await;
+    w.sigterm();
+}
+
+/// `walnats snapshot` while pgbench writes: the tables existed before the
+/// slot (`snapshot.mode = "never"`), so only the re-read brings their rows;
+/// with the stream's changes, a consumer ends with exactly the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    let url = world.pg.url(&world.db);
+    let pgbench = world.pg.bin("pgbench");
+    let init = std::process::Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", &url])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    world.sql("CREATE TABLE fence (n int PRIMARY KEY)").await;
+    let cfg = world.config();
+    let mut w = world.spawn_with(&cfg, &[]);
+    world.wait_streaming(&mut w).await;
+    let mut bench = std::process::Command::new(&pgbench)
+        .args(["-c", "4", "-T", "12", "-n", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A table without a primary key is refused, with the reason.
+    let (code, _, err) = crate::cli::run(&["snapshot", "public.pgbench_history"], &cfg, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no primary key"), "{err}");
+    let (code, out, err) = crate::cli::run(
+        &[
+            "snapshot",
+            "pgbench_accounts",
+            "public.pgbench_branches",
+            "public.pgbench_tellers",
+        ],
+        &cfg,
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("requested a snapshot"), "{out}");
+    // The re-read finishes while pgbench still writes.
+    for _ in 0..1200 {
+        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+        if log.matches("snapshot of table complete").count() >= 3 {
+            break;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert_eq!(
+        log.matches("snapshot of table complete").count(),
+        3,
+        "{}",
+        w.output()
+    );
+    let status = bench.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    bench
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "pgbench: {err}");
+    wait_fence(&world, &mut w, 1).await;
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert!(!log.contains("session ended"), "a session failed:\n{log}");
+    let (model, reads, _) = rebuild(&world, false, None).await;
+    assert!(reads >= 90_000, "only {reads} reads");
+    let want = truth(
+        &world,
+        &[
+            ("pgbench_accounts", &["aid"]),
+            ("pgbench_branches", &["bid"]),
+            ("pgbench_tellers", &["tid"]),
+        ],
+    )
+    .await;
+    let got: Model = model
+        .into_iter()
+        .filter(|(t, _)| want.contains_key(t))
+        .collect();
+    for (table, rows) in &want {
+        let g = got.get(table).cloned().unwrap_or_default();
+        if let Some((k, v)) = rows.iter().find(|(k, v)| g.get(*k) != Some(*v)) {
+            eprintln!("{table} {k}: table {v}, rebuilt {:?}", g.get(k));
+            let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| !l.contains("DEBUG") || l.contains("chunk"))
+            {
+                eprintln!("log: {l}");
+            }
+            let _ = rebuild(&world, false, Some(k.clone())).await;
+        }
+    }
+    assert_model_equals(&got, &want);
     w.sigterm();
 }

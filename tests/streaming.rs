@@ -629,3 +629,37 @@ async fn tx_markers_frame_each_transaction_with_counts_per_table() {
     assert_eq!(tx[3].json()["event_count"], 1);
     w.sigterm();
 }
+
+/// pgoutput gives a non-transactional message the LSN where its record
+/// ends, which is where the commit record of the transaction that emitted
+/// it starts: message and first change must not share a message id (the
+/// change would be dropped as a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_right_before_a_commit_loses_nothing() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world.sql("CREATE TABLE edge (id int PRIMARY KEY)").await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    for i in 0..20 {
+        world
+            .sql(&format!(
+                "BEGIN; INSERT INTO edge VALUES ({i}); \
+                 SELECT pg_logical_emit_message(false, 'edge', 'x'); COMMIT;"
+            ))
+            .await;
+    }
+    let msgs = world.wait_changes(40, &w).await;
+    let inserts = msgs
+        .iter()
+        .filter(|m| m.subject.ends_with(".edge.insert"))
+        .count();
+    let messages = msgs
+        .iter()
+        .filter(|m| m.subject.contains("._message."))
+        .count();
+    assert_eq!((inserts, messages), (20, 20));
+    assert_exactly_once_in_order(&msgs);
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert!(!log.contains("session ended"), "{log}");
+    w.sigterm();
+}

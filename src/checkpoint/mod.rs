@@ -55,6 +55,12 @@ pub struct Checkpoint {
     /// The initial snapshot, while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<crate::snapshot::SnapshotState>,
+    /// Tables `walnats snapshot` asked to re-read; the first is in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rereads: Vec<crate::snapshot::reread::Reread>,
+    /// A re-read chunk announced before its batch is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reread: Option<crate::snapshot::reread::PendingReread>,
 }
 
 /// Where checkpoints live: one key per (stream, database, slot) in a KV
@@ -341,6 +347,12 @@ impl Tracker {
 
     pub fn acked(&self) -> &Checkpoint {
         &self.acked
+    }
+
+    /// For state that changes between messages (the re-read queue), and
+    /// for a write-ahead checkpoint while nothing is in flight.
+    pub fn acked_mut(&mut self) -> &mut Checkpoint {
+        &mut self.acked
     }
 
     pub fn durable(&self) -> &Checkpoint {

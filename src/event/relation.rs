@@ -260,6 +260,15 @@ impl RelationCache {
     }
 
     pub async fn update(&mut self, rel: &Relation) -> Result<Arc<RelationInfo>> {
+        let info = self.describe(rel).await?;
+        self.rels.insert(rel.oid, Arc::clone(&info));
+        Ok(info)
+    }
+
+    /// What `update` would cache for `rel`, without caching it: snapshots
+    /// describe tables from the catalog, which must not replace what the
+    /// stream's own Relation messages said.
+    pub async fn describe(&mut self, rel: &Relation) -> Result<Arc<RelationInfo>> {
         let names = self.resolver.type_names(rel).await?;
         let mut columns = Vec::with_capacity(rel.columns.len());
         let mut h = Fnv::new();
@@ -307,7 +316,6 @@ impl RelationCache {
             schema_subject,
             schema_hash: h.0,
         });
-        self.rels.insert(rel.oid, Arc::clone(&info));
         Ok(info)
     }
 }

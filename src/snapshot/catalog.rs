@@ -59,6 +59,8 @@ pub struct TablePlan {
     select: String,
     /// Primary key columns in index order: (quoted name, type as SQL).
     pk: Vec<(String, String)>,
+    /// The same, unquoted.
+    pub pk_names: Vec<String>,
     /// The publication's row filter (PostgreSQL 15+), if any.
     row_filter: Option<String>,
     /// Heap pages when the snapshot started (tables without a primary key
@@ -143,7 +145,7 @@ pub async fn plan(
         let pk_pos: i32 = c.get(4);
         let type_sql: String = c.get(5);
         if pk_pos > 0 {
-            pk.push((pk_pos, quote_ident(&name), type_sql));
+            pk.push((pk_pos, name.clone(), type_sql));
         }
         if published.as_ref().is_some_and(|p| !p.contains(&name)) {
             continue;
@@ -159,7 +161,11 @@ pub async fn plan(
         });
     }
     pk.sort_by_key(|(pos, _, _)| *pos);
-    let pk: Vec<(String, String)> = pk.into_iter().map(|(_, n, t)| (n, t)).collect();
+    let pk_names: Vec<String> = pk.iter().map(|(_, n, _)| n.clone()).collect();
+    let pk: Vec<(String, String)> = pk
+        .into_iter()
+        .map(|(_, n, t)| (quote_ident(&n), t))
+        .collect();
     select.extend(pk.iter().map(|(n, _)| n.clone()));
     let select = if select.is_empty() {
         // A table with no published column still has rows.
@@ -179,6 +185,7 @@ pub async fn plan(
         },
         select,
         pk,
+        pk_names,
         row_filter,
         pages,
     }))

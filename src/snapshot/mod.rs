@@ -25,6 +25,7 @@
 //! ids never collide with a change's and sort before all of them.
 
 pub mod catalog;
+pub mod reread;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,10 +47,10 @@ pub use catalog::Cursor;
 
 /// Rows per chunk: one atomic batch holds at most 1000 messages, and a
 /// table's first chunk carries its `_schema` message too.
-const CHUNK_ROWS: usize = MAX_BATCH - 1;
+pub const CHUNK_ROWS: usize = MAX_BATCH - 1;
 
 /// Values per chunk, roughly: bounds memory when rows are wide.
-const CHUNK_BYTES: usize = 16 << 20;
+pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// How far the initial snapshot got: saved in the checkpoint while it runs,
 /// gone once it is complete.
@@ -307,60 +308,20 @@ impl Snapshotter<'_> {
             .ok_or_else(|| Error::new(Kind::Checkpoint, "snapshot state vanished"))?;
         let lsn = snap.read_lsn();
         let cp_lsn = snap.consistent_point.unwrap_or(Lsn::ZERO);
-        let mut seq = snap.next_seq;
-        let mut msgs: Vec<OutMsg> = Vec::with_capacity(chunk.rows.len() + 1);
-        let mut schema = None;
         let rows = chunk.rows.len() as u64;
-        for (row, key) in chunk.rows.into_iter().zip(&chunk.keys) {
-            let ev = Event {
-                pos: Position::new(lsn, seq),
-                lsn: cp_lsn,
-                tx: None,
-                snapshot: true,
-                body: Body::Row {
-                    op: Op::Read,
-                    rel: Arc::clone(rel),
-                    old: None,
-                    new: Some(row),
-                },
-            };
-            seq = seq.checked_add(1).ok_or_else(|| {
-                Error::new(Kind::Protocol, "a snapshot of more than 4 billion rows")
-            })?;
-            if schema.is_none() && cp.schemas.get(&rel.oid.0) != Some(&rel.schema_hash) {
-                schema = Some((rel.oid.0, rel.schema_hash));
-                let sev = Event {
-                    body: Body::Schema {
-                        rel: Arc::clone(rel),
-                    },
-                    ..ev.clone()
-                };
-                msgs.push(self.encoder.encode(&sev)?);
-            }
-            let msg = self.encoder.encode(&ev)?;
-            let size = Publisher::wire_size(&msg);
-            if size > self.publisher.max_payload() {
-                let what = format!(
-                    "the read of {}.{} with primary key {key:?} is {size} bytes, over the NATS server's max_payload of {}",
-                    rel.schema,
-                    rel.table,
-                    self.publisher.max_payload()
-                );
-                if self.cfg.on_oversize == OversizePolicy::Skip {
-                    warn!(subject = %msg.subject, size, "oversized snapshot row skipped (limits.on_oversize = skip)");
-                    metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
-                        .increment(1);
-                    continue;
-                }
-                return Err(Error::new(
-                    Kind::Oversize,
-                    format!(
-                        "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\""
-                    ),
-                ));
-            }
-            msgs.push(msg);
-        }
+        let reads = encode_reads(
+            self.cfg,
+            self.encoder,
+            self.publisher.max_payload(),
+            &cp.schemas,
+            rel,
+            chunk.rows,
+            &chunk.keys,
+            lsn,
+            snap.next_seq,
+            cp_lsn,
+        )?;
+        let (msgs, schema, seq) = (reads.msgs, reads.schema, reads.next_seq);
         let pending = PendingChunk {
             table: index,
             end: chunk.end,
@@ -386,6 +347,87 @@ impl Snapshotter<'_> {
             .increment(rows);
         Ok(())
     }
+}
+
+/// Read events, encoded, with the table's `_schema` first when the stream
+/// has not seen this column set.
+pub(crate) struct Reads {
+    pub msgs: Vec<OutMsg>,
+    pub schema: Option<(u32, u64)>,
+    pub next_seq: u32,
+}
+
+/// Encodes `rows` as reads at positions (`lsn`, `first_seq`...), `cdc_lsn`
+/// in `Cdc-Lsn`; applies the oversize policy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_reads(
+    cfg: &Config,
+    encoder: &mut Encoder,
+    max_payload: usize,
+    schemas: &std::collections::BTreeMap<u32, u64>,
+    rel: &Arc<crate::event::RelationInfo>,
+    rows: Vec<crate::pgoutput::TupleData>,
+    keys: &[Vec<String>],
+    lsn: Lsn,
+    first_seq: u32,
+    cdc_lsn: Lsn,
+) -> Result<Reads> {
+    let mut seq = first_seq;
+    let mut msgs: Vec<OutMsg> = Vec::with_capacity(rows.len() + 1);
+    let mut schema = None;
+    for (row, key) in rows.into_iter().zip(keys) {
+        let ev = Event {
+            pos: Position::new(lsn, seq),
+            lsn: cdc_lsn,
+            tx: None,
+            snapshot: true,
+            body: Body::Row {
+                op: Op::Read,
+                rel: Arc::clone(rel),
+                old: None,
+                new: Some(row),
+            },
+        };
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| Error::new(Kind::Protocol, "a snapshot of more than 4 billion rows"))?;
+        if schema.is_none() && schemas.get(&rel.oid.0) != Some(&rel.schema_hash) {
+            schema = Some((rel.oid.0, rel.schema_hash));
+            let sev = Event {
+                body: Body::Schema {
+                    rel: Arc::clone(rel),
+                },
+                ..ev.clone()
+            };
+            msgs.push(encoder.encode(&sev)?);
+        }
+        let msg = encoder.encode(&ev)?;
+        let size = Publisher::wire_size(&msg);
+        if size > max_payload {
+            let what = format!(
+                "the read of {}.{} with primary key {key:?} is {size} bytes, over the NATS server's max_payload of {max_payload}",
+                rel.schema, rel.table,
+            );
+            if cfg.on_oversize == OversizePolicy::Skip {
+                warn!(subject = %msg.subject, size, "oversized snapshot row skipped (limits.on_oversize = skip)");
+                metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
+                    .increment(1);
+                continue;
+            }
+            return Err(Error::new(
+                Kind::Oversize,
+                format!(
+                    "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\""
+                ),
+            ));
+        }
+        msgs.push(msg);
+    }
+    Ok(Reads {
+        msgs,
+        schema,
+        next_seq: seq,
+    })
 }
 
 fn table_of(cp: &Checkpoint, i: usize) -> Result<TableProgress> {

@@ -1,0 +1,322 @@
+//! `walnats snapshot TABLE...`: re-reading tables while `run` streams, with
+//! DBLog's watermarks.
+//!
+//! The request travels through PostgreSQL: the command writes a
+//! non-transactional logical message (prefix `walnats.snapshot`, naming the
+//! slot and the tables) into the WAL, and the walnats streaming that slot
+//! finds it in its own stream, in order, whenever it gets there (also after
+//! a restart: the request is part of the WAL it replays). The queue lives in
+//! the checkpoint.
+//!
+//! Each chunk (up to 999 rows after the last primary key read):
+//!
+//! 1. write a low watermark (`walnats.watermark`, `low:<id>`), SELECT the
+//!    chunk, write a high watermark (`high:<id>`), all on the SQL side;
+//! 2. while the stream goes from the low to the high watermark, note the
+//!    primary key of every change to that table;
+//! 3. at the high watermark, drop the chunk's rows whose key changed inside
+//!    the window (the streamed change is newer, or as new) and publish the
+//!    rest as `read` events at the high watermark's position, as one atomic
+//!    batch announced in the checkpoint first (as the initial snapshot's).
+//!
+//! A consumer that applies events in stream order ends with the table's
+//! current state. Only a plain SELECT runs: no lock beyond what it takes.
+//! A table without a primary key cannot be chunked this way and is refused.
+//! walnats' own messages (prefix `walnats.`) are never published.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::catalog::{self, Chunk, Cursor, TablePlan};
+use crate::error::{Error, Kind, Result};
+use crate::event::RelationInfo;
+use crate::event::relation::pg_query_err;
+use crate::pgoutput::{TupleData, TupleValue};
+
+/// The logical message prefix of a request.
+pub const REQUEST_PREFIX: &str = "walnats.snapshot";
+/// The logical message prefix of the watermarks.
+pub const WATERMARK_PREFIX: &str = "walnats.watermark";
+
+/// Whether a logical message is walnats' own (never published).
+pub fn is_own_message(prefix: &str) -> bool {
+    prefix == REQUEST_PREFIX || prefix == WATERMARK_PREFIX
+}
+
+/// What `walnats snapshot` writes into the WAL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub slot: String,
+    pub tables: Vec<Target>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+}
+
+/// A table being re-read, in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reread {
+    pub target: Target,
+    pub after: Cursor,
+    pub rows: u64,
+}
+
+/// A chunk announced in the checkpoint before its batch goes out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReread {
+    pub messages: u64,
+    pub end: Cursor,
+    pub last: bool,
+    pub rows: u64,
+    pub schema: Option<(u32, u64)>,
+    /// The position of the last read in the batch.
+    pub last_pos: Option<crate::lsn::Position>,
+}
+
+pub enum Watermark<'a> {
+    Low(&'a str),
+    High(&'a str),
+}
+
+pub fn parse_watermark(content: &[u8]) -> Option<Watermark<'_>> {
+    let s = std::str::from_utf8(content).ok()?;
+    if let Some(id) = s.strip_prefix("low:") {
+        Some(Watermark::Low(id))
+    } else {
+        s.strip_prefix("high:").map(Watermark::High)
+    }
+}
+
+/// Resolves `schema.table` names (or bare names, in `public`) against the
+/// publication; refuses a table that is not published or has no primary
+/// key. Then writes the request into the WAL.
+pub async fn request(
+    sql: &Client,
+    publication: &str,
+    slot: &str,
+    names: &[String],
+    server_version_num: u32,
+) -> Result<(Request, String)> {
+    let mut tables = Vec::new();
+    for name in names {
+        let (schema, table) = match name.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), name.clone()),
+        };
+        let rows = sql
+            .query(
+                "SELECT c.oid::int8 FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| pg_query_err("looking up a table", e))?;
+        let Some(oid) = rows
+            .first()
+            .and_then(|r| u32::try_from(r.get::<_, i64>(0)).ok())
+        else {
+            return Err(Error::new(
+                Kind::Config,
+                format!("table {schema}.{table} does not exist (give it as schema.table)"),
+            ));
+        };
+        let Some(plan) = catalog::plan(sql, publication, oid, server_version_num).await? else {
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "table {schema}.{table} is not in publication {publication:?}: walnats does not stream it, \
+                     so there is nothing to re-read; add it to the publication first"
+                ),
+            ));
+        };
+        if !plan.has_primary_key() {
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "table {schema}.{table} has no primary key: an on-demand snapshot reads in primary key \
+                     chunks while the stream runs, so it cannot re-read it; add a primary key, or drop the \
+                     slot and let a new initial snapshot read it (`walnats slot drop --yes`)"
+                ),
+            ));
+        }
+        tables.push(Target { oid, schema, table });
+    }
+    let req = Request {
+        slot: slot.to_owned(),
+        tables,
+    };
+    let body = serde_json::to_string(&req)
+        .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
+    let row = sql
+        .query_one(
+            "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text",
+            &[&REQUEST_PREFIX, &body],
+        )
+        .await
+        .map_err(|e| pg_query_err("writing the snapshot request into the WAL", e))?;
+    Ok((req, row.get(0)))
+}
+
+/// Low watermark, the chunk, high watermark: in that order, on `sql`.
+///
+/// One more step makes the window exact: a transaction can have its commit
+/// record in the WAL (so the stream delivers its change before the low
+/// watermark) and still be invisible to a SELECT for a moment (it leaves
+/// the proc array after writing the record; much longer when it waits for
+/// a synchronous standby). So after the low watermark walnats waits until
+/// every transaction that was in progress then has finished, and only then
+/// SELECTs: every transaction the SELECT cannot see commits after the low
+/// watermark, inside the window, and its rows are dropped from the chunk.
+pub async fn read_window(
+    sql: &Client,
+    plan: &TablePlan,
+    after: &Cursor,
+    id: &str,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Chunk> {
+    emit_watermark(sql, &format!("low:{id}")).await?;
+    let row = sql
+        .query_one(
+            "SELECT ARRAY(SELECT pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot())::text)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_query_err("reading the transactions in progress", e))?;
+    let running: Vec<String> = row.get(0);
+    let started = std::time::Instant::now();
+    let mut warned = std::time::Duration::from_secs(10);
+    while !running.is_empty() {
+        let row = sql
+            .query_one(
+                "SELECT count(*) FROM unnest($1::text[]) x \
+                 WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
+                &[&running],
+            )
+            .await
+            .map_err(|e| pg_query_err("waiting for transactions in progress", e))?;
+        if row.get::<_, i64>(0) == 0 {
+            break;
+        }
+        if started.elapsed() > warned {
+            tracing::warn!(
+                transactions = ?running,
+                waited_s = started.elapsed().as_secs(),
+                "snapshot chunk waits for transactions that were in progress at its low watermark \
+                 (a long transaction holding writes, or a synchronous standby not answering)"
+            );
+            warned += std::time::Duration::from_secs(30);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let chunk = catalog::read_chunk(sql, plan, after, limit, max_bytes).await?;
+    emit_watermark(sql, &format!("high:{id}")).await?;
+    Ok(chunk)
+}
+
+async fn emit_watermark(sql: &Client, content: &str) -> Result<()> {
+    sql.execute(
+        "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)",
+        &[&WATERMARK_PREFIX, &content],
+    )
+    .await
+    .map_err(|e| pg_query_err("writing a snapshot watermark", e))?;
+    Ok(())
+}
+
+/// The primary key of a streamed row, as text, or `None` when the tuple
+/// does not carry all of it (an unchanged TOASTed key, an old key of
+/// another index): the window then cannot tell, and the chunk is read
+/// again.
+pub fn key_of(rel: &RelationInfo, pk: &[String], t: &TupleData) -> Option<Vec<String>> {
+    let mut out = Vec::with_capacity(pk.len());
+    for name in pk {
+        let i = rel.columns.iter().position(|c| &c.name == name)?;
+        match t.columns.get(i)? {
+            TupleValue::Text(b) => out.push(String::from_utf8(b.to_vec()).ok()?),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// The chunk's rows minus those whose key changed inside the window.
+pub fn without_changed(chunk: &mut Chunk, changed: &HashSet<Vec<String>>) {
+    if changed.is_empty() {
+        return;
+    }
+    let mut keep = Vec::with_capacity(chunk.rows.len());
+    let mut keys = Vec::with_capacity(chunk.keys.len());
+    for (row, key) in std::mem::take(&mut chunk.rows)
+        .into_iter()
+        .zip(std::mem::take(&mut chunk.keys))
+    {
+        if !changed.contains(&key) {
+            keep.push(row);
+            keys.push(key);
+        }
+    }
+    chunk.rows = keep;
+    chunk.keys = keys;
+}
+
+/// Records an announced chunk as in the stream: the queue's cursor moves,
+/// and a finished table leaves the queue (returned).
+pub fn apply(
+    cp: &mut crate::checkpoint::Checkpoint,
+    p: &PendingReread,
+    stream_seq: u64,
+) -> Option<Reread> {
+    cp.pending_reread = None;
+    cp.stream_seq = stream_seq;
+    if let Some(pos) = p.last_pos
+        && cp.pos.is_none_or(|q| q < pos)
+    {
+        cp.pos = Some(pos);
+    }
+    if let Some((oid, hash)) = p.schema {
+        cp.schemas.insert(oid, hash);
+    }
+    let r = cp.rereads.first_mut()?;
+    r.after = p.end.clone();
+    r.rows += p.rows;
+    if p.last {
+        Some(cp.rereads.remove(0))
+    } else {
+        None
+    }
+}
+
+/// On resume: whether the chunk the checkpoint announced landed (the
+/// stream grew by exactly its size, or more once streaming went on after
+/// it). Returns how many messages after it the stream holds.
+pub fn settle(cp: &mut crate::checkpoint::Checkpoint, last_seq: u64) -> Result<u64> {
+    let Some(p) = cp.pending_reread.clone() else {
+        return Ok(last_seq.saturating_sub(cp.stream_seq));
+    };
+    let extra = last_seq.saturating_sub(cp.stream_seq);
+    if extra == 0 {
+        cp.pending_reread = None;
+        return Ok(0);
+    }
+    if extra < p.messages {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "the stream holds {extra} message(s) after the checkpoint, fewer than the {} of the snapshot chunk \
+                 it announced: another client publishes to the stream's subjects; walnats must be its only writer",
+                p.messages
+            ),
+        ));
+    }
+    let seq = cp.stream_seq + p.messages;
+    apply(cp, &p, seq);
+    Ok(extra - p.messages)
+}
