@@ -331,6 +331,7 @@ impl Snapshotter<'_> {
             next_seq: seq,
             schema,
         };
+        let t0 = Instant::now();
         if !msgs.is_empty() {
             // Write-ahead: the checkpoint says what this batch is before it
             // can be in the stream.
@@ -340,7 +341,14 @@ impl Snapshotter<'_> {
             cp.stream_seq = self.publisher.last_seq();
             self.store.save(cp).await?;
         }
+        let t1 = Instant::now();
         let seq = self.publisher.publish_batch(msgs).await?;
+        tracing::debug!(
+            rows,
+            checkpoint_us = (t1 - t0).as_micros() as u64,
+            batch_us = t1.elapsed().as_micros() as u64,
+            "snapshot chunk published"
+        );
         apply(cp, &pending, seq);
         metrics::counter!(http::SNAPSHOT_ROWS).increment(rows);
         metrics::counter!(http::EVENTS_PUBLISHED, "table" => format!("{}.{}", rel.schema, rel.table), "op" => "read")
