@@ -29,10 +29,14 @@ fuzz_target!(|data: &[u8]| {
         elem: Box::new(elem),
         delim,
     };
-    let Some((v, _)) = kinds::write_and_check(&kind, text) else {
+    let Some(written) = kinds::write_and_check(&kind, text) else {
         return;
     };
-    assert!(v.is_array(), "not an array: {v}");
+    assert_eq!(written.first(), Some(&b'['), "not an array");
+    // Fails only on a float beyond f64, checked by the grammar above.
+    let Ok(v) = serde_json::from_slice::<Value>(&written) else {
+        return;
+    };
     if !nested {
         check_shape(&v);
     }

@@ -1,7 +1,7 @@
 //! What the value targets share: checking that what was written is the
 //! JSON it should be.
 
-use serde_json::Value;
+use serde::de::IgnoredAny;
 use walnats::encode::value::ValueKind;
 
 /// json and jsonb text is copied after a shallow check (value.rs says
@@ -17,9 +17,13 @@ pub fn has_json(kind: &ValueKind) -> bool {
 /// Writes `text` as `kind` after a prefix (as into a row's body) and checks
 /// the contract of `write_text_value`: on error the buffer is as it was and
 /// the error names a type and a problem; on success the prefix is intact
-/// and, unless json is involved, what follows is exactly one JSON value.
-/// Returns that value and the bytes written for it.
-pub fn write_and_check(kind: &ValueKind, text: &[u8]) -> Option<(Value, Vec<u8>)> {
+/// and, unless json is involved, what follows is exactly one JSON value by
+/// the grammar. The grammar, not serde_json's `Value`: JSON puts no bound on
+/// numbers and `Value` refuses those beyond f64 (`1.8e+308`), text
+/// PostgreSQL's float output never prints but the writer, which copies
+/// what is a JSON number, accepts; the unit tests check the same way.
+/// Returns the bytes written.
+pub fn write_and_check(kind: &ValueKind, text: &[u8]) -> Option<Vec<u8>> {
     const PREFIX: &[u8] = b"{\"c\":";
     let mut out = PREFIX.to_vec();
     match walnats::encode::value::write_text_value(kind, text, &mut out) {
@@ -34,13 +38,13 @@ pub fn write_and_check(kind: &ValueKind, text: &[u8]) -> Option<(Value, Vec<u8>)
             if has_json(kind) {
                 return None;
             }
-            match serde_json::from_slice::<Value>(written) {
-                Ok(v) => Some((v, written.to_vec())),
-                Err(e) => panic!(
+            if let Err(e) = serde_json::from_slice::<IgnoredAny>(written) {
+                panic!(
                     "{kind:?} wrote invalid JSON ({e}): {:?}",
                     String::from_utf8_lossy(written)
-                ),
+                );
             }
+            Some(written.to_vec())
         }
     }
 }
