@@ -115,6 +115,7 @@ struct RawOutput {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     on_oversize: Option<String>,
+    object_store_bucket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,7 +176,13 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
         "output",
         &[("format", KeyType::Str), ("tx_markers", KeyType::Bool)],
     ),
-    ("limits", &[("on_oversize", KeyType::Str)]),
+    (
+        "limits",
+        &[
+            ("on_oversize", KeyType::Str),
+            ("object_store_bucket", KeyType::Str),
+        ],
+    ),
     ("http", &[("listen", KeyType::Str)]),
 ];
 
@@ -188,6 +195,9 @@ pub struct Config {
     pub snapshot: SnapshotMode,
     pub output: OutputConfig,
     pub on_oversize: OversizePolicy,
+    /// The Object Store bucket for oversized bodies (`on_oversize =
+    /// "object_store"`).
+    pub object_store_bucket: String,
     /// `None` when `[http] listen = ""`.
     pub http_listen: Option<SocketAddr>,
     /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
@@ -427,6 +437,13 @@ pub fn valid_stream_name(s: &str) -> bool {
             .all(|b| b > b' ' && b != 0x7f && !matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\'))
 }
 
+/// KV and Object Store bucket names: letters, digits, `_` and `-`.
+fn valid_bucket_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 fn parse_table_selector(s: &str) -> Result<TableSelector> {
     // Quoted identifiers are not supported here: names with dots would be
     // ambiguous; such tables are selected through a publication made by hand.
@@ -530,11 +547,7 @@ impl RawConfig {
             return Err(config_err("nats.replicas must be between 1 and 5"));
         }
         let checkpoint_bucket = n.checkpoint_bucket.unwrap_or_else(|| "walnats".to_owned());
-        if !checkpoint_bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            || checkpoint_bucket.is_empty()
-        {
+        if !valid_bucket_name(&checkpoint_bucket) {
             return Err(config_err(
                 "nats.checkpoint_bucket may only hold letters, digits, _ and -",
             ));
@@ -615,6 +628,15 @@ impl RawConfig {
                 )));
             }
         };
+        let object_store_bucket = self
+            .limits
+            .object_store_bucket
+            .unwrap_or_else(|| "walnats_oversize".to_owned());
+        if !valid_bucket_name(&object_store_bucket) {
+            return Err(config_err(
+                "limits.object_store_bucket may only hold letters, digits, _ and -",
+            ));
+        }
         let http_listen = match self.http.listen.as_deref().unwrap_or("127.0.0.1:9750") {
             "" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|_| {
@@ -653,6 +675,7 @@ impl RawConfig {
                 tx_markers: self.output.tx_markers.unwrap_or(false),
             },
             on_oversize,
+            object_store_bucket,
             http_listen,
             env_ignored: Vec::new(),
         })
@@ -744,6 +767,7 @@ mod tests {
         assert_eq!(c.output.format, OutputFormat::Json);
         assert!(!c.output.tx_markers);
         assert_eq!(c.on_oversize, OversizePolicy::Fail);
+        assert_eq!(c.object_store_bucket, "walnats_oversize");
         assert_eq!(c.http_listen, Some("127.0.0.1:9750".parse().unwrap()));
     }
 
@@ -758,6 +782,8 @@ mod tests {
                 ("WALNATS_NATS_REPLICAS", "3"),
                 ("WALNATS_OUTPUT_TX_MARKERS", "true"),
                 ("WALNATS_POSTGRES_TABLES", "public.orders, billing.*"),
+                ("WALNATS_LIMITS_ON_OVERSIZE", "object_store"),
+                ("WALNATS_LIMITS_OBJECT_STORE_BUCKET", "big_rows"),
                 ("WALNATS_LOG", "debug"),
                 ("WALNATS_PG15_BIN", "/x"),
             ],
@@ -766,6 +792,8 @@ mod tests {
         assert_eq!(c.postgres.slot, "other");
         assert_eq!(c.nats.replicas, 3);
         assert!(c.output.tx_markers);
+        assert_eq!(c.on_oversize, OversizePolicy::ObjectStore);
+        assert_eq!(c.object_store_bucket, "big_rows");
         assert_eq!(
             c.nats.auth,
             NatsAuth::UserPassword {
@@ -834,6 +862,11 @@ mod tests {
                 MIN,
                 &[("WALNATS_LIMITS_ON_OVERSIZE", "drop")],
                 "limits.on_oversize",
+            ),
+            (
+                MIN,
+                &[("WALNATS_LIMITS_OBJECT_STORE_BUCKET", "a.b")],
+                "limits.object_store_bucket",
             ),
             (MIN, &[("WALNATS_NATS_USER", "bob")], "nats.user"),
             (MIN, &[("WALNATS_NATS_URL", "http://x y")], "nats.url"),

@@ -29,6 +29,7 @@ pub const PUBLISH_LATENCY: &str = "walnats_publish_latency_seconds";
 pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
 pub const ERRORS: &str = "walnats_errors_total";
 pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
+pub const OVERSIZE_STORED: &str = "walnats_oversize_stored_total";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]
@@ -82,6 +83,14 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     metrics::describe_counter!(
         ERRORS,
         "errors that ended a session or the process, by kind"
+    );
+    metrics::describe_counter!(
+        OVERSIZE_SKIPPED,
+        "messages over max_payload not published (limits.on_oversize = skip), by subject"
+    );
+    metrics::describe_counter!(
+        OVERSIZE_STORED,
+        "messages over max_payload stored in the Object Store, a claim check published instead, by subject"
     );
     metrics::counter!(SNAPSHOT_ROWS).absolute(0);
     metrics::counter!(TRANSACTIONS).absolute(0);

@@ -19,12 +19,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{self, Checkpoint, Store, Tracker};
 use crate::config::{Config, OversizePolicy};
-use crate::encode::{self, Encoder};
+use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
 use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
+use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
@@ -46,7 +47,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     health: Arc<Health>,
 ) -> Result<()> {
-    refuse_unsupported(&cfg)?;
     let mut failures: u32 = 0;
     let mut standby = false;
     loop {
@@ -108,21 +108,6 @@ fn backoff(failures: u32) -> Duration {
         .unwrap_or(0);
     let jitter = base / 4 * u64::from(nanos % 1000) / 1000;
     Duration::from_millis(base + jitter)
-}
-
-fn refuse_unsupported(cfg: &Config) -> Result<()> {
-    let missing = if cfg.on_oversize == OversizePolicy::ObjectStore {
-        Some("limits.on_oversize = \"object_store\"")
-    } else {
-        None
-    };
-    match missing {
-        Some(what) => Err(Error::new(
-            Kind::Config,
-            format!("{what} is not available in this build yet: leave it at its default"),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Everything a session needs from PostgreSQL's SQL side and NATS, set up
@@ -238,6 +223,9 @@ struct Session {
     cache: RelationCache,
     encoder: Encoder,
     publisher: Publisher,
+    /// Where oversized bodies go with `on_oversize = "object_store"`.
+    oversize: Option<OversizeStore>,
+    stream_name: String,
     store: Arc<Store>,
     tracker: Tracker,
     inflight: FuturesOrdered<AckFuture>,
@@ -277,6 +265,18 @@ async fn session(
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
     let store = Arc::new(c.store(cfg).await?);
+    let oversize = match cfg.on_oversize {
+        OversizePolicy::ObjectStore => Some(
+            OversizeStore::open(
+                &c.js,
+                &cfg.object_store_bucket,
+                cfg.nats.replicas,
+                c.js.client().server_info().max_payload,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     let slot = &cfg.postgres.slot;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
@@ -374,6 +374,8 @@ async fn session(
         // Counting starts at the checkpoint: the `skip` replayed messages
         // that are already in the stream bring it up to `resume.last_seq`.
         publisher: Publisher::new(c.js.clone(), resume.state.stream_seq),
+        oversize,
+        stream_name: c.stream_name.clone(),
         store,
         tracker: Tracker::new(resume.state.clone()),
         inflight: FuturesOrdered::new(),
@@ -790,6 +792,42 @@ impl Session {
             .clone()
     }
 
+    /// Stores an oversized body in the Object Store and returns the claim
+    /// check to publish in its place. The put is acknowledged before the
+    /// claim is published, so no consumer sees a dangling reference; a
+    /// replay after a crash in between puts the same bytes again.
+    async fn check_in(&mut self, ev: &Event, msg: OutMsg, what: &str) -> Result<OutMsg> {
+        let store = self.oversize.as_ref().ok_or_else(|| {
+            Error::new(
+                Kind::Oversize,
+                format!("{what}, and the Object Store bucket is not open"),
+            )
+        })?;
+        let name = sink::oversize::object_name(&self.stream_name, &msg.msg_id);
+        let content_type = msg
+            .headers
+            .get("Content-Type")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let claim = store.put(&name, &msg.payload, &content_type).await?;
+        let subject = msg.subject.clone();
+        let out = self.encoder.claim_check(ev, msg, &claim)?;
+        let claim_size = Publisher::wire_size(&out);
+        if claim_size > self.publisher.max_payload() {
+            return Err(Error::new(
+                Kind::Oversize,
+                format!(
+                    "{what}, and even its claim check is {claim_size} bytes (its key is that large): \
+                     raise max_payload on the NATS server; nothing was confirmed past it"
+                ),
+            ));
+        }
+        info!(%subject, size = claim.size, bucket = %claim.bucket, object = %claim.name,
+            "oversized message stored in the Object Store; its claim check goes to the stream");
+        metrics::counter!(http::OVERSIZE_STORED, "subject" => subject).increment(1);
+        Ok(out)
+    }
+
     async fn emit_one(
         &mut self,
         ev: &Event,
@@ -800,7 +838,7 @@ impl Session {
         // Encode first: whether a message is dropped by the oversize policy
         // must be decided the same way when it is replayed, or the count of
         // messages already in the stream would drift.
-        let msg = self.encoder.encode(ev)?;
+        let mut msg = self.encoder.encode(ev)?;
         let size = Publisher::wire_size(&msg);
         if size > self.publisher.max_payload() {
             let what = format!(
@@ -820,13 +858,19 @@ impl Session {
                         .push_back(Box::pin(std::future::ready(Ok(Acked::Dropped { pos: p }))));
                     return Ok(());
                 }
+                // Already in the stream (skip > 0): its body was stored
+                // before it was published, and only its id is checked.
+                (OversizePolicy::ObjectStore, _) if self.skip == 0 => {
+                    msg = self.check_in(ev, msg, &what).await?;
+                }
+                (OversizePolicy::ObjectStore, _) => {}
                 _ => {
                     error!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message");
                     return Err(Error::new(
                         Kind::Oversize,
                         format!(
-                            "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\"; \
-                             nothing was confirmed past it"
+                            "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"object_store\" \
+                             or \"skip\"; nothing was confirmed past it"
                         ),
                     ));
                 }

@@ -31,6 +31,17 @@ pub struct OutMsg {
     pub msg_id: String,
 }
 
+/// Where an oversized body went (`limits.on_oversize = "object_store"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub bucket: String,
+    pub name: String,
+    /// The body's length in bytes.
+    pub size: u64,
+    /// As the Object Store reports it: `SHA-256=<base64url>`.
+    pub digest: String,
+}
+
 /// What every message of this walnats says about where it comes from.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -77,6 +88,8 @@ struct Names {
     seq: HeaderName,
     content_type: HeaderName,
     transactional: HeaderName,
+    claim_check: HeaderName,
+    body_size: HeaderName,
 }
 
 impl Names {
@@ -90,6 +103,8 @@ impl Names {
             seq: "Cdc-Seq".into_header_name(),
             content_type: "Content-Type".into_header_name(),
             transactional: "Cdc-Transactional".into_header_name(),
+            claim_check: "Cdc-Claim-Check".into_header_name(),
+            body_size: "Cdc-Body-Size".into_header_name(),
         }
     }
 }
@@ -124,6 +139,30 @@ impl Encoder {
 
     pub fn source(&self) -> &Source {
         &self.src
+    }
+
+    /// The claim check that goes out instead of `original` once its body
+    /// is stored as `claim`: same subject and headers (so the same
+    /// `Nats-Msg-Id` and position), plus `Cdc-Claim-Check: <bucket>/<name>`
+    /// and `Cdc-Body-Size`, with a small JSON body saying where the real
+    /// one is.
+    pub fn claim_check(&mut self, ev: &Event, original: OutMsg, claim: &Claim) -> Result<OutMsg> {
+        self.buf.clear();
+        json::write_claim(&mut self.buf, &self.src, ev, claim)?;
+        let n = &self.names;
+        let mut headers = original.headers;
+        headers.insert(
+            n.claim_check.clone(),
+            HeaderValue::from(format!("{}/{}", claim.bucket, claim.name)),
+        );
+        headers.insert(n.body_size.clone(), itoa::Buffer::new().format(claim.size));
+        headers.insert(n.content_type.clone(), "application/json");
+        Ok(OutMsg {
+            subject: original.subject,
+            headers,
+            payload: Bytes::copy_from_slice(&self.buf),
+            msg_id: original.msg_id,
+        })
     }
 
     pub fn encode(&mut self, ev: &Event) -> Result<OutMsg> {
