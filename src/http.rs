@@ -30,6 +30,7 @@ pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
 pub const ERRORS: &str = "walnats_errors_total";
 pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
 pub const OVERSIZE_STORED: &str = "walnats_oversize_stored_total";
+pub const SLOT_WAL_RETAINED: &str = "walnats_slot_wal_retained_bytes";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]
@@ -83,6 +84,10 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     metrics::describe_counter!(
         ERRORS,
         "errors that ended a session or the process, by kind"
+    );
+    metrics::describe_gauge!(
+        SLOT_WAL_RETAINED,
+        "bytes of WAL the slot keeps on the server (its WAL position minus the slot's restart_lsn)"
     );
     metrics::describe_counter!(
         OVERSIZE_SKIPPED,

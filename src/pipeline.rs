@@ -27,6 +27,7 @@ use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
+use crate::source::upkeep::{self, WalWatch};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
@@ -49,12 +50,13 @@ pub async fn run(
 ) -> Result<()> {
     let mut failures: u32 = 0;
     let mut standby = false;
+    let wal_watch = Arc::new(WalWatch::default());
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        let result = session(&cfg, shutdown.clone(), &health).await;
+        let result = session(&cfg, shutdown.clone(), &health, &wal_watch).await;
         health.set_ready(false);
         let err = match result {
             Ok(()) => return Ok(()),
@@ -235,6 +237,10 @@ struct Session {
     published_through: Option<Position>,
     /// Replayed messages after `published_through` that are in the stream.
     skip: u64,
+    /// When the last pgoutput message arrived, and whether the replay was
+    /// already reported as stuck short of `skip`.
+    last_data: Instant,
+    stall_warned: bool,
     last_msg_id: Option<String>,
     /// `_schema` state as of the last emitted message.
     emitted_schemas: BTreeMap<u32, u64>,
@@ -255,6 +261,7 @@ async fn session(
     cfg: &Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
     health: &Arc<Health>,
+    wal_watch: &Arc<WalWatch>,
 ) -> Result<()> {
     let c = connect_both(cfg).await?;
     setup::require_logical_wal(&c.sql).await?;
@@ -383,6 +390,8 @@ async fn session(
         tx: None,
         published_through: resume.state.pos,
         skip: resume.skip,
+        last_data: Instant::now(),
+        stall_warned: false,
         last_msg_id: resume.last_msg_id,
         emitted_schemas: resume.state.schemas.clone(),
         markers_before: resume.state.tx_markers,
@@ -397,8 +406,22 @@ async fn session(
     if s.skip == 0 {
         s.tracker.set_tx_markers(cfg.output.tx_markers);
     }
+    // Stops with the session.
+    let _upkeep = upkeep::start(
+        Arc::clone(&c.sql),
+        slot.clone(),
+        cfg.postgres.heartbeat_interval,
+        cfg.wal_retained_warn,
+        Arc::clone(wal_watch),
+    );
     health.set_ready(true);
     s.stream(&mut shutdown).await
+}
+
+/// walnats' own heartbeats (`postgres.heartbeat_interval`): filtered by
+/// their prefix alone, so a replay drops exactly what the first pass did.
+fn is_own_heartbeat(prefix: &str) -> bool {
+    prefix == upkeep::HEARTBEAT_PREFIX
 }
 
 impl Session {
@@ -428,6 +451,7 @@ impl Session {
                 }
                 _ = status.tick() => {
                     self.status_due = true;
+                    self.warn_if_replay_stalled();
                 }
                 msg = self.conn.recv(), if can_read => {
                     self.on_replication(msg?).await?;
@@ -468,6 +492,34 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// The stream holds `skip` more messages than the replay has produced,
+    /// and the replay has gone quiet at the server's WAL end: say so once,
+    /// instead of waiting silently. (More WAL may still bring them: walnats
+    /// keeps waiting and publishes nothing new until they are matched.)
+    fn warn_if_replay_stalled(&mut self) {
+        const QUIET: Duration = Duration::from_secs(10);
+        if self.stall_warned
+            || self.skip == 0
+            || self.tx.is_some()
+            || self.last_data.elapsed() < QUIET
+            || self.server_end < self.received
+        {
+            return;
+        }
+        self.stall_warned = true;
+        warn!(
+            expected = self.skip,
+            wal_end = %self.server_end,
+            after = ?self.published_through,
+            "replaying the slot from the checkpoint reached the end of the WAL, but the stream holds {} more \
+             message(s) than the replay produced; walnats publishes nothing new until the replay matches them. \
+             If no write is pending in this database, something other than walnats published to the stream's \
+             subjects, or the publication or output settings changed since those messages were published: \
+             see README, Exactly once",
+            self.skip
+        );
     }
 
     async fn send_status(&mut self, reply: bool) -> Result<()> {
@@ -535,6 +587,7 @@ impl Session {
                 ..
             } => {
                 self.received = self.received.max(wal_end);
+                self.last_data = Instant::now();
                 let m = self.decoder.decode(data).map_err(Error::from)?;
                 self.on_pgoutput(m, wal_start).await
             }
@@ -668,6 +721,14 @@ impl Session {
                         },
                     })
                     .await?;
+                }
+            }
+            Message::LogicalMessage(m) if is_own_heartbeat(&m.prefix) => {
+                // Never published. Like a keepalive, it is a position an
+                // idle slot may confirm: a replay from there sends it again
+                // and it is dropped again.
+                if !m.transactional {
+                    self.server_end = self.server_end.max(m.lsn);
                 }
             }
             Message::LogicalMessage(m) => {

@@ -17,3 +17,4 @@ mod pg_connection;
 mod secrets;
 mod streaming;
 mod tail;
+mod wal;
