@@ -12,6 +12,7 @@ mod exactly_once;
 mod examples;
 mod http;
 mod limits;
+mod memory;
 mod nats_auth;
 mod pg_connection;
 mod secrets;

@@ -124,11 +124,12 @@ impl Encoder {
             src,
             names: Names::new(),
             format,
-            buf: Vec::with_capacity(4096),
+            buf: Vec::with_capacity(INITIAL_BUF),
         }
     }
 
     fn write_change(&mut self, ev: &Event) -> Result<()> {
+        self.buf.reserve(size_hint(ev));
         match self.format {
             OutputFormat::Json => json::write_row(&mut self.buf, &self.src, ev),
             OutputFormat::Debezium => {
@@ -167,6 +168,7 @@ impl Encoder {
 
     pub fn encode(&mut self, ev: &Event) -> Result<OutMsg> {
         self.buf.clear();
+        let mut raw = None;
         let (subject, content_type, msg_id) = match &ev.body {
             Body::Row { op, rel, .. } => {
                 self.write_change(ev)?;
@@ -187,7 +189,8 @@ impl Encoder {
             Body::Message {
                 prefix, content, ..
             } => {
-                self.buf.extend_from_slice(content);
+                // The body is the content itself: shared, not copied.
+                raw = Some(content.clone());
                 let mut subject = format!("{}._message.", self.src.prefix);
                 push_escaped(&mut subject, prefix);
                 (
@@ -241,12 +244,61 @@ impl Encoder {
                 if *transactional { "true" } else { "false" },
             );
         }
+        let payload = match raw {
+            Some(b) => b,
+            None => self.take_body(),
+        };
         Ok(OutMsg {
             subject,
             headers,
-            payload: Bytes::copy_from_slice(&self.buf),
+            payload,
             msg_id,
         })
+    }
+
+    /// The body written into `buf`. A large one is handed over rather than
+    /// copied, and `buf` starts small again, so that one huge row neither
+    /// needs a second copy nor stays allocated after it is published.
+    fn take_body(&mut self) -> Bytes {
+        if self.buf.len() > LARGE_BODY {
+            Bytes::from(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(INITIAL_BUF),
+            ))
+        } else {
+            Bytes::copy_from_slice(&self.buf)
+        }
+    }
+}
+
+const INITIAL_BUF: usize = 4096;
+/// Bodies above this are moved out of the encoder's buffer, not copied.
+const LARGE_BODY: usize = 64 * 1024;
+
+/// The bytes of a change's values, which its body holds at least: reserved
+/// up front so a huge row is not grown by doubling (which would hold the
+/// old and the new buffer at once).
+fn size_hint(ev: &Event) -> usize {
+    use crate::pgoutput::{OldTuple, TupleData, TupleValue};
+    fn tuple(t: &TupleData) -> usize {
+        t.columns
+            .iter()
+            .map(|v| match v {
+                TupleValue::Text(b) | TupleValue::Binary(b) => b.len(),
+                TupleValue::Null | TupleValue::Unchanged => 0,
+            })
+            .fold(0usize, usize::saturating_add)
+    }
+    match &ev.body {
+        Body::Row { old, new, .. } => {
+            let old = match old {
+                Some(OldTuple::Key(t) | OldTuple::Full(t)) => tuple(t),
+                None => 0,
+            };
+            old.saturating_add(new.as_ref().map_or(0, tuple))
+                .saturating_add(512)
+        }
+        _ => 0,
     }
 }
 
