@@ -495,9 +495,11 @@ impl Session {
     }
 
     /// The stream holds `skip` more messages than the replay has produced,
-    /// and the replay has gone quiet at the server's WAL end: say so once,
-    /// instead of waiting silently. (More WAL may still bring them: walnats
-    /// keeps waiting and publishes nothing new until they are matched.)
+    /// and the replay has gone quiet (no data for 10 s, nothing open, the
+    /// keepalives at or past what arrived): say so once instead of waiting
+    /// silently. It may be a false alarm while the server decodes a huge
+    /// transaction before its first change, hence a warning, not an error:
+    /// walnats keeps waiting and publishes nothing new until they match.
     fn warn_if_replay_stalled(&mut self) {
         const QUIET: Duration = Duration::from_secs(10);
         if self.stall_warned
@@ -513,11 +515,12 @@ impl Session {
             expected = self.skip,
             wal_end = %self.server_end,
             after = ?self.published_through,
-            "replaying the slot from the checkpoint reached the end of the WAL, but the stream holds {} more \
-             message(s) than the replay produced; walnats publishes nothing new until the replay matches them. \
-             If no write is pending in this database, something other than walnats published to the stream's \
-             subjects, or the publication or output settings changed since those messages were published: \
-             see README, Exactly once",
+            "the replay of the slot from the checkpoint seems to have reached the end of the WAL (nothing \
+             for 10 s), but the stream holds {} more message(s) than the replay produced; walnats publishes \
+             nothing new until the replay matches them. Unless the server is still decoding a large \
+             transaction, something other than walnats published to the stream's subjects, or the \
+             publication or output settings changed since those messages were published: see README, \
+             The slot and its WAL",
             self.skip
         );
     }
