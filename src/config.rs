@@ -973,6 +973,22 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads_and_documents_every_key() {
+        let text = include_str!("../config/walnats.example.toml");
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c.postgres.heartbeat_interval, Some(Duration::from_secs(30)));
+        for (section, keys) in KEYS {
+            assert!(text.contains(&format!("[{section}]")), "[{section}]");
+            for (key, _) in *keys {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{section}.{key} is not in config/walnats.example.toml"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn durations_and_sizes_parse_with_their_units() {
         assert_eq!(parse_duration("0"), Some(Duration::ZERO));
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
