@@ -217,18 +217,18 @@ async fn with_object_store_kill_9_loses_and_duplicates_nothing() {
             client
                 .batch_execute(&format!(
                     "BEGIN; INSERT INTO big VALUES ({}, 'small');
-                     INSERT INTO big VALUES ({}, repeat(md5('{i}'), 400)); COMMIT;",
+                     INSERT INTO big VALUES ({}, repeat(md5('{i}'), 6400)); COMMIT;",
                     2 * i,
                     2 * i + 1
                 ))
                 .await
                 .unwrap();
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
     let mut rng = Rng::from_env();
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(rng.range(50, 700))).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rng.range(20, 500))).await;
         w.kill9();
         w = spawn();
     }
@@ -249,7 +249,7 @@ async fn with_object_store_kill_9_loses_and_duplicates_nothing() {
         assert_eq!(claim["key"]["id"].as_i64(), Some(id));
         let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(body["after"]["id"].as_i64(), Some(id));
-        assert_eq!(body["after"]["v"].as_str().map(str::len), Some(32 * 400));
+        assert_eq!(body["after"]["v"].as_str().map(str::len), Some(32 * 6400));
         assert_eq!(body["source"], claim["source"]);
     }
     w.sigterm();
