@@ -72,6 +72,7 @@ struct RawPostgres {
     publication: Option<String>,
     tables: Option<Vec<String>>,
     status_interval_ms: Option<u64>,
+    heartbeat_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +116,8 @@ struct RawOutput {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     on_oversize: Option<String>,
+    object_store_bucket: Option<String>,
+    wal_retained_warn: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +147,7 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
             ("publication", KeyType::Str),
             ("tables", KeyType::StrList),
             ("status_interval_ms", KeyType::Int),
+            ("heartbeat_interval", KeyType::Str),
         ],
     ),
     (
@@ -175,7 +179,14 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
         "output",
         &[("format", KeyType::Str), ("tx_markers", KeyType::Bool)],
     ),
-    ("limits", &[("on_oversize", KeyType::Str)]),
+    (
+        "limits",
+        &[
+            ("on_oversize", KeyType::Str),
+            ("object_store_bucket", KeyType::Str),
+            ("wal_retained_warn", KeyType::Str),
+        ],
+    ),
     ("http", &[("listen", KeyType::Str)]),
 ];
 
@@ -188,6 +199,11 @@ pub struct Config {
     pub snapshot: SnapshotMode,
     pub output: OutputConfig,
     pub on_oversize: OversizePolicy,
+    /// The Object Store bucket for oversized bodies (`on_oversize =
+    /// "object_store"`).
+    pub object_store_bucket: String,
+    /// Warn when the slot retains more WAL than this; `None`: never.
+    pub wal_retained_warn: Option<u64>,
     /// `None` when `[http] listen = ""`.
     pub http_listen: Option<SocketAddr>,
     /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
@@ -208,6 +224,8 @@ pub struct PostgresConfig {
     /// Empty: all tables.
     pub tables: Vec<TableSelector>,
     pub status_interval: Duration,
+    /// `pg_logical_emit_message` heartbeats; `None`: off.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,6 +445,54 @@ pub fn valid_stream_name(s: &str) -> bool {
             .all(|b| b > b' ' && b != 0x7f && !matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\'))
 }
 
+/// `"30s"`, `"500ms"`, `"5m"`, `"1h"`, or `"0"`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+/// `"1GiB"`, `"512MiB"`, `"64KiB"` (powers of 1024), `"10GB"`, `"500MB"`,
+/// `"1kB"` (powers of 1000), `"1048576"` or `"1048576B"` (bytes).
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+/// KV and Object Store bucket names: letters, digits, `_` and `-`.
+fn valid_bucket_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 fn parse_table_selector(s: &str) -> Result<TableSelector> {
     // Quoted identifiers are not supported here: names with dots would be
     // ambiguous; such tables are selected through a publication made by hand.
@@ -484,6 +550,13 @@ impl RawConfig {
                 "postgres.status_interval_ms must be between 1 and 30000 (well inside wal_sender_timeout)",
             ));
         }
+        let heartbeat_interval =
+            parse_duration(pg.heartbeat_interval.as_deref().unwrap_or("30s")).ok_or_else(|| {
+                config_err(
+                    "postgres.heartbeat_interval must be a duration like \"30s\", \"500ms\", \"5m\", or \"0\" (off)",
+                )
+            })?;
+        let heartbeat_interval = (!heartbeat_interval.is_zero()).then_some(heartbeat_interval);
         let pg_password = one_secret(pg.password, pg.password_file, "postgres.password")?;
         // Every URL parameter is checked now, before anything is touched,
         // and kept parsed for every connection made later.
@@ -530,11 +603,7 @@ impl RawConfig {
             return Err(config_err("nats.replicas must be between 1 and 5"));
         }
         let checkpoint_bucket = n.checkpoint_bucket.unwrap_or_else(|| "walnats".to_owned());
-        if !checkpoint_bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            || checkpoint_bucket.is_empty()
-        {
+        if !valid_bucket_name(&checkpoint_bucket) {
             return Err(config_err(
                 "nats.checkpoint_bucket may only hold letters, digits, _ and -",
             ));
@@ -615,6 +684,24 @@ impl RawConfig {
                 )));
             }
         };
+        let object_store_bucket = self
+            .limits
+            .object_store_bucket
+            .unwrap_or_else(|| "walnats_oversize".to_owned());
+        if !valid_bucket_name(&object_store_bucket) {
+            return Err(config_err(
+                "limits.object_store_bucket may only hold letters, digits, _ and -",
+            ));
+        }
+        let wal_retained_warn = parse_bytes(
+            self.limits.wal_retained_warn.as_deref().unwrap_or("1GiB"),
+        )
+        .ok_or_else(|| {
+            config_err(
+                "limits.wal_retained_warn must be a size like \"1GiB\", \"512MiB\", \"10GB\", or \"0\" (never warn)",
+            )
+        })?;
+        let wal_retained_warn = (wal_retained_warn > 0).then_some(wal_retained_warn);
         let http_listen = match self.http.listen.as_deref().unwrap_or("127.0.0.1:9750") {
             "" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|_| {
@@ -633,6 +720,7 @@ impl RawConfig {
                 publication,
                 tables,
                 status_interval,
+                heartbeat_interval,
             },
             nats: NatsConfig {
                 url: nats_url,
@@ -653,6 +741,8 @@ impl RawConfig {
                 tx_markers: self.output.tx_markers.unwrap_or(false),
             },
             on_oversize,
+            object_store_bucket,
+            wal_retained_warn,
             http_listen,
             env_ignored: Vec::new(),
         })
@@ -744,6 +834,9 @@ mod tests {
         assert_eq!(c.output.format, OutputFormat::Json);
         assert!(!c.output.tx_markers);
         assert_eq!(c.on_oversize, OversizePolicy::Fail);
+        assert_eq!(c.object_store_bucket, "walnats_oversize");
+        assert_eq!(c.postgres.heartbeat_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.wal_retained_warn, Some(1 << 30));
         assert_eq!(c.http_listen, Some("127.0.0.1:9750".parse().unwrap()));
     }
 
@@ -758,6 +851,10 @@ mod tests {
                 ("WALNATS_NATS_REPLICAS", "3"),
                 ("WALNATS_OUTPUT_TX_MARKERS", "true"),
                 ("WALNATS_POSTGRES_TABLES", "public.orders, billing.*"),
+                ("WALNATS_LIMITS_ON_OVERSIZE", "object_store"),
+                ("WALNATS_LIMITS_OBJECT_STORE_BUCKET", "big_rows"),
+                ("WALNATS_POSTGRES_HEARTBEAT_INTERVAL", "0"),
+                ("WALNATS_LIMITS_WAL_RETAINED_WARN", "512MiB"),
                 ("WALNATS_LOG", "debug"),
                 ("WALNATS_PG15_BIN", "/x"),
             ],
@@ -766,6 +863,10 @@ mod tests {
         assert_eq!(c.postgres.slot, "other");
         assert_eq!(c.nats.replicas, 3);
         assert!(c.output.tx_markers);
+        assert_eq!(c.on_oversize, OversizePolicy::ObjectStore);
+        assert_eq!(c.object_store_bucket, "big_rows");
+        assert_eq!(c.postgres.heartbeat_interval, None);
+        assert_eq!(c.wal_retained_warn, Some(512 << 20));
         assert_eq!(
             c.nats.auth,
             NatsAuth::UserPassword {
@@ -835,6 +936,21 @@ mod tests {
                 &[("WALNATS_LIMITS_ON_OVERSIZE", "drop")],
                 "limits.on_oversize",
             ),
+            (
+                MIN,
+                &[("WALNATS_LIMITS_OBJECT_STORE_BUCKET", "a.b")],
+                "limits.object_store_bucket",
+            ),
+            (
+                MIN,
+                &[("WALNATS_POSTGRES_HEARTBEAT_INTERVAL", "often")],
+                "postgres.heartbeat_interval",
+            ),
+            (
+                MIN,
+                &[("WALNATS_LIMITS_WAL_RETAINED_WARN", "1 gig")],
+                "limits.wal_retained_warn",
+            ),
             (MIN, &[("WALNATS_NATS_USER", "bob")], "nats.user"),
             (MIN, &[("WALNATS_NATS_URL", "http://x y")], "nats.url"),
             (MIN, &[("WALNATS_HTTP_LISTEN", "nowhere")], "http.listen"),
@@ -854,6 +970,43 @@ mod tests {
                 err.to_string()
             );
         }
+    }
+
+    #[test]
+    fn the_example_config_loads_and_documents_every_key() {
+        let text = include_str!("../config/walnats.example.toml");
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c.postgres.heartbeat_interval, Some(Duration::from_secs(30)));
+        for (section, keys) in KEYS {
+            assert!(text.contains(&format!("[{section}]")), "[{section}]");
+            for (key, _) in *keys {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{section}.{key} is not in config/walnats.example.toml"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_with_their_units() {
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_bytes("0"), Some(0));
+        assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+        assert_eq!(parse_bytes("1gib"), Some(1 << 30));
+        assert_eq!(parse_bytes("10GB"), Some(10_000_000_000));
+        assert_eq!(parse_bytes("64KiB"), Some(65_536));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("4096B"), Some(4096));
+        assert_eq!(parse_bytes("1 PiB"), None);
+        assert_eq!(parse_bytes("99999999999TiB"), None);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub const SNAPSHOT_ROWS: &str = "walnats_snapshot_rows_total";
 pub const ERRORS: &str = "walnats_errors_total";
 pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
 pub const READY: &str = "walnats_ready";
+pub const OVERSIZE_STORED: &str = "walnats_oversize_stored_total";
+pub const SLOT_WAL_RETAINED: &str = "walnats_slot_wal_retained_bytes";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]
@@ -50,8 +52,9 @@ impl Health {
     }
 }
 
-/// Installs the Prometheus recorder (once per process) and describes every
-/// metric, so that each appears in `/metrics` from the start.
+/// Installs the Prometheus recorder (once per process), describes every
+/// metric, so that each appears in `/metrics` from the start, and drains
+/// histogram samples every 5 s. Must run inside the Tokio runtime.
 pub fn install_metrics() -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
@@ -92,8 +95,31 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         "1 while a session streams with PostgreSQL and NATS connected (as /readyz), else 0"
     );
     metrics::gauge!(READY).set(0.0);
+    metrics::describe_gauge!(
+        SLOT_WAL_RETAINED,
+        "bytes of WAL the slot keeps on the server (its WAL position minus the slot's restart_lsn)"
+    );
+    metrics::describe_counter!(
+        OVERSIZE_SKIPPED,
+        "messages over max_payload not published (limits.on_oversize = skip), by subject"
+    );
+    metrics::describe_counter!(
+        OVERSIZE_STORED,
+        "messages over max_payload stored in the Object Store, a claim check published instead, by subject"
+    );
     metrics::counter!(SNAPSHOT_ROWS).absolute(0);
     metrics::counter!(TRANSACTIONS).absolute(0);
+    // Histogram samples pile up until drained into their buckets: drain
+    // them whether or not anything scrapes (with HTTP off they grew by ~8
+    // bytes per published change, without bound).
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     Ok(handle)
 }
 
@@ -119,15 +145,6 @@ pub async fn serve(
             e,
         )
     })?;
-    let upkeep = metrics.clone();
-    tokio::spawn(async move {
-        // Histograms are drained into their buckets here.
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))

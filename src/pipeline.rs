@@ -19,14 +19,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{self, Checkpoint, Store, Tracker};
 use crate::config::{Config, OversizePolicy, SnapshotMode};
-use crate::encode::{self, Encoder};
+use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
 use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{self, Message};
+use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
 use crate::snapshot::{self, SnapshotState, reread};
+use crate::source::upkeep::{self, WalWatch};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
@@ -47,15 +49,15 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     health: Arc<Health>,
 ) -> Result<()> {
-    refuse_unsupported(&cfg)?;
     let mut failures: u32 = 0;
     let mut standby = false;
+    let wal_watch = Arc::new(WalWatch::default());
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        let result = session(&cfg, shutdown.clone(), &health).await;
+        let result = session(&cfg, shutdown.clone(), &health, &wal_watch).await;
         health.set_ready(false);
         let err = match result {
             Ok(()) => return Ok(()),
@@ -120,21 +122,6 @@ fn backoff(failures: u32) -> Duration {
         .unwrap_or(0);
     let jitter = base / 4 * u64::from(nanos % 1000) / 1000;
     Duration::from_millis(base + jitter)
-}
-
-fn refuse_unsupported(cfg: &Config) -> Result<()> {
-    let missing = if cfg.on_oversize == OversizePolicy::ObjectStore {
-        Some("limits.on_oversize = \"object_store\"")
-    } else {
-        None
-    };
-    match missing {
-        Some(what) => Err(Error::new(
-            Kind::Config,
-            format!("{what} is not available in this build yet: leave it at its default"),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Everything a session needs from PostgreSQL's SQL side and NATS, set up
@@ -272,6 +259,9 @@ struct Session {
     cache: RelationCache,
     encoder: Encoder,
     publisher: Publisher,
+    /// Where oversized bodies go with `on_oversize = "object_store"`.
+    oversize: Option<OversizeStore>,
+    stream_name: String,
     store: Arc<Store>,
     tracker: Tracker,
     inflight: FuturesOrdered<AckFuture>,
@@ -281,6 +271,10 @@ struct Session {
     published_through: Option<Position>,
     /// Replayed messages after `published_through` that are in the stream.
     skip: u64,
+    /// When the last pgoutput message arrived, and whether the replay was
+    /// already reported as stuck short of `skip`.
+    last_data: Instant,
+    stall_warned: bool,
     last_msg_id: Option<String>,
     /// `_schema` state as of the last emitted message.
     emitted_schemas: BTreeMap<u32, u64>,
@@ -307,6 +301,7 @@ async fn session(
     cfg: &Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
     health: &Arc<Health>,
+    wal_watch: &Arc<WalWatch>,
 ) -> Result<()> {
     let c = connect_both(cfg).await?;
     setup::require_logical_wal(&c.sql).await?;
@@ -317,6 +312,18 @@ async fn session(
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
     let store = Arc::new(c.store(cfg).await?);
+    let oversize = match cfg.on_oversize {
+        OversizePolicy::ObjectStore => Some(
+            OversizeStore::open(
+                &c.js,
+                &cfg.object_store_bucket,
+                cfg.nats.replicas,
+                c.js.client().server_info().max_payload,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     let slot = &cfg.postgres.slot;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
@@ -479,6 +486,8 @@ async fn session(
         // Counting starts at the checkpoint: the `skip` replayed messages
         // that are already in the stream bring it up to `resume.last_seq`.
         publisher: Publisher::new(c.js.clone(), resume.state.stream_seq),
+        oversize,
+        stream_name: c.stream_name.clone(),
         store,
         tracker: Tracker::new(resume.state.clone()),
         inflight: FuturesOrdered::new(),
@@ -486,6 +495,8 @@ async fn session(
         tx: None,
         published_through: resume.state.pos,
         skip: resume.skip,
+        last_data: Instant::now(),
+        stall_warned: false,
         last_msg_id: resume.last_msg_id,
         emitted_schemas: resume.state.schemas.clone(),
         markers_before: resume.state.tx_markers,
@@ -508,8 +519,22 @@ async fn session(
     if s.skip == 0 {
         s.tracker.set_tx_markers(cfg.output.tx_markers);
     }
+    // Stops with the session.
+    let _upkeep = upkeep::start(
+        Arc::clone(&c.sql),
+        slot.clone(),
+        cfg.postgres.heartbeat_interval,
+        cfg.wal_retained_warn,
+        Arc::clone(wal_watch),
+    );
     health.set_ready(true);
     s.stream(&mut shutdown).await
+}
+
+/// walnats' own heartbeats (`postgres.heartbeat_interval`): filtered by
+/// their prefix alone, so a replay drops exactly what the first pass did.
+fn is_own_heartbeat(prefix: &str) -> bool {
+    prefix == upkeep::HEARTBEAT_PREFIX
 }
 
 impl Session {
@@ -539,6 +564,7 @@ impl Session {
                 }
                 _ = status.tick() => {
                     self.status_due = true;
+                    self.warn_if_replay_stalled();
                 }
                 read = async {
                     match self.window.as_mut().and_then(|w| w.task.as_mut()) {
@@ -594,6 +620,37 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// The stream holds `skip` more messages than the replay has produced,
+    /// and the replay has gone quiet (no data for 10 s, nothing open, the
+    /// keepalives at or past what arrived): say so once instead of waiting
+    /// silently. It may be a false alarm while the server decodes a huge
+    /// transaction before its first change, hence a warning, not an error:
+    /// walnats keeps waiting and publishes nothing new until they match.
+    fn warn_if_replay_stalled(&mut self) {
+        const QUIET: Duration = Duration::from_secs(10);
+        if self.stall_warned
+            || self.skip == 0
+            || self.tx.is_some()
+            || self.last_data.elapsed() < QUIET
+            || self.server_end < self.received
+        {
+            return;
+        }
+        self.stall_warned = true;
+        warn!(
+            expected = self.skip,
+            wal_end = %self.server_end,
+            after = ?self.published_through,
+            "the replay of the slot from the checkpoint seems to have reached the end of the WAL (nothing \
+             for 10 s), but the stream holds {} more message(s) than the replay produced; walnats publishes \
+             nothing new until the replay matches them. Unless the server is still decoding a large \
+             transaction, something other than walnats published to the stream's subjects, or the \
+             publication or output settings changed since those messages were published: see README, \
+             The slot and its WAL",
+            self.skip
+        );
     }
 
     async fn send_status(&mut self, reply: bool) -> Result<()> {
@@ -677,6 +734,7 @@ impl Session {
                 ..
             } => {
                 self.received = self.received.max(wal_end);
+                self.last_data = Instant::now();
                 let m = self.decoder.decode(data).map_err(Error::from)?;
                 self.on_pgoutput(m, wal_start).await
             }
@@ -816,6 +874,14 @@ impl Session {
                         },
                     })
                     .await?;
+                }
+            }
+            Message::LogicalMessage(m) if is_own_heartbeat(&m.prefix) => {
+                // Never published. Like a keepalive, it is a position an
+                // idle slot may confirm: a replay from there sends it again
+                // and it is dropped again.
+                if !m.transactional {
+                    self.server_end = self.server_end.max(m.lsn);
                 }
             }
             Message::LogicalMessage(m) if reread::is_own_message(&m.prefix) => {
@@ -1141,6 +1207,42 @@ impl Session {
             .clone()
     }
 
+    /// Stores an oversized body in the Object Store and returns the claim
+    /// check to publish in its place. The put is acknowledged before the
+    /// claim is published, so no consumer sees a dangling reference; a
+    /// replay after a crash in between puts the same bytes again.
+    async fn check_in(&mut self, ev: &Event, msg: OutMsg, what: &str) -> Result<OutMsg> {
+        let store = self.oversize.as_ref().ok_or_else(|| {
+            Error::new(
+                Kind::Oversize,
+                format!("{what}, and the Object Store bucket is not open"),
+            )
+        })?;
+        let name = sink::oversize::object_name(&self.stream_name, &msg.msg_id);
+        let content_type = msg
+            .headers
+            .get("Content-Type")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let claim = store.put(&name, &msg.payload, &content_type).await?;
+        let subject = msg.subject.clone();
+        let out = self.encoder.claim_check(ev, msg, &claim)?;
+        let claim_size = Publisher::wire_size(&out);
+        if claim_size > self.publisher.max_payload() {
+            return Err(Error::new(
+                Kind::Oversize,
+                format!(
+                    "{what}, and even its claim check is {claim_size} bytes (its key is that large): \
+                     raise max_payload on the NATS server; nothing was confirmed past it"
+                ),
+            ));
+        }
+        info!(%subject, size = claim.size, bucket = %claim.bucket, object = %claim.name,
+            "oversized message stored in the Object Store; its claim check goes to the stream");
+        metrics::counter!(http::OVERSIZE_STORED, "subject" => subject).increment(1);
+        Ok(out)
+    }
+
     async fn emit_one(
         &mut self,
         ev: &Event,
@@ -1151,7 +1253,7 @@ impl Session {
         // Encode first: whether a message is dropped by the oversize policy
         // must be decided the same way when it is replayed, or the count of
         // messages already in the stream would drift.
-        let msg = self.encoder.encode(ev)?;
+        let mut msg = self.encoder.encode(ev)?;
         let size = Publisher::wire_size(&msg);
         if size > self.publisher.max_payload() {
             let what = format!(
@@ -1171,13 +1273,19 @@ impl Session {
                         .push_back(Box::pin(std::future::ready(Ok(Acked::Dropped { pos: p }))));
                     return Ok(());
                 }
+                // Already in the stream (skip > 0): its body was stored
+                // before it was published, and only its id is checked.
+                (OversizePolicy::ObjectStore, _) if self.skip == 0 => {
+                    msg = self.check_in(ev, msg, &what).await?;
+                }
+                (OversizePolicy::ObjectStore, _) => {}
                 _ => {
                     error!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message");
                     return Err(Error::new(
                         Kind::Oversize,
                         format!(
-                            "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\"; \
-                             nothing was confirmed past it"
+                            "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"object_store\" \
+                             or \"skip\"; nothing was confirmed past it"
                         ),
                     ));
                 }

@@ -10,7 +10,7 @@ use crate::harness::{PgVersion, free_port, wait_until};
 use crate::support::{World, shared};
 
 /// A plain HTTP/1.1 GET: (status, body). `None` when nothing listens.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
@@ -31,7 +31,7 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
     body.lines()
         .find(|l| l.starts_with(name_and_labels))
         .and_then(|l| l.rsplit(' ').next())

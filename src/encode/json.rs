@@ -1,8 +1,8 @@
 //! The `format = "json"` body of the contract.
 
-use crate::encode::Source;
 use crate::encode::json_str::write_json_string;
 use crate::encode::value::write_text_value;
+use crate::encode::{Claim, Source};
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, ColumnInfo, Event, RelationInfo};
 use crate::lsn::Lsn;
@@ -224,36 +224,8 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
     out.extend_from_slice(b",\"table\":");
     push_str(out, &rel.table)?;
 
-    // key: replica-identity columns, from the new row, or the old key on
-    // delete; a key column left out of the new row as unchanged TOAST is
-    // taken from the old tuple when PostgreSQL sent one.
     out.extend_from_slice(b",\"key\":");
-    let key_source = new.or(old.map(|(t, _)| t));
-    match key_source {
-        Some(t) if rel.has_key() => {
-            let use_old = new.is_some()
-                && old.is_some()
-                && rel
-                    .columns
-                    .iter()
-                    .zip(t.columns.iter())
-                    .any(|(c, v)| c.key && matches!(v, TupleValue::Unchanged));
-            let t = if use_old {
-                old.map(|(o, _)| o).unwrap_or(t)
-            } else {
-                t
-            };
-            write_tuple(
-                out,
-                rel,
-                t,
-                ev.lsn,
-                |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-                Unchanged::Omit,
-            )?;
-        }
-        _ => out.extend_from_slice(b"null"),
-    }
+    write_key(out, rel, old, new, ev.lsn)?;
 
     out.extend_from_slice(b",\"before\":");
     write_old(out, rel, old, ev.lsn, Unchanged::Omit)?;
@@ -291,6 +263,92 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
     write_source(out, src, ev)?;
     out.push(b'}');
     Ok(())
+}
+
+/// `key`: the replica-identity columns, from the new row, or the old key
+/// on delete; `null` without a key.
+fn write_key(
+    out: &mut Vec<u8>,
+    rel: &RelationInfo,
+    old: Option<(&TupleData, bool)>,
+    new: Option<&TupleData>,
+    lsn: Lsn,
+) -> Result<()> {
+    // A key column left out of the new row as unchanged TOAST is taken
+    // from the old tuple when PostgreSQL sent one.
+    let key_source = new.or(old.map(|(t, _)| t));
+    match key_source {
+        Some(t) if rel.has_key() => {
+            let use_old = new.is_some()
+                && old.is_some()
+                && rel
+                    .columns
+                    .iter()
+                    .zip(t.columns.iter())
+                    .any(|(c, v)| c.key && matches!(v, TupleValue::Unchanged));
+            let t = if use_old {
+                old.map(|(o, _)| o).unwrap_or(t)
+            } else {
+                t
+            };
+            write_tuple(
+                out,
+                rel,
+                t,
+                lsn,
+                |i, _| rel.columns.get(i).is_some_and(|c| c.key),
+                Unchanged::Omit,
+            )?;
+        }
+        _ => out.extend_from_slice(b"null"),
+    }
+    Ok(())
+}
+
+/// The body of a claim check (`limits.on_oversize = "object_store"`):
+/// where the real body is, and enough to route on without fetching it:
+/// `{"claim_check": {"bucket", "name", "size", "digest"}, "op", "schema",
+/// "table", "key", "source"}` for changes (`"prefix"` instead of schema,
+/// table and key for `_message`).
+pub fn write_claim(out: &mut Vec<u8>, src: &Source, ev: &Event, claim: &Claim) -> Result<()> {
+    out.extend_from_slice(b"{\"claim_check\":{\"bucket\":");
+    push_str(out, &claim.bucket)?;
+    out.extend_from_slice(b",\"name\":");
+    push_str(out, &claim.name)?;
+    out.extend_from_slice(b",\"size\":");
+    push_int(out, claim.size);
+    out.extend_from_slice(b",\"digest\":");
+    push_str(out, &claim.digest)?;
+    out.extend_from_slice(b"},\"op\":\"");
+    out.extend_from_slice(ev.op_name().as_bytes());
+    out.push(b'"');
+    match &ev.body {
+        Body::Row { rel, old, new, .. } => {
+            write_names(out, rel)?;
+            out.extend_from_slice(b",\"key\":");
+            write_key(out, rel, old_tuple(old), new.as_ref(), ev.lsn)?;
+        }
+        Body::Truncate { rel, .. } => {
+            write_names(out, rel)?;
+            out.extend_from_slice(b",\"key\":null");
+        }
+        Body::Schema { rel } => write_names(out, rel)?,
+        Body::Message { prefix, .. } => {
+            out.extend_from_slice(b",\"prefix\":");
+            push_str(out, prefix)?;
+        }
+        Body::TxBegin | Body::TxEnd { .. } => {}
+    }
+    write_source(out, src, ev)?;
+    out.push(b'}');
+    Ok(())
+}
+
+fn write_names(out: &mut Vec<u8>, rel: &RelationInfo) -> Result<()> {
+    out.extend_from_slice(b",\"schema\":");
+    push_str(out, &rel.schema)?;
+    out.extend_from_slice(b",\"table\":");
+    push_str(out, &rel.table)
 }
 
 fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {

@@ -31,6 +31,17 @@ pub struct OutMsg {
     pub msg_id: String,
 }
 
+/// Where an oversized body went (`limits.on_oversize = "object_store"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub bucket: String,
+    pub name: String,
+    /// The body's length in bytes.
+    pub size: u64,
+    /// As the Object Store reports it: `SHA-256=<base64url>`.
+    pub digest: String,
+}
+
 /// What every message of this walnats says about where it comes from.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -77,6 +88,8 @@ struct Names {
     seq: HeaderName,
     content_type: HeaderName,
     transactional: HeaderName,
+    claim_check: HeaderName,
+    body_size: HeaderName,
 }
 
 impl Names {
@@ -90,6 +103,8 @@ impl Names {
             seq: "Cdc-Seq".into_header_name(),
             content_type: "Content-Type".into_header_name(),
             transactional: "Cdc-Transactional".into_header_name(),
+            claim_check: "Cdc-Claim-Check".into_header_name(),
+            body_size: "Cdc-Body-Size".into_header_name(),
         }
     }
 }
@@ -109,11 +124,12 @@ impl Encoder {
             src,
             names: Names::new(),
             format,
-            buf: Vec::with_capacity(4096),
+            buf: Vec::with_capacity(INITIAL_BUF),
         }
     }
 
     fn write_change(&mut self, ev: &Event) -> Result<()> {
+        self.buf.reserve(size_hint(ev));
         match self.format {
             OutputFormat::Json => json::write_row(&mut self.buf, &self.src, ev),
             OutputFormat::Debezium => {
@@ -126,8 +142,33 @@ impl Encoder {
         &self.src
     }
 
+    /// The claim check that goes out instead of `original` once its body
+    /// is stored as `claim`: same subject and headers (so the same
+    /// `Nats-Msg-Id` and position), plus `Cdc-Claim-Check: <bucket>/<name>`
+    /// and `Cdc-Body-Size`, with a small JSON body saying where the real
+    /// one is.
+    pub fn claim_check(&mut self, ev: &Event, original: OutMsg, claim: &Claim) -> Result<OutMsg> {
+        self.buf.clear();
+        json::write_claim(&mut self.buf, &self.src, ev, claim)?;
+        let n = &self.names;
+        let mut headers = original.headers;
+        headers.insert(
+            n.claim_check.clone(),
+            HeaderValue::from(format!("{}/{}", claim.bucket, claim.name)),
+        );
+        headers.insert(n.body_size.clone(), itoa::Buffer::new().format(claim.size));
+        headers.insert(n.content_type.clone(), "application/json");
+        Ok(OutMsg {
+            subject: original.subject,
+            headers,
+            payload: Bytes::copy_from_slice(&self.buf),
+            msg_id: original.msg_id,
+        })
+    }
+
     pub fn encode(&mut self, ev: &Event) -> Result<OutMsg> {
         self.buf.clear();
+        let mut raw = None;
         let (subject, content_type, msg_id) = match &ev.body {
             Body::Row { op, rel, .. } => {
                 self.write_change(ev)?;
@@ -148,7 +189,8 @@ impl Encoder {
             Body::Message {
                 prefix, content, ..
             } => {
-                self.buf.extend_from_slice(content);
+                // The body is the content itself: shared, not copied.
+                raw = Some(content.clone());
                 let mut subject = format!("{}._message.", self.src.prefix);
                 push_escaped(&mut subject, prefix);
                 (
@@ -202,12 +244,61 @@ impl Encoder {
                 if *transactional { "true" } else { "false" },
             );
         }
+        let payload = match raw {
+            Some(b) => b,
+            None => self.take_body(),
+        };
         Ok(OutMsg {
             subject,
             headers,
-            payload: Bytes::copy_from_slice(&self.buf),
+            payload,
             msg_id,
         })
+    }
+
+    /// The body written into `buf`. A large one is handed over rather than
+    /// copied, and `buf` starts small again, so that one huge row neither
+    /// needs a second copy nor stays allocated after it is published.
+    fn take_body(&mut self) -> Bytes {
+        if self.buf.len() > LARGE_BODY {
+            Bytes::from(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(INITIAL_BUF),
+            ))
+        } else {
+            Bytes::copy_from_slice(&self.buf)
+        }
+    }
+}
+
+const INITIAL_BUF: usize = 4096;
+/// Bodies above this are moved out of the encoder's buffer, not copied.
+const LARGE_BODY: usize = 64 * 1024;
+
+/// The bytes of a change's values, which its body holds at least: reserved
+/// up front so a huge row is not grown by doubling (which would hold the
+/// old and the new buffer at once).
+fn size_hint(ev: &Event) -> usize {
+    use crate::pgoutput::{OldTuple, TupleData, TupleValue};
+    fn tuple(t: &TupleData) -> usize {
+        t.columns
+            .iter()
+            .map(|v| match v {
+                TupleValue::Text(b) | TupleValue::Binary(b) => b.len(),
+                TupleValue::Null | TupleValue::Unchanged => 0,
+            })
+            .fold(0usize, usize::saturating_add)
+    }
+    match &ev.body {
+        Body::Row { old, new, .. } => {
+            let old = match old {
+                Some(OldTuple::Key(t) | OldTuple::Full(t)) => tuple(t),
+                None => 0,
+            };
+            old.saturating_add(new.as_ref().map_or(0, tuple))
+                .saturating_add(512)
+        }
+        _ => 0,
     }
 }
 

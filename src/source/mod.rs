@@ -1,6 +1,6 @@
 //! The PostgreSQL side: the replication connection (startup, auth, TLS,
 //! CopyBoth framing, keepalives, standby status), the SQL connection, and
-//! publication/slot state. It never decodes pgoutput and never decides
+//! publication/slot state, heartbeats and the slot's retained WAL. It never decodes pgoutput and never decides
 //! what may be confirmed.
 
 pub mod pgconfig;
@@ -8,6 +8,7 @@ pub mod replication;
 pub mod setup;
 pub mod sql;
 pub mod tls;
+pub mod upkeep;
 
 pub use pgconfig::{PgConnectConfig, SslMode};
 pub use replication::{CreatedSlot, ReplicationConn, ReplicationMessage, SystemId};
