@@ -432,6 +432,8 @@ async fn session(
             encoder: &mut encoder,
             cache: &mut cache,
             server_version_num: conn.server_version_num(),
+            oversize: oversize.as_ref(),
+            stream_name: &c.stream_name,
         }
         .run(&mut resume.state, exported.as_deref())
         .await?;
@@ -1095,15 +1097,18 @@ impl Session {
         let reads = snapshot::encode_reads(
             &self.cfg,
             &mut self.encoder,
+            self.oversize
+                .as_ref()
+                .map(|o| (o, self.stream_name.as_str())),
             self.publisher.max_payload(),
             &self.emitted_schemas,
             &w.rel,
             chunk.rows,
-            &chunk.keys,
             at.commit_lsn,
             1,
             hw,
-        )?;
+        )
+        .await?;
         let n = reads.msgs.len() as u64;
         let last_pos =
             (reads.next_seq > 1).then(|| Position::new(at.commit_lsn, reads.next_seq - 1));

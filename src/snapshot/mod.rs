@@ -40,6 +40,7 @@ use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op, RelationCache};
 use crate::http;
 use crate::lsn::{Lsn, Position};
+use crate::sink::oversize::OversizeStore;
 use crate::sink::{MAX_BATCH, Publisher};
 use crate::source::{self, PgConnectConfig};
 
@@ -161,6 +162,8 @@ pub struct Snapshotter<'a> {
     pub encoder: &'a mut Encoder,
     pub cache: &'a mut RelationCache,
     pub server_version_num: u32,
+    pub oversize: Option<&'a OversizeStore>,
+    pub stream_name: &'a str,
 }
 
 impl Snapshotter<'_> {
@@ -312,15 +315,16 @@ impl Snapshotter<'_> {
         let reads = encode_reads(
             self.cfg,
             self.encoder,
+            self.oversize.map(|o| (o, self.stream_name)),
             self.publisher.max_payload(),
             &cp.schemas,
             rel,
             chunk.rows,
-            &chunk.keys,
             lsn,
             snap.next_seq,
             cp_lsn,
-        )?;
+        )
+        .await?;
         let (msgs, schema, seq) = (reads.msgs, reads.schema, reads.next_seq);
         let pending = PendingChunk {
             table: index,
@@ -368,14 +372,14 @@ pub(crate) struct Reads {
 /// Encodes `rows` as reads at positions (`lsn`, `first_seq`...), `cdc_lsn`
 /// in `Cdc-Lsn`; applies the oversize policy.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_reads(
+pub(crate) async fn encode_reads(
     cfg: &Config,
     encoder: &mut Encoder,
+    oversize: Option<(&OversizeStore, &str)>,
     max_payload: usize,
     schemas: &std::collections::BTreeMap<u32, u64>,
     rel: &Arc<crate::event::RelationInfo>,
     rows: Vec<crate::pgoutput::TupleData>,
-    keys: &[Vec<String>],
     lsn: Lsn,
     first_seq: u32,
     cdc_lsn: Lsn,
@@ -383,7 +387,7 @@ pub(crate) fn encode_reads(
     let mut seq = first_seq;
     let mut msgs: Vec<OutMsg> = Vec::with_capacity(rows.len() + 1);
     let mut schema = None;
-    for (row, key) in rows.into_iter().zip(keys) {
+    for row in rows {
         let ev = Event {
             pos: Position::new(lsn, seq),
             lsn: cdc_lsn,
@@ -409,12 +413,30 @@ pub(crate) fn encode_reads(
             };
             msgs.push(encoder.encode(&sev)?);
         }
-        let msg = encoder.encode(&ev)?;
+        let mut msg = encoder.encode(&ev)?;
+        let size = Publisher::wire_size(&msg);
+        if size > max_payload
+            && cfg.on_oversize == OversizePolicy::ObjectStore
+            && let Some((store, stream)) = oversize
+        {
+            // The body goes to the bucket before the batch that carries its
+            // claim check can be in the stream.
+            let name = crate::sink::oversize::object_name(stream, &msg.msg_id);
+            let content_type = msg
+                .headers
+                .get("Content-Type")
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let claim = store.put(&name, &msg.payload, &content_type).await?;
+            msg = encoder.claim_check(&ev, msg, &claim)?;
+            metrics::counter!(http::OVERSIZE_STORED, "subject" => msg.subject.clone()).increment(1);
+        }
         let size = Publisher::wire_size(&msg);
         if size > max_payload {
+            // Not the key: it is a row value, and row values stay out of logs.
             let what = format!(
-                "the read of {}.{} with primary key {key:?} is {size} bytes, over the NATS server's max_payload of {max_payload}",
-                rel.schema, rel.table,
+                "the read of {}.{} at position {}:{} is {size} bytes, over the NATS server's max_payload of {max_payload}",
+                rel.schema, rel.table, ev.pos.commit_lsn, ev.pos.seq,
             );
             if cfg.on_oversize == OversizePolicy::Skip {
                 warn!(subject = %msg.subject, size, "oversized snapshot row skipped (limits.on_oversize = skip)");
@@ -425,7 +447,7 @@ pub(crate) fn encode_reads(
             return Err(Error::new(
                 Kind::Oversize,
                 format!(
-                    "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"skip\""
+                    "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"object_store\" or \"skip\""
                 ),
             ));
         }
