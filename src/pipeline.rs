@@ -345,6 +345,29 @@ async fn session(
             }
         }
         None => {
+            // A checkpoint without its slot: the slot was dropped (by hand,
+            // by a major upgrade before PostgreSQL 17, by a failover), and
+            // the changes since the checkpoint are gone with it. Never paper
+            // over that with a new slot; only the write-ahead record of a
+            // start that died before creating its slot is fine.
+            if let Some(cp) = store.load().await?
+                && cp
+                    .snapshot
+                    .as_ref()
+                    .is_none_or(|s| s.consistent_point.is_some())
+            {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "slot {slot:?} is gone but walnats' checkpoint for it is there (last confirmed {}): \
+                         the slot was dropped (by hand, a major upgrade, a failover), so changes written since \
+                         were never published; run `walnats slot drop --yes` to remove the checkpoint and start \
+                         over (a new slot takes an initial snapshot with snapshot.mode = \"initial\"; or re-read \
+                         tables with `walnats snapshot`)",
+                        cp.confirmed
+                    ),
+                ));
+            }
             if want_snapshot {
                 // Refuse before making a slot if chunks cannot be atomic.
                 sink::allow_atomic_batches(&c.js, &mut st.stream).await?;

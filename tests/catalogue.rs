@@ -143,3 +143,33 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_refused() {
     let mut w = world.spawn();
     assert_refused(&mut w, &["invalidated", "walnats slot drop --yes"]);
 }
+
+/// A slot dropped behind walnats' back (by hand, a major upgrade, a
+/// failover) while its checkpoint survives: the changes in between are
+/// gone, so walnats refuses to paper over it with a new slot, until
+/// `slot drop --yes` removes the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_slot_with_a_checkpoint_is_refused_until_slot_drop() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world.sql("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    world.sql("INSERT INTO t VALUES (1)").await;
+    world.wait_changes(1, &w).await;
+    w.sigterm();
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
+    world
+        .sql(&format!(
+            "SELECT pg_drop_replication_slot('{}')",
+            world.slot()
+        ))
+        .await;
+    world.sql("INSERT INTO t VALUES (2)").await;
+    let mut w = world.spawn();
+    assert_refused(&mut w, &["is gone", "slot drop --yes"]);
+    let (code, out, err) = crate::cli::run(&["slot", "drop", "--yes"], &world.config(), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    w.sigterm();
+}
