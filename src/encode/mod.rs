@@ -67,6 +67,15 @@ fn lsn_string(lsn: crate::lsn::Lsn) -> String {
     String::from_utf8(v).unwrap_or_default()
 }
 
+/// `a` then `b` in one allocation of the right size, without `fmt`
+/// (a row's subject is made once per message).
+fn concat(a: &str, b: &str) -> String {
+    let mut s = String::with_capacity(a.len() + b.len());
+    s.push_str(a);
+    s.push_str(b);
+    s
+}
+
 /// Header names, made once: a name made from `&str` allocates each time.
 struct Names {
     msg_id: HeaderName,
@@ -209,15 +218,6 @@ impl Encoder {
             msg_id,
         })
     }
-}
-
-/// `a` then `b` in one allocation of the right size, without `fmt`
-/// (a row's subject is made once per message).
-fn concat(a: &str, b: &str) -> String {
-    let mut s = String::with_capacity(a.len() + b.len());
-    s.push_str(a);
-    s.push_str(b);
-    s
 }
 
 /// Milliseconds since the Unix epoch by the system clock (0 if the clock is
