@@ -1246,13 +1246,7 @@ impl Session {
                 format!("{what}, and the Object Store bucket is not open"),
             )
         })?;
-        let name = sink::oversize::object_name(&self.stream_name, &msg.msg_id);
-        let content_type = msg
-            .headers
-            .get("Content-Type")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let claim = store.put(&name, &msg.payload, &content_type).await?;
+        let claim = store.put_message(&self.stream_name, &msg).await?;
         let subject = msg.subject.clone();
         let out = self.encoder.claim_check(ev, msg, &claim)?;
         let claim_size = Publisher::wire_size(&out);

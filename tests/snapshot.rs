@@ -202,6 +202,23 @@ fn start_churn(
     })
 }
 
+/// `start_churn` on `big`, with its stop flag and transaction count.
+fn churn_big(
+    world: &World<'_>,
+    max_id: i64,
+) -> (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let txs = Arc::new(AtomicU64::new(0));
+    let churn = start_churn(
+        world.pg_url(),
+        "big",
+        max_id,
+        Arc::clone(&stop),
+        Arc::clone(&txs),
+    );
+    (stop, txs, churn)
+}
+
 fn snapshot_done(world: &World<'_>) -> bool {
     let log = std::fs::read_to_string(&world.log).unwrap_or_default();
     log.contains("snapshot complete")
@@ -311,15 +328,7 @@ async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
     let mut rng = Rng::from_env();
     let cfg = config(&world);
     let mut w = world.spawn_with(&cfg, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let txs = Arc::new(AtomicU64::new(0));
-    let churn = start_churn(
-        world.pg_url(),
-        "big",
-        BIG,
-        Arc::clone(&stop),
-        Arc::clone(&txs),
-    );
+    let (stop, txs, churn) = churn_big(&world, BIG);
     // Kill during the snapshot: wait for some progress each time.
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(rng.range(1500, 4000))).await;
@@ -369,21 +378,17 @@ async fn initial_snapshot_on_postgres_18_rebuilds_every_table() {
     let world = World::new(shared(PgVersion::V18)).await;
     const BIG: i64 = 30_000;
     create_tables(&world, BIG).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let txs = Arc::new(AtomicU64::new(0));
-    let churn = start_churn(
-        world.pg_url(),
-        "big",
-        BIG,
-        Arc::clone(&stop),
-        Arc::clone(&txs),
-    );
+    let (stop, txs, churn) = churn_big(&world, BIG);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut w = world.spawn_with(&config(&world), &[]);
     world.wait_streaming(&mut w).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     churn.await.unwrap();
+    assert!(
+        txs.load(Ordering::Relaxed) > 20,
+        "the load wrote too little"
+    );
     wait_fence(&world, &mut w, 1).await;
     assert_rebuild_equals_tables(&world, 30_000).await;
     w.sigterm();

@@ -86,6 +86,18 @@ impl OversizeStore {
         })
     }
 
+    /// Stores the body of `msg` (published on `stream`) under the name its
+    /// message id gives, with its content type.
+    pub async fn put_message(&self, stream: &str, msg: &crate::encode::OutMsg) -> Result<Claim> {
+        let name = object_name(stream, &msg.msg_id);
+        let content_type = msg
+            .headers
+            .get("Content-Type")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        self.put(&name, &msg.payload, &content_type).await
+    }
+
     /// Stores `body` under `name` and returns where it is. Returns once
     /// the object's metadata is acknowledged: only then may a message
     /// point to it.

@@ -421,13 +421,7 @@ pub(crate) async fn encode_reads(
         {
             // The body goes to the bucket before the batch that carries its
             // claim check can be in the stream.
-            let name = crate::sink::oversize::object_name(stream, &msg.msg_id);
-            let content_type = msg
-                .headers
-                .get("Content-Type")
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            let claim = store.put(&name, &msg.payload, &content_type).await?;
+            let claim = store.put_message(stream, &msg).await?;
             msg = encoder.claim_check(&ev, msg, &claim)?;
             metrics::counter!(http::OVERSIZE_STORED, "subject" => msg.subject.clone()).increment(1);
         }
