@@ -188,6 +188,21 @@ async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
         return;
     }
     c.pass("JetStream enabled");
+    if cfg.snapshot == crate::config::SnapshotMode::Initial {
+        let version = js.client().server_info().version;
+        if sink::supports_atomic_batches(&js.client()) {
+            c.pass(&format!(
+                "nats-server {version} takes atomic batches (the initial snapshot's chunks)"
+            ));
+        } else {
+            c.fail(
+                &format!(
+                    "nats-server {version} has no atomic batches, which the initial snapshot needs (2.12.1 or newer)"
+                ),
+                "upgrade nats-server, or set snapshot.mode = \"never\"",
+            );
+        }
+    }
     let (stream, prefix) = match (db, &cfg.nats.stream, &cfg.nats.subject_prefix) {
         (Some(db), _, _) => (cfg.nats.stream_for(db), cfg.nats.subject_prefix_for(db)),
         (None, Some(s), Some(p)) => (s.clone(), p.clone()),
