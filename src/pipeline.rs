@@ -101,6 +101,30 @@ pub fn record_inside(end: Lsn) -> Lsn {
     Lsn::from_u64(end.as_u64().saturating_sub(1))
 }
 
+/// One walnats per slot, also while no walsender holds it (the initial
+/// snapshot reads before streaming starts): a session-level advisory lock
+/// on the SQL connection, released when the session's connection closes
+/// (or the process dies). A second walnats finds it taken and stands by.
+async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    let key = format!("walnats slot {slot}");
+    let got: bool = sql
+        .query_one(
+            "SELECT pg_catalog.pg_try_advisory_lock(hashtext($1))",
+            &[&key],
+        )
+        .await
+        .map_err(|e| crate::event::relation::pg_query_err("taking walnats' slot lock", e))?
+        .get(0);
+    if got {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Kind::SlotInUse,
+            format!("slot {slot:?} is held by another walnats (its advisory lock is taken)"),
+        ))
+    }
+}
+
 /// Seconds from a PostgreSQL timestamp (µs since 2000-01-01) to now.
 fn seconds_since_pg_time(pg_us: i64) -> f64 {
     const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
@@ -245,6 +269,16 @@ struct Window {
     unknown: bool,
 }
 
+impl Drop for Window {
+    /// A session that ends mid-window must not leave its reader running on
+    /// the session's SQL connection (which holds the slot lock).
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
 struct OpenTx {
     info: TxInfo,
     next_seq: u32,
@@ -304,6 +338,7 @@ async fn session(
     wal_watch: &Arc<WalWatch>,
 ) -> Result<()> {
     let c = connect_both(cfg).await?;
+    hold_slot_lock(&c.sql, &cfg.postgres.slot).await?;
     setup::require_logical_wal(&c.sql).await?;
     setup::ensure_publication(&c.sql, &cfg.postgres).await?;
     sink::require_jetstream(&c.js).await?;

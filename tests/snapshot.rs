@@ -499,3 +499,48 @@ async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
     assert_model_equals(&got, &want);
     w.sigterm();
 }
+
+/// A standby started while the active walnats is still snapshotting (no
+/// walsender holds the slot yet) waits, and takes the snapshot over when
+/// the active one is killed: still no row twice, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    const BIG: i64 = 200_000;
+    create_tables(&world, BIG).await;
+    let cfg = config(&world);
+    let mut a = world.spawn_with(&cfg, &[]);
+    for _ in 0..600 {
+        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+        if log.contains("snapshot of table") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Same config, its own HTTP port (none): the standby.
+    let mut b = world.spawn_with(&cfg, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !snapshot_done(&world),
+        "the snapshot finished before the standby could wait"
+    );
+    assert!(b.is_running(), "the standby exited:\n{}", b.output());
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert!(log.contains("standing by"), "no standby line:\n{log}");
+    a.kill9();
+    for _ in 0..1800 {
+        if snapshot_done(&world) {
+            break;
+        }
+        assert!(b.is_running(), "the standby exited:\n{}", b.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        snapshot_done(&world),
+        "the standby never completed the snapshot:\n{}",
+        b.output()
+    );
+    wait_fence(&world, &mut b, 1).await;
+    assert_rebuild_equals_tables(&world, BIG as u64).await;
+    b.sigterm();
+}
