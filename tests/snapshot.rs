@@ -52,6 +52,8 @@ async fn rebuild(
     let mut ids: HashSet<String> = HashSet::new();
     let mut prev: (u64, u32) = (0, 0);
     let mut reads = 0u64;
+    // No row is read twice (a chunk that landed is never read again).
+    let mut read_keys: HashSet<(String, String)> = HashSet::new();
     let mut subjects_seen = Vec::new();
     let mut read_phase_over = false;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(20), messages.next()).await {
@@ -97,6 +99,7 @@ async fn rebuild(
                     get("Cdc-Lsn")
                 );
             }
+            let table_name = table.clone();
             let t = model.entry(table).or_default();
             // Key column names: from `key`, or every column of a table
             // without one (REPLICA IDENTITY FULL there).
@@ -110,6 +113,10 @@ async fn rebuild(
                 "read" | "insert" | "update" => {
                     let after = body["after"].as_object().unwrap();
                     let names = key_names(after);
+                    if op == "read" {
+                        let k = (table_name.clone(), project(after, &names));
+                        assert!(read_keys.insert(k.clone()), "{k:?} read twice ({id})");
+                    }
                     if let Some(before) = body["before"].as_object() {
                         t.remove(&project(before, &names));
                     }
@@ -543,4 +550,55 @@ async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
     wait_fence(&world, &mut b, 1).await;
     assert_rebuild_equals_tables(&world, BIG as u64).await;
     b.sigterm();
+}
+
+/// `walnats snapshot` interrupted by kill -9 twice: the queue and the
+/// announced chunk live in the checkpoint, so the re-read goes on after
+/// each restart with no row twice or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_snapshot_survives_kill_9() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    const BIG: i64 = 150_000;
+    create_tables(&world, BIG).await;
+    let cfg = world.config();
+    let mut w = world.spawn_with(&cfg, &[]);
+    world.wait_streaming(&mut w).await;
+    let (stop, txs, churn) = churn_big(&world, BIG);
+    let (code, out, err) = crate::cli::run(&["snapshot", "public.big"], &cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut rng = Rng::from_env();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(rng.range(800, 2500))).await;
+        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+        assert!(
+            !log.contains("snapshot of table complete"),
+            "the re-read finished before the kill; make the table bigger"
+        );
+        w.kill9();
+        w = world.spawn_with(&cfg, &[]);
+    }
+    for _ in 0..1800 {
+        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+        if log.contains("snapshot of table complete") {
+            break;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.await.unwrap();
+    assert!(
+        txs.load(Ordering::Relaxed) > 20,
+        "the load wrote too little"
+    );
+    wait_fence(&world, &mut w, 1).await;
+    let (model, reads, _) = rebuild(&world, false, None).await;
+    assert!(reads >= BIG as u64 * 9 / 10, "only {reads} reads");
+    let want = truth(&world, &[("big", &["id"])]).await;
+    let got: Model = model
+        .into_iter()
+        .filter(|(t, _)| want.contains_key(t))
+        .collect();
+    assert_model_equals(&got, &want);
+    w.sigterm();
 }
