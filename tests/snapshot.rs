@@ -226,9 +226,26 @@ fn churn_big(
     (stop, txs, churn)
 }
 
-fn snapshot_done(world: &World<'_>) -> bool {
+fn log_count(world: &World<'_>, needle: &str) -> usize {
     let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-    log.contains("snapshot complete")
+    log.matches(needle).count()
+}
+
+fn snapshot_done(world: &World<'_>) -> bool {
+    log_count(world, "snapshot complete") > 0
+}
+
+/// Waits (up to 3 minutes) until walnats' log holds `needle` `n` times;
+/// fails at once, with the log, if `w` exits.
+async fn wait_log(world: &World<'_>, w: &mut WalnatsProc, needle: &str, n: usize) {
+    for _ in 0..1800 {
+        if log_count(world, needle) >= n {
+            return;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{needle:?} never appeared {n} time(s):\n{}", w.output());
 }
 
 /// Waits until the stream holds the fence row's insert: everything
@@ -346,13 +363,7 @@ async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
         w.kill9();
         w = world.spawn_with(&cfg, &[]);
     }
-    for _ in 0..1200 {
-        if snapshot_done(&world) {
-            break;
-        }
-        assert!(w.is_running(), "walnats exited:\n{}", w.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_log(&world, &mut w, "snapshot complete", 1).await;
     assert!(
         snapshot_done(&world),
         "snapshot never completed:\n{}",
@@ -446,14 +457,7 @@ async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("requested a snapshot"), "{out}");
     // The re-read finishes while pgbench still writes.
-    for _ in 0..1200 {
-        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-        if log.matches("snapshot of table complete").count() >= 3 {
-            break;
-        }
-        assert!(w.is_running(), "walnats exited:\n{}", w.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_log(&world, &mut w, "snapshot of table complete", 3).await;
     let log = std::fs::read_to_string(&world.log).unwrap_or_default();
     assert_eq!(
         log.matches("snapshot of table complete").count(),
@@ -517,13 +521,7 @@ async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
     create_tables(&world, BIG).await;
     let cfg = config(&world);
     let mut a = world.spawn_with(&cfg, &[]);
-    for _ in 0..600 {
-        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-        if log.contains("snapshot of table") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_log(&world, &mut a, "snapshot of table", 1).await;
     // Same config, its own HTTP port (none): the standby.
     let mut b = world.spawn_with(&cfg, &[]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -535,13 +533,7 @@ async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
     let log = std::fs::read_to_string(&world.log).unwrap_or_default();
     assert!(log.contains("standing by"), "no standby line:\n{log}");
     a.kill9();
-    for _ in 0..1800 {
-        if snapshot_done(&world) {
-            break;
-        }
-        assert!(b.is_running(), "the standby exited:\n{}", b.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_log(&world, &mut b, "snapshot complete", 1).await;
     assert!(
         snapshot_done(&world),
         "the standby never completed the snapshot:\n{}",
@@ -569,22 +561,14 @@ async fn an_on_demand_snapshot_survives_kill_9() {
     let mut rng = Rng::from_env();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(rng.range(800, 2500))).await;
-        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
         assert!(
-            !log.contains("snapshot of table complete"),
+            log_count(&world, "snapshot of table complete") == 0,
             "the re-read finished before the kill; make the table bigger"
         );
         w.kill9();
         w = world.spawn_with(&cfg, &[]);
     }
-    for _ in 0..1800 {
-        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-        if log.contains("snapshot of table complete") {
-            break;
-        }
-        assert!(w.is_running(), "walnats exited:\n{}", w.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_log(&world, &mut w, "snapshot of table complete", 1).await;
     stop.store(true, Ordering::Relaxed);
     churn.await.unwrap();
     assert!(

@@ -414,7 +414,7 @@ pub(crate) async fn encode_reads(
             msgs.push(encoder.encode(&sev)?);
         }
         let mut msg = encoder.encode(&ev)?;
-        let size = Publisher::wire_size(&msg);
+        let mut size = Publisher::wire_size(&msg);
         if size > max_payload
             && cfg.on_oversize == OversizePolicy::ObjectStore
             && let Some((store, stream)) = oversize
@@ -424,8 +424,8 @@ pub(crate) async fn encode_reads(
             let claim = store.put_message(stream, &msg).await?;
             msg = encoder.claim_check(&ev, msg, &claim)?;
             metrics::counter!(http::OVERSIZE_STORED, "subject" => msg.subject.clone()).increment(1);
+            size = Publisher::wire_size(&msg);
         }
-        let size = Publisher::wire_size(&msg);
         if size > max_payload {
             // Not the key: it is a row value, and row values stay out of logs.
             let what = format!(
