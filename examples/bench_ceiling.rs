@@ -46,10 +46,17 @@ async fn main() -> Result<(), BoxError> {
         .build(client);
 
     let sample = js.get_stream(from).await?.get_raw_message(seq).await?;
+    let fast = std::env::var("BENCH_CEILING_FAST").ok();
+    let prefix = if fast.is_some() {
+        "ceilfast"
+    } else {
+        "ceiling"
+    };
     let ceiling = js
         .create_stream(stream::Config {
-            name: "CEILING".into(),
-            subjects: vec!["ceiling.>".into()],
+            name: prefix.to_uppercase(),
+            subjects: vec![format!("{prefix}.>")],
+            allow_batch_publish: fast.is_some(),
             storage: stream::StorageType::File,
             allow_direct: true,
             ..Default::default()
@@ -61,8 +68,8 @@ async fn main() -> Result<(), BoxError> {
     // as (name, value) pairs; the message id is remade for each publish,
     // with the sample's length.
     let subject = match sample.subject.split_once('.') {
-        Some((_, rest)) => format!("ceiling.{rest}"),
-        None => "ceiling.x".to_owned(),
+        Some((_, rest)) => format!("{prefix}.{rest}"),
+        None => format!("{prefix}.x"),
     };
     let msg_id_name: HeaderName = "Nats-Msg-Id".into_header_name();
     let mut id_base = String::new();
@@ -100,6 +107,64 @@ async fn main() -> Result<(), BoxError> {
         payload.len()
     );
 
+    if let Some(flow) = fast {
+        let flow: u64 = flow.parse().unwrap_or(100);
+        let client = js.client();
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(format!("{inbox}.>")).await?;
+        let mut acked = 0u64;
+        let t0 = Instant::now();
+        for i in 1..=count + 1 {
+            let mut headers = HeaderMap::new();
+            let op = if i == 1 {
+                0
+            } else if i == count + 1 {
+                3
+            } else {
+                1
+            };
+            if op != 3 {
+                headers.insert(msg_id_name.clone(), format!("{id_base}:{i}"));
+                for (n, v) in &fixed {
+                    headers.insert(n.clone(), v.clone());
+                }
+                if i == 1 {
+                    headers.insert("Nats-Expected-Last-Sequence", last.to_string());
+                }
+            }
+            let reply = format!("{inbox}.{flow}.fail.{i}.{op}.$FI");
+            let body = if op == 3 {
+                bytes::Bytes::new()
+            } else {
+                payload.clone()
+            };
+            client
+                .publish_with_reply_and_headers(subject.clone(), reply, headers, body)
+                .await?;
+            while i == 1 || acked + flow * 3 <= i + 1 || op == 3 {
+                let m = sub.next().await.ok_or("inbox closed")?;
+                let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+                if v.get("type").and_then(|t| t.as_str()) == Some("ack") {
+                    acked = acked.max(v["seq"].as_u64().unwrap_or(0));
+                    if i == 1 {
+                        break;
+                    }
+                } else if op == 3 && v.get("batch").is_some() {
+                    eprintln!("final: {v}");
+                    break;
+                } else {
+                    return Err(format!("reply: {v}").into());
+                }
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "ceiling: {count} msgs {secs:.2}s {:.0} msgs/s {} bytes/msg (fast ingest, flow {flow})",
+            count as f64 / secs,
+            payload.len() + header_bytes + subject.len()
+        );
+        return Ok(());
+    }
     let bare = std::env::var_os("BENCH_CEILING_BARE").is_some();
     let mut inflight = FuturesOrdered::new();
     let t0 = Instant::now();

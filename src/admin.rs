@@ -188,8 +188,8 @@ async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
         return;
     }
     c.pass("JetStream enabled");
+    let version = js.client().server_info().version;
     if cfg.snapshot == crate::config::SnapshotMode::Initial {
-        let version = js.client().server_info().version;
         if sink::supports_atomic_batches(&js.client()) {
             c.pass(&format!(
                 "nats-server {version} takes atomic batches (the initial snapshot's chunks)"
@@ -202,6 +202,24 @@ async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
                 "upgrade nats-server, or set snapshot.mode = \"never\"",
             );
         }
+    }
+    match (
+        cfg.nats.fast_ingest,
+        sink::supports_fast_ingest(&js.client()),
+    ) {
+        (crate::config::FastIngest::Off, _) => {
+            c.note("nats.fast_ingest = \"off\": one acknowledgement per message")
+        }
+        (_, true) => c.pass(&format!(
+            "nats-server {version} takes fast-ingest batches (walnats turns on allow_batched on its stream)"
+        )),
+        (crate::config::FastIngest::On, false) => c.fail(
+            &format!("nats-server {version} has no fast-ingest batches (2.14 or newer), which nats.fast_ingest = \"on\" needs"),
+            "upgrade nats-server, or set nats.fast_ingest = \"auto\"",
+        ),
+        (crate::config::FastIngest::Auto, false) => c.note(&format!(
+            "nats-server {version} has no fast-ingest batches (2.14+): one acknowledgement per message, slower"
+        )),
     }
     let (stream, prefix) = match (db, &cfg.nats.stream, &cfg.nats.subject_prefix) {
         (Some(db), _, _) => (cfg.nats.stream_for(db), cfg.nats.subject_prefix_for(db)),

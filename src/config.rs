@@ -85,6 +85,7 @@ struct RawNats {
     checkpoint_bucket: Option<String>,
     max_in_flight: Option<i64>,
     ack_timeout_ms: Option<u64>,
+    fast_ingest: Option<String>,
     creds_file: Option<PathBuf>,
     nkey_file: Option<PathBuf>,
     nkey: Option<Secret>,
@@ -160,6 +161,7 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
             ("checkpoint_bucket", KeyType::Str),
             ("max_in_flight", KeyType::Int),
             ("ack_timeout_ms", KeyType::Int),
+            ("fast_ingest", KeyType::Str),
             ("creds_file", KeyType::Str),
             ("nkey_file", KeyType::Str),
             ("nkey", KeyType::Str),
@@ -246,10 +248,23 @@ pub struct NatsConfig {
     pub checkpoint_bucket: String,
     pub max_in_flight: usize,
     pub ack_timeout: Duration,
+    pub fast_ingest: FastIngest,
     pub auth: NatsAuth,
     pub tls_required: bool,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+/// `nats.fast_ingest`: how publishes are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastIngest {
+    /// Fast-ingest batches when the server has them (2.14+), else one
+    /// acknowledgement per message.
+    Auto,
+    /// Fast-ingest batches or refuse to start.
+    On,
+    /// One acknowledgement per message.
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -618,6 +633,16 @@ impl RawConfig {
         if ack_timeout < Duration::from_millis(100) {
             return Err(config_err("nats.ack_timeout_ms must be at least 100"));
         }
+        let fast_ingest = match n.fast_ingest.as_deref().unwrap_or("auto") {
+            "auto" => FastIngest::Auto,
+            "on" => FastIngest::On,
+            "off" => FastIngest::Off,
+            other => {
+                return Err(config_err(format!(
+                    "nats.fast_ingest {other:?} is unknown: use \"auto\", \"on\" or \"off\""
+                )));
+            }
+        };
         let token = one_secret(n.token, n.token_file, "nats.token")?;
         let nkey = one_secret(n.nkey, n.nkey_file, "nats.nkey")?;
         let nats_password = one_secret(n.password, n.password_file, "nats.password")?;
@@ -730,6 +755,7 @@ impl RawConfig {
                 checkpoint_bucket,
                 max_in_flight: max_in_flight as usize,
                 ack_timeout,
+                fast_ingest,
                 auth,
                 tls_required: n.tls_required.unwrap_or(false),
                 tls_ca_file: n.tls_ca_file,

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesOrdered, StreamExt};
+use std::collections::VecDeque;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -223,7 +223,6 @@ pub async fn connect_nats_only(
     Ok((sink::context(nats, &cfg.nats), prefix, stream))
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<Acked>> + Send>>;
 type WriteFuture = Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>;
 
 /// What an in-flight entry turns into, in publish order.
@@ -298,7 +297,12 @@ struct Session {
     stream_name: String,
     store: Arc<Store>,
     tracker: Tracker,
-    inflight: FuturesOrdered<AckFuture>,
+    /// What each published (or skipped, or already stored) message turns
+    /// into once the stream holds everything up to the sequence it is
+    /// paired with (0: at once), in publish order.
+    inflight: VecDeque<(u64, Acked)>,
+    /// The stream holds every message up to this sequence.
+    confirmed_seq: u64,
     writing: Option<WriteFuture>,
     tx: Option<OpenTx>,
     /// Changes at or before this were published in an earlier session.
@@ -537,20 +541,26 @@ async fn session(
         slot: slot.clone(),
         prefix: c.prefix.clone(),
     };
+    // Counting starts at the checkpoint: the `skip` replayed messages that
+    // are already in the stream bring it up to `resume.last_seq`.
+    let publisher = if sink::allow_fast_ingest(&c.js, &mut st.stream, cfg.nats.fast_ingest).await? {
+        Publisher::fast(c.js.clone(), resume.state.stream_seq, cfg.nats.ack_timeout).await?
+    } else {
+        Publisher::new(c.js.clone(), resume.state.stream_seq)
+    };
     let mut s = Session {
         cfg: Arc::clone(cfg),
         conn,
         decoder: pgoutput::Decoder::default(),
         cache: RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
         encoder: Encoder::new(src, cfg.output.format),
-        // Counting starts at the checkpoint: the `skip` replayed messages
-        // that are already in the stream bring it up to `resume.last_seq`.
-        publisher: Publisher::new(c.js.clone(), resume.state.stream_seq),
+        publisher,
         oversize,
         stream_name: c.stream_name.clone(),
         store,
         tracker: Tracker::new(resume.state.clone()),
-        inflight: FuturesOrdered::new(),
+        inflight: VecDeque::new(),
+        confirmed_seq: resume.state.stream_seq,
         writing: None,
         tx: None,
         published_through: resume.state.pos,
@@ -611,8 +621,8 @@ impl Session {
                     info!("shutting down: draining acknowledgements");
                     draining = true;
                 }
-                Some(acked) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    self.on_acked(acked?);
+                seq = self.publisher.next_ack(), if self.publisher.awaiting() => {
+                    self.confirmed_seq = seq?;
                 }
                 written = async { match self.writing.as_mut() { Some(f) => f.await, None => std::future::pending().await } },
                     if self.writing.is_some() => {
@@ -641,7 +651,13 @@ impl Session {
                 msg = self.conn.recv(), if can_read => {
                     self.on_replication(msg?).await?;
                 }
+                // Nothing else to do right now: end the open fast batch so
+                // that its acknowledgement comes without more messages.
+                () = std::future::ready(()), if self.publisher.has_open_batch() => {
+                    self.publisher.flush().await?;
+                }
             }
+            self.pop_acked();
             // Idle: nothing open or in flight, and the replay has caught up
             // with what the stream holds (a skip count still pending at the
             // end of the WAL must never be confirmed away).
@@ -727,6 +743,17 @@ impl Session {
         self.conn
             .send_standby_status(write, flush, flush, reply)
             .await
+    }
+
+    /// Hands over, in order, every in-flight entry the stream now holds.
+    fn pop_acked(&mut self) {
+        while let Some((need, _)) = self.inflight.front()
+            && *need <= self.confirmed_seq
+        {
+            if let Some((_, a)) = self.inflight.pop_front() {
+                self.on_acked(a);
+            }
+        }
     }
 
     fn on_acked(&mut self, a: Acked) {
@@ -893,8 +920,7 @@ impl Session {
                     };
                     self.emit_marker(ev, true).await?;
                 }
-                self.inflight
-                    .push_back(Box::pin(std::future::ready(Ok(Acked::TxEnd(c.end_lsn)))));
+                self.inflight.push_back((0, Acked::TxEnd(c.end_lsn)));
             }
             Message::Relation(r) => {
                 self.cache.update(&r).await?;
@@ -1040,11 +1066,13 @@ impl Session {
         if req.slot != self.cfg.postgres.slot {
             return;
         }
-        self.inflight
-            .push_back(Box::pin(std::future::ready(Ok(Acked::Request {
+        self.inflight.push_back((
+            0,
+            Acked::Request {
                 pos,
                 targets: req.tables,
-            }))));
+            },
+        ));
     }
 
     /// Starts the next re-read chunk when none is under way and the queue
@@ -1141,9 +1169,8 @@ impl Session {
         reread::without_changed(&mut chunk, &w.changed);
         // Everything before the high watermark must be acknowledged and
         // the checkpoint quiet: the write-ahead record has to be exact.
-        while let Some(a) = self.inflight.next().await {
-            self.on_acked(a?);
-        }
+        self.confirmed_seq = self.publisher.drain().await?;
+        self.pop_acked();
         if let Some(f) = self.writing.take() {
             let c = f.await?;
             self.tracker.mark_written(c);
@@ -1326,13 +1353,15 @@ impl Session {
                     warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
                     metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
                         .increment(1);
-                    self.inflight
-                        .push_back(Box::pin(std::future::ready(Ok(Acked::Dropped { pos: p }))));
+                    self.inflight.push_back((0, Acked::Dropped { pos: p }));
                     return Ok(());
                 }
                 // Already in the stream (skip > 0): its body was stored
                 // before it was published, and only its id is checked.
                 (OversizePolicy::ObjectStore, _) if self.skip == 0 => {
+                    // A big put can take longer than JetStream keeps an
+                    // idle fast batch open.
+                    self.publisher.flush().await?;
                     msg = self.check_in(ev, msg, &what).await?;
                 }
                 (OversizePolicy::ObjectStore, _) => {}
@@ -1369,31 +1398,33 @@ impl Session {
                 ));
             }
             tracing::trace!(seq, "already in the stream");
-            self.inflight
-                .push_back(Box::pin(std::future::ready(Ok(Acked::Msg {
+            self.inflight.push_back((
+                0,
+                Acked::Msg {
                     seq,
                     pos,
                     schema,
                     counter: None,
                     commit_time: None,
                     begin_of,
-                }))));
+                },
+            ));
             return Ok(());
         }
         let counter = ev.is_change().then(|| self.counter_for(ev));
         let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| ev.is_change());
-        let pending = self.publisher.publish(msg).await?;
-        self.inflight.push_back(Box::pin(async move {
-            let seq = sink::await_ack(pending).await?;
-            Ok(Acked::Msg {
+        let seq = self.publisher.publish(msg).await?;
+        self.inflight.push_back((
+            seq,
+            Acked::Msg {
                 seq,
                 pos,
                 schema,
                 counter,
                 commit_time,
                 begin_of,
-            })
-        }));
+            },
+        ));
         Ok(())
     }
 }

@@ -128,22 +128,31 @@ async fn settle(world: &World<'_>, w: &crate::harness::WalnatsProc) -> Vec<Msg> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_and_duplicates_nothing() {
-    kill_9_under_load(false).await;
+    kill_9_under_load(false, "on").await;
 }
 
 /// The same with `_tx` markers, which must replay as deterministically as
-/// the changes they frame.
+/// the changes they frame, and with one acknowledgement per message (the
+/// first test publishes in fast-ingest batches).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_with_tx_markers_loses_and_duplicates_nothing() {
-    kill_9_under_load(true).await;
+    kill_9_under_load(true, "off").await;
 }
 
-async fn kill_9_under_load(tx_markers: bool) {
+async fn kill_9_under_load(tx_markers: bool, fast_ingest: &str) {
     let world = World::new(shared(PgVersion::V15)).await;
     create_load_tables(&world).await;
     let mut rng = Rng::from_env();
     let markers = if tx_markers { "true" } else { "false" };
-    let spawn = || world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_TX_MARKERS", markers)]);
+    let spawn = || {
+        world.spawn_with(
+            &world.config(),
+            &[
+                ("WALNATS_OUTPUT_TX_MARKERS", markers),
+                ("WALNATS_NATS_FAST_INGEST", fast_ingest),
+            ],
+        )
+    };
     let mut w = spawn();
     world.wait_streaming(&mut w).await;
     let stop = Arc::new(AtomicBool::new(false));

@@ -15,6 +15,7 @@ mod limits;
 mod memory;
 mod nats_auth;
 mod pg_connection;
+mod publishing;
 mod secrets;
 mod snapshot;
 mod streaming;

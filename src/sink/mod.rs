@@ -9,13 +9,19 @@
 pub mod oversize;
 pub mod subject;
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType, Stream};
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
 
-use crate::config::{NatsAuth, NatsConfig};
+use crate::config::{FastIngest, NatsAuth, NatsConfig};
 use crate::encode::OutMsg;
 use crate::error::{Error, Kind, Result};
 
@@ -205,17 +211,7 @@ pub async fn ensure_stream(
 /// Whether the server stores atomic batches (nats-server 2.12.1+, which
 /// also deduplicates `Nats-Msg-Id` inside a batch).
 pub fn supports_atomic_batches(client: &async_nats::Client) -> bool {
-    let info = client.server_info();
-    let mut parts = info
-        .version
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let v = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    v >= (2, 12, 1)
+    server_version(client) >= (2, 12, 1)
 }
 
 /// Makes sure the stream takes atomic batches: snapshots need them so that
@@ -258,32 +254,204 @@ pub async fn allow_atomic_batches(js: &jetstream::Context, stream: &mut Stream) 
     Ok(())
 }
 
+fn server_version(client: &async_nats::Client) -> (u32, u32, u32) {
+    let info = client.server_info();
+    let mut parts = info
+        .version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}
+
+/// Whether the server takes fast-ingest batches (ADR-50, nats-server 2.14+).
+pub fn supports_fast_ingest(client: &async_nats::Client) -> bool {
+    server_version(client) >= (2, 14, 0)
+}
+
+/// Turns on fast-ingest batches (`allow_batched`) on the stream, which
+/// changes nothing for other publishers. `Ok(false)`: the server is too
+/// old, or the stream cannot be changed, and `nats.fast_ingest` is
+/// "auto": walnats publishes one by one and says why.
+pub async fn allow_fast_ingest(
+    js: &jetstream::Context,
+    stream: &mut Stream,
+    mode: FastIngest,
+) -> Result<bool> {
+    if mode == FastIngest::Off {
+        return Ok(false);
+    }
+    let cfg = stream.cached_info().config.clone();
+    if cfg.allow_batch_publish {
+        return Ok(true);
+    }
+    let name = cfg.name.clone();
+    let version = js.client().server_info().version;
+    if !supports_fast_ingest(&js.client()) {
+        if mode == FastIngest::On {
+            return Err(Error::new(
+                Kind::NatsSetup,
+                format!(
+                    "nats.fast_ingest = \"on\" needs nats-server 2.14 or newer (this one is {version}): \
+                     upgrade nats-server, or set nats.fast_ingest = \"auto\" or \"off\""
+                ),
+            ));
+        }
+        tracing::info!(
+            %version,
+            "nats-server has no fast-ingest batches (2.14+): one acknowledgement per message"
+        );
+        return Ok(false);
+    }
+    let updated = js
+        .update_stream(StreamConfig {
+            allow_batch_publish: true,
+            ..cfg
+        })
+        .await;
+    if let Err(e) = updated {
+        if mode == FastIngest::On {
+            return Err(Error::with_source(
+                Kind::NatsSetup,
+                format!(
+                    "cannot turn on fast-ingest batches (allow_batched) on stream {name:?}: \
+                     run `nats stream edit {name} --allow-batch-publish` as an admin, or set nats.fast_ingest = \"off\""
+                ),
+                e,
+            ));
+        }
+        tracing::warn!(
+            stream = %name,
+            error = %e,
+            "cannot turn on fast-ingest batches (allow_batched) on the stream: one acknowledgement per message, \
+             which is slower; let walnats edit the stream, or set nats.fast_ingest = \"off\" to silence this"
+        );
+        return Ok(false);
+    }
+    *stream = js.get_stream(&name).await.map_err(|e| {
+        Error::with_source(Kind::NatsConnect, format!("cannot read stream {name:?}"), e)
+    })?;
+    Ok(true)
+}
+
 /// The most messages nats-server takes in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
 
-/// Publishes in order; each publish names the sequence it must follow.
+/// Messages per fast-ingest batch. Each batch is committed by its last
+/// message (or, when walnats runs out of work first, by an end-of-batch
+/// marker that is not stored) and acknowledged once, with the stream
+/// sequence of its last message and its count.
+pub const FAST_BATCH: u64 = 500;
+
+/// Publishes in order. Every message is at a known stream sequence: each
+/// one-by-one publish names the sequence it must follow, and each fast
+/// batch names it on its first message and fails whole at the first gap.
 pub struct Publisher {
     js: jetstream::Context,
     /// The stream sequence of the last message walnats published (or
     /// found in the stream at start).
     last_seq: u64,
     max_payload: usize,
+    acks: Acks,
 }
 
-pub struct Pending {
-    /// The sequence the stream must assign to this message.
-    pub seq: u64,
-    pub ack: PublishAckFuture,
+type EachAck = Pin<Box<dyn Future<Output = Result<u64>> + Send>>;
+
+/// How publishes come back acknowledged.
+enum Acks {
+    /// One pub ack per message, in order.
+    Each(FuturesOrdered<EachAck>),
+    /// ADR-50 fast-ingest batches (nats-server 2.14+): one ack per batch.
+    Fast(Box<Fast>),
 }
+
+/// Fast-ingest state. The batch id and the message's place in it travel in
+/// the reply subject (`<inbox>.<id>.<flow>.fail.<n>.<op>.$FI`); replies
+/// for every batch of this publisher arrive on one subscription, in order.
+/// Gap mode `fail`: a message JetStream refuses (a limit, a size) ends the
+/// batch there, so nothing later can land after a hole; the commit's ack
+/// says how many were stored, and anything short of all of them is an
+/// error that makes walnats resume from what the stream holds.
+struct Fast {
+    client: async_nats::Client,
+    sub: async_nats::Subscriber,
+    inbox: String,
+    /// Unique to this publisher: batch ids are `<token><number>`.
+    token: String,
+    next_id: u64,
+    open: Option<OpenBatch>,
+    /// Committed batches waiting for their ack, oldest first.
+    sent: VecDeque<SentBatch>,
+    timeout: Duration,
+}
+
+struct OpenBatch {
+    id: u64,
+    /// The stream sequence before the batch's first message.
+    base: u64,
+    /// Messages published in the batch so far.
+    n: u64,
+    /// Where the end-of-batch marker goes (the stream of the batch).
+    subject: async_nats::Subject,
+}
+
+struct SentBatch {
+    id: u64,
+    base: u64,
+    n: u64,
+    at: tokio::time::Instant,
+}
+
+/// Fast-ingest operations, the reply subject's second-to-last token.
+const OP_START: u8 = 0;
+const OP_APPEND: u8 = 1;
+const OP_COMMIT: u8 = 2;
+const OP_END: u8 = 3;
 
 impl Publisher {
+    /// A publisher with one acknowledgement per message.
     pub fn new(js: jetstream::Context, last_seq: u64) -> Publisher {
         let max_payload = js.client().server_info().max_payload;
         Publisher {
             js,
             last_seq,
             max_payload,
+            acks: Acks::Each(FuturesOrdered::new()),
         }
+    }
+
+    /// A publisher of fast-ingest batches; the stream must allow them
+    /// (`allow_fast_ingest`).
+    pub async fn fast(
+        js: jetstream::Context,
+        last_seq: u64,
+        timeout: Duration,
+    ) -> Result<Publisher> {
+        let client = js.client();
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
+            Error::with_source(
+                Kind::NatsConnect,
+                "cannot subscribe to the reply inbox for fast-ingest acknowledgements",
+                e,
+            )
+        })?;
+        let token = inbox.rsplit('.').next().unwrap_or("walnats").to_owned();
+        let mut p = Publisher::new(js, last_seq);
+        p.acks = Acks::Fast(Box::new(Fast {
+            client,
+            sub,
+            inbox,
+            token,
+            next_id: 1,
+            open: None,
+            sent: VecDeque::new(),
+            timeout,
+        }));
+        Ok(p)
     }
 
     pub fn max_payload(&self) -> usize {
@@ -294,7 +462,8 @@ impl Publisher {
         self.last_seq
     }
 
-    /// Counts a message that the stream already holds (resume).
+    /// Counts a message that the stream already holds (resume). Only
+    /// before anything is published.
     pub fn assume_published(&mut self) -> u64 {
         self.last_seq += 1;
         self.last_seq
@@ -315,29 +484,295 @@ impl Publisher {
         msg.payload.len() + headers + 12
     }
 
-    pub async fn publish(&mut self, msg: OutMsg) -> Result<Pending> {
+    /// Sends `msg`; returns the stream sequence it must land at. Its
+    /// acknowledgement comes from [`Publisher::next_ack`].
+    pub async fn publish(&mut self, msg: OutMsg) -> Result<u64> {
         let expected = self.last_seq;
-        let publish = PublishMessage::build()
-            .headers(msg.headers)
-            .payload(msg.payload)
-            .expected_last_sequence(expected);
-        let ack = self
-            .js
-            .send_publish(msg.subject, publish)
-            .await
-            .map_err(|e| {
-                let kind = match e.kind() {
-                    PublishErrorKind::MaxPayloadExceeded => Kind::Oversize,
-                    _ => Kind::Publish,
-                };
-                Error::with_source(kind, "cannot publish to JetStream", e)
-            })?;
+        match &mut self.acks {
+            Acks::Each(acks) => {
+                let publish = PublishMessage::build()
+                    .headers(msg.headers)
+                    .payload(msg.payload)
+                    .expected_last_sequence(expected);
+                let ack = self
+                    .js
+                    .send_publish(msg.subject, publish)
+                    .await
+                    .map_err(|e| {
+                        let kind = match e.kind() {
+                            PublishErrorKind::MaxPayloadExceeded => Kind::Oversize,
+                            _ => Kind::Publish,
+                        };
+                        Error::with_source(kind, "cannot publish to JetStream", e)
+                    })?;
+                acks.push_back(Box::pin(await_ack(ack, expected + 1)));
+            }
+            Acks::Fast(f) => f.publish(msg, expected).await?,
+        }
         self.last_seq = expected + 1;
-        Ok(Pending {
-            seq: expected + 1,
-            ack,
-        })
+        Ok(expected + 1)
     }
+
+    /// Whether a fast batch is open: [`Publisher::flush`] ends it.
+    pub fn has_open_batch(&self) -> bool {
+        matches!(&self.acks, Acks::Fast(f) if f.open.is_some())
+    }
+
+    /// Ends the open fast batch, if any, so that its acknowledgement comes
+    /// without waiting for more messages. Call it when there is nothing
+    /// else to publish right now: JetStream drops a batch idle for 10 s.
+    pub async fn flush(&mut self) -> Result<()> {
+        match &mut self.acks {
+            Acks::Fast(f) => f.end().await,
+            Acks::Each(_) => Ok(()),
+        }
+    }
+
+    /// Whether acknowledgements are awaited (a publish not yet confirmed
+    /// and not in an open batch).
+    pub fn awaiting(&self) -> bool {
+        match &self.acks {
+            Acks::Each(acks) => !acks.is_empty(),
+            Acks::Fast(f) => !f.sent.is_empty(),
+        }
+    }
+
+    /// The next acknowledgement: every message up to the returned stream
+    /// sequence is stored. Pending forever when nothing is awaited.
+    /// Cancel-safe (it sits in the pipeline's `select!`).
+    pub async fn next_ack(&mut self) -> Result<u64> {
+        match &mut self.acks {
+            Acks::Each(acks) => match acks.next().await {
+                Some(r) => r,
+                None => std::future::pending().await,
+            },
+            Acks::Fast(f) => f.next_ack().await,
+        }
+    }
+
+    /// Ends the open batch and waits for every acknowledgement; returns
+    /// the last confirmed sequence (the last published one).
+    pub async fn drain(&mut self) -> Result<u64> {
+        self.flush().await?;
+        while self.awaiting() {
+            self.next_ack().await?;
+        }
+        Ok(self.last_seq)
+    }
+}
+
+impl Fast {
+    fn reply(&self, id: u64, n: u64, op: u8) -> String {
+        use std::fmt::Write;
+        let mut r = String::with_capacity(self.inbox.len() + self.token.len() + 48);
+        let _ = write!(
+            r,
+            "{}.{}{id}.{FAST_BATCH}.fail.{n}.{op}.$FI",
+            self.inbox, self.token
+        );
+        r
+    }
+
+    async fn publish(&mut self, msg: OutMsg, expected: u64) -> Result<()> {
+        let mut headers = msg.headers;
+        let open = match &mut self.open {
+            Some(o) => o,
+            None => {
+                // The first message of a batch names where it must start.
+                headers.insert(
+                    "Nats-Expected-Last-Sequence",
+                    itoa::Buffer::new().format(expected),
+                );
+                let id = self.next_id;
+                self.next_id += 1;
+                self.open.insert(OpenBatch {
+                    id,
+                    base: expected,
+                    n: 0,
+                    subject: msg.subject.as_str().into(),
+                })
+            }
+        };
+        open.n += 1;
+        let (id, n) = (open.id, open.n);
+        let op = match n {
+            1 => OP_START,
+            FAST_BATCH => OP_COMMIT,
+            _ => OP_APPEND,
+        };
+        let reply = self.reply(id, n, op);
+        self.client
+            .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
+            .await
+            .map_err(|e| Error::with_source(Kind::Publish, "cannot publish to JetStream", e))?;
+        if op == OP_COMMIT {
+            self.committed();
+        }
+        Ok(())
+    }
+
+    /// Sends the end-of-batch marker (not stored) of the open batch.
+    async fn end(&mut self) -> Result<()> {
+        let Some(open) = &self.open else {
+            return Ok(());
+        };
+        let reply = self.reply(open.id, open.n + 1, OP_END);
+        self.client
+            .publish_with_reply(open.subject.clone(), reply, bytes::Bytes::new())
+            .await
+            .map_err(|e| Error::with_source(Kind::Publish, "cannot publish to JetStream", e))?;
+        self.committed();
+        Ok(())
+    }
+
+    fn committed(&mut self) {
+        if let Some(o) = self.open.take() {
+            self.sent.push_back(SentBatch {
+                id: o.id,
+                base: o.base,
+                n: o.n,
+                at: tokio::time::Instant::now(),
+            });
+        }
+    }
+
+    async fn next_ack(&mut self) -> Result<u64> {
+        loop {
+            let Some(oldest) = self.sent.front() else {
+                return std::future::pending().await;
+            };
+            let deadline = oldest.at + self.timeout;
+            let msg = match tokio::time::timeout_at(deadline, self.sub.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(Error::new(
+                        Kind::Publish,
+                        "the fast-ingest acknowledgement subscription ended",
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::new(
+                        Kind::Publish,
+                        "JetStream did not acknowledge a batch of publishes in time",
+                    ));
+                }
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(Error::new(
+                    Kind::Publish,
+                    "no JetStream stream takes walnats' subjects any more (was it deleted?)",
+                ));
+            }
+            let (id, n, base) = (oldest.id, oldest.n, oldest.base);
+            match fast_reply(&msg.payload)? {
+                FastReply::Flow => continue,
+                FastReply::Committed { seq, batch, count } => {
+                    let want_id = format!("{}{id}", self.token);
+                    if batch != want_id || count != n || seq != base + n {
+                        return Err(Error::new(
+                            Kind::Publish,
+                            format!(
+                                "JetStream stored {count} of a batch of {n} publishes ending at sequence {seq} \
+                                 (batch {batch:?}), walnats expected them to end at {}: resuming from the stream",
+                                base + n
+                            ),
+                        ));
+                    }
+                    self.sent.pop_front();
+                    return Ok(seq);
+                }
+            }
+        }
+    }
+}
+
+enum FastReply {
+    /// A flow acknowledgement: progress inside a batch, not a commit.
+    Flow,
+    Committed {
+        seq: u64,
+        batch: String,
+        count: u64,
+    },
+}
+
+/// Reads a reply on the fast-ingest inbox: a flow ack, a commit's pub ack,
+/// or an error (a gap, a refused message, an unknown batch).
+fn fast_reply(payload: &[u8]) -> Result<FastReply> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+        #[serde(default)]
+        seq: u64,
+        #[serde(default)]
+        last_seq: u64,
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        batch: String,
+        error: Option<ApiError>,
+    }
+    let r: Reply = serde_json::from_slice(payload).map_err(|e| {
+        Error::with_source(
+            Kind::Publish,
+            "unreadable acknowledgement from JetStream",
+            e,
+        )
+    })?;
+    if let Some(e) = r.error {
+        return Err(refused("a publish", &e));
+    }
+    match r.kind.as_deref() {
+        Some("ack") => Ok(FastReply::Flow),
+        Some("gap") => Err(Error::new(
+            Kind::Publish,
+            format!(
+                "JetStream missed publishes {}..{} of a batch (dropped on the way, e.g. a slow or restarting \
+                 server); the batch ended there: resuming from the stream",
+                r.last_seq + 1,
+                r.seq.saturating_sub(1)
+            ),
+        )),
+        Some(other) => Err(Error::new(
+            Kind::Publish,
+            format!("JetStream sent an unknown batch reply {other:?}: resuming from the stream"),
+        )),
+        None => Ok(FastReply::Committed {
+            seq: r.seq,
+            batch: r.batch,
+            count: r.count,
+        }),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// An error reply from JetStream, with the fix where walnats knows one.
+fn refused(what: &str, e: &ApiError) -> Error {
+    let hint = match e.err_code {
+        10174 => ": the stream does not allow atomic batches (allow_atomic)",
+        10205 => {
+            ": the stream does not allow fast-ingest batches (allow_batched); set nats.fast_ingest = \"off\" or let walnats turn it on"
+        }
+        10071 => {
+            ": the stream's last sequence is not what walnats expected (another client publishes to it?)"
+        }
+        _ => "",
+    };
+    Error::new(
+        Kind::Publish,
+        format!(
+            "JetStream refused {what}: {} (error {}){hint}; resuming from the stream",
+            e.description, e.err_code
+        ),
+    )
 }
 
 impl Publisher {
@@ -435,13 +870,6 @@ fn check_batch_reply(payload: &[u8]) -> Result<()> {
     struct Reply {
         error: Option<ApiError>,
     }
-    #[derive(serde::Deserialize)]
-    struct ApiError {
-        #[serde(default)]
-        err_code: u64,
-        #[serde(default)]
-        description: String,
-    }
     if payload.is_empty() {
         return Ok(());
     }
@@ -454,28 +882,13 @@ fn check_batch_reply(payload: &[u8]) -> Result<()> {
     })?;
     match reply.error {
         None => Ok(()),
-        Some(e) => {
-            let hint = match e.err_code {
-                10174 => ": the stream does not allow atomic batches (allow_atomic)",
-                10071 => {
-                    ": the stream's last sequence is not what walnats expected (another client publishes to it?)"
-                }
-                _ => "",
-            };
-            Err(Error::new(
-                Kind::Publish,
-                format!(
-                    "JetStream refused an atomic batch: {} (error {}){hint}",
-                    e.description, e.err_code
-                ),
-            ))
-        }
+        Some(e) => Err(refused("an atomic batch", &e)),
     }
 }
 
 /// Awaits one publish's acknowledgement and checks it is where it must be.
-pub async fn await_ack(p: Pending) -> Result<u64> {
-    let ack = p.ack.await.map_err(|e| {
+async fn await_ack(ack: PublishAckFuture, want: u64) -> Result<u64> {
+    let ack = ack.await.map_err(|e| {
         let detail = match e.kind() {
             PublishErrorKind::WrongLastSequence => {
                 "JetStream refused a publish: the stream's last sequence is not what walnats expected \
@@ -486,14 +899,67 @@ pub async fn await_ack(p: Pending) -> Result<u64> {
         };
         Error::with_source(Kind::Publish, detail, e)
     })?;
-    if ack.duplicate || ack.sequence != p.seq {
+    if ack.duplicate || ack.sequence != want {
         return Err(Error::new(
             Kind::Publish,
             format!(
                 "JetStream stored a message at sequence {} (duplicate: {}), walnats expected {}: resuming from the stream",
-                ack.sequence, ack.duplicate, p.seq
+                ack.sequence, ack.duplicate, want
             ),
         ));
     }
     Ok(ack.sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(payload: &str) -> (u64, String, u64) {
+        match fast_reply(payload.as_bytes()) {
+            Ok(FastReply::Committed { seq, batch, count }) => (seq, batch, count),
+            Ok(FastReply::Flow) => panic!("{payload}: read as a flow ack"),
+            Err(e) => panic!("{payload}: {e}"),
+        }
+    }
+
+    fn refusal(payload: &str) -> String {
+        match fast_reply(payload.as_bytes()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{payload}: not read as an error"),
+        }
+    }
+
+    /// The replies nats-server 2.15 sends on a fast-ingest inbox, as seen
+    /// on the wire.
+    #[test]
+    fn fast_ingest_replies_are_read_as_the_server_means_them() {
+        assert!(matches!(
+            fast_reply(br#"{"type":"ack","seq":0,"msgs":500}"#),
+            Ok(FastReply::Flow)
+        ));
+        assert_eq!(
+            committed(r#"{"stream":"S","seq":12,"batch":"abc3","count":4}"#),
+            (12, "abc3".to_owned(), 4)
+        );
+        let gap = refusal(r#"{"type":"gap","last_seq":5,"seq":7}"#);
+        assert!(gap.contains("6..6"), "{gap}");
+        let refused = refusal(
+            r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"},"stream":"S","seq":0}"#,
+        );
+        assert!(
+            refused.contains("message size exceeds maximum allowed"),
+            "{refused}"
+        );
+        let unknown = refusal(
+            r#"{"error":{"code":400,"err_code":10205,"description":"batch publish is disabled"}}"#,
+        );
+        assert!(unknown.contains("nats.fast_ingest"), "{unknown}");
+        let err = refusal(
+            r#"{"type":"err","seq":1,"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 7"}}"#,
+        );
+        assert!(err.contains("another client"), "{err}");
+        assert!(refusal(r#"{"type":"stall"}"#).contains("unknown"));
+        assert!(refusal("not json").contains("unreadable"));
+    }
 }
