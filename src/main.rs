@@ -213,7 +213,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("walnats")
         .build()

@@ -126,13 +126,14 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> 
 }
 
 /// Seconds from a PostgreSQL timestamp (µs since 2000-01-01) to now.
-fn seconds_since_pg_time(pg_us: i64) -> f64 {
+/// Now, in PostgreSQL's timestamp unit: microseconds since 2000-01-01.
+fn pg_now() -> i64 {
     const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0);
-    (now_us - PG_EPOCH_UNIX_US - pg_us).max(0) as f64 / 1e6
+    now_us - PG_EPOCH_UNIX_US
 }
 
 /// 200 ms doubling to 30 s, with up to 25% jitter so that a fleet does not
@@ -327,6 +328,7 @@ struct Session {
     health: Arc<Health>,
     nats: async_nats::Client,
     counters: std::collections::HashMap<(u32, &'static str), metrics::Counter>,
+    publish_latency: metrics::Histogram,
     sql: Arc<tokio_postgres::Client>,
     server_version_num: u32,
     window: Option<Window>,
@@ -577,6 +579,7 @@ async fn session(
         health: Arc::clone(health),
         nats: c.js.client(),
         counters: std::collections::HashMap::new(),
+        publish_latency: metrics::histogram!(http::PUBLISH_LATENCY),
         sql: Arc::clone(&c.sql),
         server_version_num: conn_version,
         window: None,
@@ -614,7 +617,8 @@ impl Session {
         let max_in_flight = self.cfg.nats.max_in_flight;
         let mut draining = *shutdown.borrow();
         loop {
-            let can_read = !draining && self.inflight.len() < max_in_flight;
+            let can_read =
+                !draining && self.inflight.len() < max_in_flight && self.publisher.ready();
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if !draining => {
@@ -633,6 +637,10 @@ impl Session {
                     self.status_due = true;
                 }
                 _ = status.tick() => {
+                    self.publisher.overdue()?;
+                    if self.publisher.should_flush() {
+                        self.publisher.flush().await?;
+                    }
                     self.status_due = true;
                     self.warn_if_replay_stalled();
                 }
@@ -653,7 +661,7 @@ impl Session {
                 }
                 // Nothing else to do right now: end the open fast batch so
                 // that its acknowledgement comes without more messages.
-                () = std::future::ready(()), if self.publisher.has_open_batch() => {
+                () = std::future::ready(()), if self.publisher.should_flush() => {
                     self.publisher.flush().await?;
                 }
             }
@@ -747,16 +755,18 @@ impl Session {
 
     /// Hands over, in order, every in-flight entry the stream now holds.
     fn pop_acked(&mut self) {
+        // Read the clock once per run of acknowledgements.
+        let mut now = None;
         while let Some((need, _)) = self.inflight.front()
             && *need <= self.confirmed_seq
         {
             if let Some((_, a)) = self.inflight.pop_front() {
-                self.on_acked(a);
+                self.on_acked(a, &mut now);
             }
         }
     }
 
-    fn on_acked(&mut self, a: Acked) {
+    fn on_acked(&mut self, a: Acked, now: &mut Option<i64>) {
         match a {
             Acked::Msg {
                 seq,
@@ -771,7 +781,8 @@ impl Session {
                     c.increment(1);
                 }
                 if let Some(t) = commit_time {
-                    metrics::histogram!(http::PUBLISH_LATENCY).record(seconds_since_pg_time(t));
+                    let now = *now.get_or_insert_with(pg_now);
+                    self.publish_latency.record((now - t).max(0) as f64 / 1e6);
                 }
             }
             Acked::Dropped { pos } => {

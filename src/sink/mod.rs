@@ -334,7 +334,24 @@ pub async fn allow_fast_ingest(
     *stream = js.get_stream(&name).await.map_err(|e| {
         Error::with_source(Kind::NatsConnect, format!("cannot read stream {name:?}"), e)
     })?;
-    Ok(true)
+    if stream.cached_info().config.allow_batch_publish {
+        return Ok(true);
+    }
+    // Accepted but not kept (a cluster with an older server in it?).
+    if mode == FastIngest::On {
+        return Err(Error::new(
+            Kind::NatsSetup,
+            format!(
+                "stream {name:?} did not keep allow_batched (fast-ingest batches): is every server of the cluster \
+                 2.14 or newer? Upgrade them, or set nats.fast_ingest = \"auto\" or \"off\""
+            ),
+        ));
+    }
+    tracing::warn!(
+        stream = %name,
+        "stream did not keep allow_batched (fast-ingest batches): one acknowledgement per message"
+    );
+    Ok(false)
 }
 
 /// The most messages nats-server takes in one atomic batch.
@@ -396,14 +413,26 @@ struct OpenBatch {
     n: u64,
     /// Where the end-of-batch marker goes (the stream of the batch).
     subject: async_nats::Subject,
+    since: std::time::Instant,
 }
 
 struct SentBatch {
     id: u64,
     base: u64,
     n: u64,
-    at: tokio::time::Instant,
+    at: std::time::Instant,
 }
+
+/// Room for the control headers walnats adds to a message at publish time:
+/// `Nats-Expected-Last-Sequence: <u64>` (51 bytes), or an atomic batch's
+/// `Nats-Batch-Id` (≤ 64 + 15), `Nats-Batch-Sequence` (≤ 25) and
+/// `Nats-Batch-Commit` (21) with the expected last sequence on its first.
+const CONTROL_HEADERS: usize = 200;
+
+/// At most this many fast batches wait for their acknowledgement at once
+/// (nats-server keeps at most 50 batches in flight per stream, and ADR-50
+/// wants the outstanding acks bounded): 4,000 messages.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
 /// Fast-ingest operations, the reply subject's second-to-last token.
 const OP_START: u8 = 0;
@@ -469,7 +498,11 @@ impl Publisher {
         self.last_seq
     }
 
-    /// The size NATS counts against max_payload: headers plus payload.
+    /// The size NATS counts against max_payload: headers plus payload,
+    /// with room for the headers walnats adds when it publishes
+    /// (`Nats-Expected-Last-Sequence`, or an atomic batch's id, sequence
+    /// and commit), so that a message near the limit is caught here, where
+    /// `limits.on_oversize` applies, and not refused on the way out.
     pub fn wire_size(msg: &OutMsg) -> usize {
         let headers: usize = msg
             .headers
@@ -481,7 +514,7 @@ impl Publisher {
                     .sum::<usize>()
             })
             .sum();
-        msg.payload.len() + headers + 12
+        msg.payload.len() + headers + 12 + CONTROL_HEADERS
     }
 
     /// Sends `msg`; returns the stream sequence it must land at. Its
@@ -513,9 +546,27 @@ impl Publisher {
         Ok(expected + 1)
     }
 
-    /// Whether a fast batch is open: [`Publisher::flush`] ends it.
-    pub fn has_open_batch(&self) -> bool {
-        matches!(&self.acks, Acks::Fast(f) if f.open.is_some())
+    /// Whether another message may be published now: fast batches waiting
+    /// for their acknowledgement are bounded.
+    pub fn ready(&self) -> bool {
+        match &self.acks {
+            Acks::Each(_) => true,
+            Acks::Fast(f) => f.sent.len() < MAX_BATCHES_IN_FLIGHT,
+        }
+    }
+
+    /// Whether the open fast batch should end now: nothing else is waiting
+    /// for an acknowledgement (so this batch's would be the next), or it
+    /// has been open for a second (JetStream drops a batch idle for 10 s).
+    /// While earlier batches are awaited, messages gather in the open one.
+    pub fn should_flush(&self) -> bool {
+        match &self.acks {
+            Acks::Fast(f) => f
+                .open
+                .as_ref()
+                .is_some_and(|o| f.sent.is_empty() || o.since.elapsed() > Duration::from_secs(1)),
+            Acks::Each(_) => false,
+        }
     }
 
     /// Ends the open fast batch, if any, so that its acknowledgement comes
@@ -550,12 +601,39 @@ impl Publisher {
         }
     }
 
+    /// Fails when the oldest fast batch has waited for its acknowledgement
+    /// longer than the timeout (one-by-one publishes time out by
+    /// themselves). Called on the pipeline's status tick.
+    pub fn overdue(&self) -> Result<()> {
+        if let Acks::Fast(f) = &self.acks
+            && let Some(oldest) = f.sent.front()
+            && oldest.at.elapsed() > f.timeout
+        {
+            return Err(Error::new(
+                Kind::Publish,
+                "JetStream did not acknowledge a batch of publishes in time",
+            ));
+        }
+        Ok(())
+    }
+
     /// Ends the open batch and waits for every acknowledgement; returns
     /// the last confirmed sequence (the last published one).
     pub async fn drain(&mut self) -> Result<u64> {
         self.flush().await?;
+        let timeout = match &self.acks {
+            Acks::Fast(f) => f.timeout,
+            Acks::Each(_) => Duration::MAX,
+        };
         while self.awaiting() {
-            self.next_ack().await?;
+            tokio::time::timeout(timeout, self.next_ack())
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        Kind::Publish,
+                        "JetStream did not acknowledge a batch of publishes in time",
+                    )
+                })??;
         }
         Ok(self.last_seq)
     }
@@ -590,6 +668,7 @@ impl Fast {
                     base: expected,
                     n: 0,
                     subject: msg.subject.as_str().into(),
+                    since: std::time::Instant::now(),
                 })
             }
         };
@@ -604,7 +683,7 @@ impl Fast {
         self.client
             .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
             .await
-            .map_err(|e| Error::with_source(Kind::Publish, "cannot publish to JetStream", e))?;
+            .map_err(publish_error)?;
         if op == OP_COMMIT {
             self.committed();
         }
@@ -620,7 +699,7 @@ impl Fast {
         self.client
             .publish_with_reply(open.subject.clone(), reply, bytes::Bytes::new())
             .await
-            .map_err(|e| Error::with_source(Kind::Publish, "cannot publish to JetStream", e))?;
+            .map_err(publish_error)?;
         self.committed();
         Ok(())
     }
@@ -631,7 +710,7 @@ impl Fast {
                 id: o.id,
                 base: o.base,
                 n: o.n,
-                at: tokio::time::Instant::now(),
+                at: std::time::Instant::now(),
             });
         }
     }
@@ -641,21 +720,14 @@ impl Fast {
             let Some(oldest) = self.sent.front() else {
                 return std::future::pending().await;
             };
-            let deadline = oldest.at + self.timeout;
-            let msg = match tokio::time::timeout_at(deadline, self.sub.next()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    return Err(Error::new(
-                        Kind::Publish,
-                        "the fast-ingest acknowledgement subscription ended",
-                    ));
-                }
-                Err(_) => {
-                    return Err(Error::new(
-                        Kind::Publish,
-                        "JetStream did not acknowledge a batch of publishes in time",
-                    ));
-                }
+            let (id, n, base) = (oldest.id, oldest.n, oldest.base);
+            // No timer here: this future is made anew on every turn of the
+            // pipeline's loop; `overdue` checks the deadline instead.
+            let Some(msg) = self.sub.next().await else {
+                return Err(Error::new(
+                    Kind::Publish,
+                    "the fast-ingest acknowledgement subscription ended",
+                ));
             };
             if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                 return Err(Error::new(
@@ -663,7 +735,6 @@ impl Fast {
                     "no JetStream stream takes walnats' subjects any more (was it deleted?)",
                 ));
             }
-            let (id, n, base) = (oldest.id, oldest.n, oldest.base);
             match fast_reply(&msg.payload)? {
                 FastReply::Flow => continue,
                 FastReply::Committed { seq, batch, count } => {
@@ -684,6 +755,15 @@ impl Fast {
             }
         }
     }
+}
+
+/// A core publish that did not go out; over max_payload is not worth a retry.
+fn publish_error(e: async_nats::PublishError) -> Error {
+    let kind = match e.kind() {
+        async_nats::client::PublishErrorKind::MaxPayloadExceeded => Kind::Oversize,
+        _ => Kind::Publish,
+    };
+    Error::with_source(kind, "cannot publish to JetStream", e)
 }
 
 enum FastReply {
