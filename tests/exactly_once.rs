@@ -328,9 +328,23 @@ async fn restart_after_duplicate_window_publishes_no_duplicate_interest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restart_mid_stream_loses_and_duplicates_nothing() {
+    nats_server_restart_mid_stream("on").await;
+}
+
+/// The same publishing one by one (`nats.fast_ingest = "off"`, as on
+/// servers before 2.14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_mid_stream_one_ack_per_message_loses_and_duplicates_nothing() {
+    nats_server_restart_mid_stream("off").await;
+}
+
+async fn nats_server_restart_mid_stream(fast_ingest: &str) {
     let world = World::new(shared(PgVersion::V15)).await;
     create_load_tables(&world).await;
-    let mut w = world.spawn();
+    let mut w = world.spawn_with(
+        &world.config(),
+        &[("WALNATS_NATS_FAST_INGEST", fast_ingest)],
+    );
     world.wait_streaming(&mut w).await;
     let stop = Arc::new(AtomicBool::new(false));
     let txs = Arc::new(AtomicU64::new(0));
