@@ -546,8 +546,13 @@ async fn session(
     // Counting starts at the checkpoint: the `skip` replayed messages that
     // are already in the stream bring it up to `resume.last_seq`.
     let publisher = if sink::allow_fast_ingest(&c.js, &mut st.stream, cfg.nats.fast_ingest).await? {
+        info!(
+            batch = sink::FAST_BATCH,
+            "publishing in fast-ingest batches"
+        );
         Publisher::fast(c.js.clone(), resume.state.stream_seq, cfg.nats.ack_timeout).await?
     } else {
+        info!("publishing with one acknowledgement per message");
         Publisher::new(c.js.clone(), resume.state.stream_seq)
     };
     let mut s = Session {

@@ -76,6 +76,12 @@ async fn a_message_the_stream_refuses_leaves_no_gap(fast_ingest: &str) {
         out.matches("exceeds maximum").count() >= 2,
         "no refusal logged:\n{out}"
     );
+    let mode = if fast_ingest == "on" {
+        "publishing in fast-ingest batches"
+    } else {
+        "publishing with one acknowledgement per message"
+    };
+    assert!(out.contains(mode), "not {mode:?}:\n{out}");
     let held = world.read_stream().await;
     assert_eq!(
         ids(&held),
