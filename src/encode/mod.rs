@@ -290,8 +290,7 @@ const LARGE_BODY: usize = 64 * 1024;
 fn size_hint(ev: &Event) -> usize {
     use crate::pgoutput::{OldTuple, TupleData, TupleValue};
     fn tuple(t: &TupleData) -> usize {
-        t.columns
-            .iter()
+        t.iter()
             .map(|v| match v {
                 TupleValue::Text(b) | TupleValue::Binary(b) => b.len(),
                 TupleValue::Null | TupleValue::Unchanged => 0,
