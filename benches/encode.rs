@@ -61,24 +61,22 @@ fn relation() -> Arc<RelationInfo> {
 }
 
 fn insert_bytes() -> Bytes {
-    let text = |s: &'static str| TupleValue::Text(Bytes::from_static(s.as_bytes()));
+    let text = |s: &'static str| TupleValue::Text(s.as_bytes());
     to_bytes(&Message::Insert(Insert {
         xid: None,
         oid: Oid(16384),
-        new: TupleData {
-            columns: vec![
-                text("424242"),
-                text("242"),
-                text("name 424242"),
-                text("428484.42"),
-                text("2026-11-22 18:31:10.123456+00"),
-                text("user424242@example.com"),
-                text("{\"k\": 424242, \"tags\": [\"a\", \"b\"]}"),
-                text("t"),
-                text("3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
-                text("4"),
-            ],
-        },
+        new: TupleData::from_values(vec![
+            text("424242"),
+            text("242"),
+            text("name 424242"),
+            text("428484.42"),
+            text("2026-11-22 18:31:10.123456+00"),
+            text("user424242@example.com"),
+            text("{\"k\": 424242, \"tags\": [\"a\", \"b\"]}"),
+            text("t"),
+            text("3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
+            text("4"),
+        ]),
     }))
     .unwrap_or_default()
 }

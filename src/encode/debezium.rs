@@ -165,7 +165,6 @@ mod tests {
 
     use std::sync::Arc;
 
-    use bytes::Bytes;
     use serde_json::{Value, json};
 
     use super::*;
@@ -204,20 +203,18 @@ mod tests {
         })
     }
 
-    fn text(s: &str) -> TupleValue {
-        TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    fn text(s: &str) -> TupleValue<'_> {
+        TupleValue::Text(s.as_bytes())
     }
 
     fn row(id: &str, status: &str) -> TupleData {
-        TupleData {
-            columns: vec![
-                text(id),
-                text(status),
-                text("19.90"),
-                text("\\x00ff"),
-                text("{a,b}"),
-            ],
-        }
+        TupleData::from_values(vec![
+            text(id),
+            text(status),
+            text("19.90"),
+            text("\\x00ff"),
+            text("{a,b}"),
+        ])
     }
 
     fn src() -> Source {
@@ -333,10 +330,12 @@ mod tests {
 
     #[test]
     fn update_puts_the_placeholder_for_unchanged_toast_values() {
-        let mut new = row("42", "paid");
-        new.columns[1] = TupleValue::Unchanged;
-        new.columns[3] = TupleValue::Unchanged;
-        new.columns[4] = TupleValue::Unchanged;
+        let row = row("42", "paid");
+        let mut values = row.values();
+        values[1] = TupleValue::Unchanged;
+        values[3] = TupleValue::Unchanged;
+        values[4] = TupleValue::Unchanged;
+        let new = TupleData::from_values(values);
         let ev = event(Body::Row {
             op: Op::Update,
             rel: orders(ReplicaIdentity::Default),
@@ -376,15 +375,13 @@ mod tests {
 
     #[test]
     fn delete_is_op_d_with_the_old_key_in_before() {
-        let old = TupleData {
-            columns: vec![
-                text("43"),
-                TupleValue::Null,
-                TupleValue::Null,
-                TupleValue::Null,
-                TupleValue::Null,
-            ],
-        };
+        let old = TupleData::from_values(vec![
+            text("43"),
+            TupleValue::Null,
+            TupleValue::Null,
+            TupleValue::Null,
+            TupleValue::Null,
+        ]);
         let ev = event(Body::Row {
             op: Op::Delete,
             rel: orders(ReplicaIdentity::Default),
@@ -430,8 +427,10 @@ mod tests {
 
     #[test]
     fn a_value_that_cannot_be_decoded_is_an_error_without_the_value() {
-        let mut new = row("42", "new");
-        new.columns[0] = text("secret-not-a-number");
+        let row = row("42", "new");
+        let mut values = row.values();
+        values[0] = text("secret-not-a-number");
+        let new = TupleData::from_values(values);
         let ev = event(Body::Row {
             op: Op::Insert,
             rel: orders(ReplicaIdentity::Default),

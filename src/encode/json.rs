@@ -107,13 +107,13 @@ pub(crate) fn write_tuple(
     rel: &RelationInfo,
     tuple: &TupleData,
     lsn: Lsn,
-    pick: impl Fn(usize, &TupleValue) -> bool,
+    pick: impl Fn(usize, &TupleValue<'_>) -> bool,
     mut unchanged: Unchanged<'_>,
 ) -> Result<()> {
     out.push(b'{');
     let mut first = true;
-    for (i, (col, val)) in rel.columns.iter().zip(tuple.columns.iter()).enumerate() {
-        if !pick(i, val) {
+    for (i, (col, val)) in rel.columns.iter().zip(tuple.iter()).enumerate() {
+        if !pick(i, &val) {
             continue;
         }
         let placeholder = match (&mut unchanged, val) {
@@ -149,14 +149,14 @@ pub(crate) fn write_tuple(
             TupleValue::Unchanged => {}
         }
     }
-    if tuple.columns.len() != rel.columns.len() {
+    if tuple.len() != rel.columns.len() {
         return Err(Error::new(
             Kind::Protocol,
             format!(
                 "a change of {}.{} at LSN {lsn} has {} columns, its Relation message {}",
                 rel.schema,
                 rel.table,
-                tuple.columns.len(),
+                tuple.len(),
                 rel.columns.len()
             ),
         ));
@@ -284,7 +284,7 @@ fn write_key(
                 && rel
                     .columns
                     .iter()
-                    .zip(t.columns.iter())
+                    .zip(t.iter())
                     .any(|(c, v)| c.key && matches!(v, TupleValue::Unchanged));
             let t = if use_old {
                 old.map(|(o, _)| o).unwrap_or(t)

@@ -59,27 +59,40 @@ pub(crate) fn write_json_string_of(
     out: &mut Vec<u8>,
     type_name: &'static str,
 ) -> Result<(), ValueError> {
-    if std::str::from_utf8(s).is_err() {
+    // The escaping pass notes whether any byte is above ASCII, so that the
+    // common all-ASCII value is not read a second time to check its UTF-8.
+    let len = out.len();
+    if write_escaped(s, out) && std::str::from_utf8(s).is_err() {
+        out.truncate(len);
         return Err(ValueError::new(type_name, "not valid UTF-8"));
     }
-    write_json_str_unchecked(s, out);
     Ok(())
 }
 
 /// Escapes and quotes bytes already known to be UTF-8 (or ASCII).
 pub(crate) fn write_json_str_unchecked(s: &[u8], out: &mut Vec<u8>) {
+    write_escaped(s, out);
+}
+
+/// Escapes and quotes `s`; true if a byte of it is above ASCII.
+#[inline]
+fn write_escaped(s: &[u8], out: &mut Vec<u8>) -> bool {
+    let mut seen = 0u64;
     out.reserve(s.len() + 2);
     out.push(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < s.len() {
         if let Some(chunk) = s.get(i..).and_then(|rest| rest.first_chunk::<8>()) {
-            if !word_needs_escape(u64::from_le_bytes(*chunk)) {
+            let w = u64::from_le_bytes(*chunk);
+            seen |= w;
+            if !word_needs_escape(w) {
                 i += 8;
                 continue;
             }
         }
         let Some(&b) = s.get(i) else { break };
+        seen |= u64::from(b);
         if NEEDS_ESCAPE[usize::from(b)] {
             if let Some(run) = s.get(start..i) {
                 out.extend_from_slice(run);
@@ -93,6 +106,7 @@ pub(crate) fn write_json_str_unchecked(s: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(run);
     }
     out.push(b'"');
+    seen & HIGHS != 0
 }
 
 /// Writes a string that needs no escaping at all (the caller checked that

@@ -54,6 +54,12 @@ pub struct Source {
 /// made, always from a `Position`. A header value cannot hold CR or LF, so
 /// those (possible in a quoted database name) are written `%0D` / `%0A`.
 pub fn msg_id(src: &Source, pos: Position) -> String {
+    msg_id_at(src, &lsn_string(pos.commit_lsn), pos.seq)
+}
+
+/// [`msg_id`] with the commit LSN already written (the encoder writes it
+/// once for the id and the `Cdc-Commit-Lsn` header).
+fn msg_id_at(src: &Source, commit_lsn: &str, seq: u32) -> String {
     let mut id = String::with_capacity(src.db.len() + src.slot.len() + 32);
     for ch in src.db.chars() {
         match ch {
@@ -65,17 +71,16 @@ pub fn msg_id(src: &Source, pos: Position) -> String {
     id.push(':');
     id.push_str(&src.slot);
     id.push(':');
-    id.push_str(&lsn_string(pos.commit_lsn));
+    id.push_str(commit_lsn);
     id.push(':');
-    id.push_str(itoa::Buffer::new().format(pos.seq));
+    id.push_str(itoa::Buffer::new().format(seq));
     id
 }
 
 fn lsn_string(lsn: crate::lsn::Lsn) -> String {
-    let mut v = Vec::with_capacity(17);
-    lsn.write_to(&mut v);
-    // Only ASCII hex digits and '/' were written.
-    String::from_utf8(v).unwrap_or_default()
+    let mut s = String::with_capacity(17);
+    lsn.push_to(&mut s);
+    s
 }
 
 /// `a` then `b` in one allocation of the right size, without `fmt`
@@ -178,13 +183,14 @@ impl Encoder {
     pub fn encode(&mut self, ev: &Event) -> Result<OutMsg> {
         self.buf.clear();
         let mut raw = None;
+        let commit_lsn = lsn_string(ev.pos.commit_lsn);
         let (subject, content_type, msg_id) = match &ev.body {
             Body::Row { op, rel, .. } => {
                 self.write_change(ev)?;
                 (
                     concat(&rel.subject_base, op.as_str()),
                     "application/json",
-                    msg_id(&self.src, ev.pos),
+                    msg_id_at(&self.src, &commit_lsn, ev.pos.seq),
                 )
             }
             Body::Truncate { rel, .. } => {
@@ -192,7 +198,7 @@ impl Encoder {
                 (
                     concat(&rel.subject_base, "truncate"),
                     "application/json",
-                    msg_id(&self.src, ev.pos),
+                    msg_id_at(&self.src, &commit_lsn, ev.pos.seq),
                 )
             }
             Body::Message {
@@ -205,7 +211,7 @@ impl Encoder {
                 (
                     subject,
                     "application/octet-stream",
-                    msg_id(&self.src, ev.pos),
+                    msg_id_at(&self.src, &commit_lsn, ev.pos.seq),
                 )
             }
             Body::Schema { rel } => {
@@ -213,7 +219,7 @@ impl Encoder {
                 (
                     rel.schema_subject.clone(),
                     "application/json",
-                    format!("{}:schema", msg_id(&self.src, ev.pos)),
+                    format!("{}:schema", msg_id_at(&self.src, &commit_lsn, ev.pos.seq)),
                 )
             }
             Body::TxBegin | Body::TxEnd { .. } => {
@@ -223,11 +229,10 @@ impl Encoder {
                 } else {
                     "end"
                 };
-                let first = Position::new(ev.pos.commit_lsn, 0);
                 (
                     format!("{}._tx", self.src.prefix),
                     "application/json",
-                    format!("{}:{kind}", msg_id(&self.src, first)),
+                    format!("{}:{kind}", msg_id_at(&self.src, &commit_lsn, 0)),
                 )
             }
         };
@@ -236,10 +241,7 @@ impl Encoder {
         headers.insert(n.msg_id.clone(), HeaderValue::from(msg_id.clone()));
         headers.insert(n.op.clone(), ev.op_name());
         headers.insert(n.lsn.clone(), HeaderValue::from(lsn_string(ev.lsn)));
-        headers.insert(
-            n.commit_lsn.clone(),
-            HeaderValue::from(lsn_string(ev.pos.commit_lsn)),
-        );
+        headers.insert(n.commit_lsn.clone(), HeaderValue::from(commit_lsn));
         if let Some(tx) = &ev.tx {
             headers.insert(n.xid.clone(), itoa::Buffer::new().format(tx.xid.0));
         }
@@ -290,8 +292,7 @@ const LARGE_BODY: usize = 64 * 1024;
 fn size_hint(ev: &Event) -> usize {
     use crate::pgoutput::{OldTuple, TupleData, TupleValue};
     fn tuple(t: &TupleData) -> usize {
-        t.columns
-            .iter()
+        t.iter()
             .map(|v| match v {
                 TupleValue::Text(b) | TupleValue::Binary(b) => b.len(),
                 TupleValue::Null | TupleValue::Unchanged => 0,

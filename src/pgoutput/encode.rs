@@ -236,8 +236,8 @@ impl Writer<'_> {
     }
 
     fn tuple(&mut self, t: &TupleData) -> Result<(), EncodeError> {
-        self.count_u16(t.columns.len())?;
-        for v in &t.columns {
+        self.count_u16(t.len())?;
+        for v in t.iter() {
             let (kind, bytes) = match v {
                 TupleValue::Null => (b'n', None),
                 TupleValue::Unchanged => (b'u', None),
@@ -293,13 +293,21 @@ mod tests {
     }
 
     fn tuple() -> impl Strategy<Value = TupleData> {
+        // (kind, bytes): 0 Null, 1 Unchanged, 2 Text, 3 Binary.
         let value = prop_oneof![
-            Just(TupleValue::Null),
-            Just(TupleValue::Unchanged),
-            bytes().prop_map(TupleValue::Text),
-            bytes().prop_map(TupleValue::Binary),
+            Just((0u8, Bytes::new())),
+            Just((1u8, Bytes::new())),
+            bytes().prop_map(|b| (2u8, b)),
+            bytes().prop_map(|b| (3u8, b)),
         ];
-        prop::collection::vec(value, 0..12).prop_map(|columns| TupleData { columns })
+        prop::collection::vec(value, 0..12).prop_map(|columns| {
+            TupleData::from_values(columns.iter().map(|(kind, b)| match kind {
+                0 => TupleValue::Null,
+                1 => TupleValue::Unchanged,
+                2 => TupleValue::Text(b),
+                _ => TupleValue::Binary(b),
+            }))
+        })
     }
 
     fn old_tuple() -> impl Strategy<Value = OldTuple> {
@@ -596,9 +604,7 @@ mod tests {
         let e = to_bytes(&Message::Insert(Insert {
             xid: None,
             oid: Oid(1),
-            new: TupleData {
-                columns: vec![TupleValue::Null; 65536],
-            },
+            new: TupleData::from_values(vec![TupleValue::Null; 65536]),
         }))
         .unwrap_err();
         assert_eq!(e.problem(), "more than 65535 columns");

@@ -136,23 +136,129 @@ pub struct TypeMsg {
     pub name: String,
 }
 
-/// One column value of a tuple.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TupleValue {
+/// One column value of a tuple, borrowed from the tuple's message bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TupleValue<'a> {
     /// 'n': SQL NULL.
     Null,
     /// 'u': an unchanged TOASTed value that PostgreSQL did not send.
     Unchanged,
     /// 't': the value in text format (bytes in the server encoding, as sent).
-    Text(Bytes),
+    Text(&'a [u8]),
     /// 'b': the value in binary format (only with the `binary` option).
-    Binary(Bytes),
+    Binary(&'a [u8]),
+}
+
+/// The kind byte of a column, as [`TupleData`] keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueKind {
+    Null,
+    Unchanged,
+    Text,
+    Binary,
+}
+
+/// Where one column's value is in the tuple's bytes.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    kind: ValueKind,
+    start: usize,
+    len: usize,
 }
 
 /// The column values of one row, in the column order of its [`Relation`].
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+///
+/// The hot path keeps the message once (one `Bytes`, one reference count)
+/// and per column its kind, offset and length, rather than one `Bytes` per
+/// column (an atomic increment and decrement each); values are read as
+/// [`TupleValue`]s borrowing from it. Equality compares the values, not
+/// where they are stored.
+#[derive(Clone, Default)]
 pub struct TupleData {
-    pub columns: Vec<TupleValue>,
+    buf: Bytes,
+    slots: Vec<Slot>,
+}
+
+impl TupleData {
+    /// A tuple holding copies of `values` (tests, snapshots, benches).
+    pub fn from_values<'v>(values: impl IntoIterator<Item = TupleValue<'v>>) -> TupleData {
+        let mut buf = Vec::new();
+        let mut slots = Vec::new();
+        for v in values {
+            let (kind, bytes): (ValueKind, &[u8]) = match v {
+                TupleValue::Null => (ValueKind::Null, &[]),
+                TupleValue::Unchanged => (ValueKind::Unchanged, &[]),
+                TupleValue::Text(b) => (ValueKind::Text, b),
+                TupleValue::Binary(b) => (ValueKind::Binary, b),
+            };
+            slots.push(Slot {
+                kind,
+                start: buf.len(),
+                len: bytes.len(),
+            });
+            buf.extend_from_slice(bytes);
+        }
+        TupleData {
+            buf: Bytes::from(buf),
+            slots,
+        }
+    }
+
+    /// The number of columns.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The value of column `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<TupleValue<'_>> {
+        self.slots.get(i).map(|s| self.value(s))
+    }
+
+    /// The values in column order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = TupleValue<'_>> + Clone + '_ {
+        self.slots.iter().map(|s| self.value(s))
+    }
+
+    /// The values, collected (tests).
+    pub fn values(&self) -> Vec<TupleValue<'_>> {
+        self.iter().collect()
+    }
+
+    fn value(&self, s: &Slot) -> TupleValue<'_> {
+        // Every slot was checked against `buf` when it was made.
+        let bytes = || {
+            s.start
+                .checked_add(s.len)
+                .and_then(|end| self.buf.get(s.start..end))
+                .unwrap_or_default()
+        };
+        match s.kind {
+            ValueKind::Null => TupleValue::Null,
+            ValueKind::Unchanged => TupleValue::Unchanged,
+            ValueKind::Text => TupleValue::Text(bytes()),
+            ValueKind::Binary => TupleValue::Binary(bytes()),
+        }
+    }
+}
+
+impl PartialEq for TupleData {
+    fn eq(&self, other: &TupleData) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for TupleData {}
+
+impl fmt::Debug for TupleData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TupleData")
+            .field("columns", &self.values())
+            .finish()
+    }
 }
 
 /// The old row sent by updates and deletes.
@@ -736,33 +842,37 @@ fn prepare(r: &mut Reader) -> Result<Prepare, DecodeError> {
 /// TupleData: Int16 column count, then per column a kind byte and, for 't'
 /// and 'b', an Int32 length and that many bytes. The hot path: one Vec per
 /// row, sized from the count once the count is known to fit, and values as
-/// slices of the message.
+/// offsets into the message, which the tuple holds once.
 fn tuple(r: &mut Reader) -> Result<TupleData, DecodeError> {
     let at = r.offset();
     let count = usize::from(r.u16("tuple column count")?);
     // Every column takes at least its kind byte.
     r.check_count(at, count, 1, "tuple column count")?;
-    let mut columns = Vec::with_capacity(count);
+    let mut slots = Vec::with_capacity(count);
     for _ in 0..count {
         let at = r.offset();
-        let value = match r.u8("column kind")? {
-            b'n' => TupleValue::Null,
-            b'u' => TupleValue::Unchanged,
-            b't' => {
-                let len = r.len_i32("column value length")?;
-                TupleValue::Text(r.bytes(len, "column value")?)
-            }
-            b'b' => {
-                let len = r.len_i32("column value length")?;
-                TupleValue::Binary(r.bytes(len, "column value")?)
-            }
+        let kind = match r.u8("column kind")? {
+            b'n' => ValueKind::Null,
+            b'u' => ValueKind::Unchanged,
+            b't' => ValueKind::Text,
+            b'b' => ValueKind::Binary,
             k => {
                 return Err(r.error_at(at, "column kind", DecodeErrorKind::UnknownColumnKind(k)));
             }
         };
-        columns.push(value);
+        let (start, len) = match kind {
+            ValueKind::Text | ValueKind::Binary => {
+                let len = r.len_i32("column value length")?;
+                (r.skip(len, "column value")?, len)
+            }
+            ValueKind::Null | ValueKind::Unchanged => (0, 0),
+        };
+        slots.push(Slot { kind, start, len });
     }
-    Ok(TupleData { columns })
+    Ok(TupleData {
+        buf: r.buffer().clone(),
+        slots,
+    })
 }
 
 #[cfg(test)]
@@ -834,8 +944,8 @@ mod tests {
         decode_message(b.bytes(), false).unwrap_err()
     }
 
-    fn text(s: &'static str) -> TupleValue {
-        TupleValue::Text(Bytes::from_static(s.as_bytes()))
+    fn text(s: &'static str) -> TupleValue<'static> {
+        TupleValue::Text(s.as_bytes())
     }
 
     #[test]
@@ -990,22 +1100,20 @@ mod tests {
             Message::Insert(Insert {
                 xid: None,
                 oid: Oid(16384),
-                new: TupleData {
-                    columns: vec![
-                        text("42"),
-                        TupleValue::Null,
-                        TupleValue::Unchanged,
-                        TupleValue::Binary(Bytes::from_static(&[0, 0xff]))
-                    ]
-                }
+                new: TupleData::from_values(vec![
+                    text("42"),
+                    TupleValue::Null,
+                    TupleValue::Unchanged,
+                    TupleValue::Binary(&[0, 0xff])
+                ])
             })
         );
         let m = ok(B::tag(b'I').u32(1).u8(b'N').u16(1).text(""));
         let Message::Insert(i) = m else { panic!() };
-        assert_eq!(i.new.columns, vec![text("")]);
+        assert_eq!(i.new.values(), vec![text("")]);
         let m = ok(B::tag(b'I').u32(1).u8(b'N').u16(0));
         let Message::Insert(i) = m else { panic!() };
-        assert!(i.new.columns.is_empty());
+        assert!(i.new.is_empty());
     }
 
     #[test]
@@ -1024,9 +1132,7 @@ mod tests {
                 xid: None,
                 oid: Oid(5),
                 old: None,
-                new: TupleData {
-                    columns: vec![text("a")]
-                }
+                new: TupleData::from_values(vec![text("a")])
             })
         );
         let m = ok(B::tag(b'U')
@@ -1042,11 +1148,12 @@ mod tests {
         let Message::Update(u) = m else { panic!() };
         assert_eq!(
             u.old,
-            Some(OldTuple::Key(TupleData {
-                columns: vec![text("1"), TupleValue::Null]
-            }))
+            Some(OldTuple::Key(TupleData::from_values(vec![
+                text("1"),
+                TupleValue::Null
+            ])))
         );
-        assert_eq!(u.new.columns, vec![text("2"), TupleValue::Unchanged]);
+        assert_eq!(u.new.values(), vec![text("2"), TupleValue::Unchanged]);
         let m = ok(B::tag(b'U')
             .u32(5)
             .u8(b'O')
@@ -1057,7 +1164,7 @@ mod tests {
             .text("y"));
         let Message::Update(u) = m else { panic!() };
         assert!(matches!(u.old, Some(OldTuple::Full(_))));
-        assert_eq!(u.old.as_ref().map(|o| o.tuple().columns.len()), Some(1));
+        assert_eq!(u.old.as_ref().map(|o| o.tuple().len()), Some(1));
     }
 
     #[test]
@@ -1078,9 +1185,7 @@ mod tests {
             Message::Delete(Delete {
                 xid: None,
                 oid: Oid(5),
-                old: OldTuple::Key(TupleData {
-                    columns: vec![text("1")]
-                })
+                old: OldTuple::Key(TupleData::from_values(vec![text("1")]))
             })
         );
         let m = ok(B::tag(b'D').u32(5).u8(b'O').u16(0));
@@ -1637,9 +1742,6 @@ mod tests {
             .i32(1)
             .raw(b"\xff"));
         let Message::Insert(i) = m else { panic!() };
-        assert_eq!(
-            i.new.columns,
-            vec![TupleValue::Text(Bytes::from_static(b"\xff"))]
-        );
+        assert_eq!(i.new.values(), vec![TupleValue::Text(b"\xff")]);
     }
 }

@@ -155,6 +155,24 @@ impl Reader {
         }
     }
 
+    /// Skips `len` bytes and returns their offset (the hot path: a tuple
+    /// keeps the message once and where each value is in it).
+    pub(crate) fn skip(&mut self, len: usize, field: &'static str) -> Result<usize, DecodeError> {
+        match self.pos.checked_add(len) {
+            Some(end) if end <= self.buf.len() => {
+                let start = self.pos;
+                self.pos = end;
+                Ok(start)
+            }
+            _ => Err(self.truncated(field, len)),
+        }
+    }
+
+    /// The whole message.
+    pub(crate) fn buffer(&self) -> &Bytes {
+        &self.buf
+    }
+
     /// A NUL-terminated UTF-8 string; the NUL is consumed, not returned.
     pub(crate) fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let rest = self.buf.get(self.pos..).unwrap_or_default();

@@ -309,19 +309,18 @@ pub async fn read_chunk(
             // Drain the rest so the connection is ready for the next query.
             continue;
         }
-        let mut t = TupleData {
-            columns: Vec::with_capacity(ncols),
-        };
+        let mut values = Vec::with_capacity(ncols);
         for i in 0..ncols {
             let v = r.try_get(i).map_err(|e| read_err(plan, e))?;
-            t.columns.push(match v {
+            values.push(match v {
                 Some(s) => {
                     bytes += s.len();
-                    TupleValue::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+                    TupleValue::Text(s.as_bytes())
                 }
                 None => TupleValue::Null,
             });
         }
+        let t = TupleData::from_values(values);
         let mut key = Vec::with_capacity(plan.pk.len());
         for i in ncols..ncols + plan.pk.len() {
             key.push(

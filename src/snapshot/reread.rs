@@ -239,7 +239,7 @@ pub fn key_of(rel: &RelationInfo, pk: &[String], t: &TupleData) -> Option<Vec<St
     let mut out = Vec::with_capacity(pk.len());
     for name in pk {
         let i = rel.columns.iter().position(|c| &c.name == name)?;
-        match t.columns.get(i)? {
+        match t.get(i)? {
             TupleValue::Text(b) => out.push(String::from_utf8(b.to_vec()).ok()?),
             _ => return None,
         }
