@@ -415,6 +415,8 @@ async fn initial_snapshot_on_postgres_18_rebuilds_every_table() {
 /// `walnats snapshot` while pgbench writes: the tables existed before the
 /// slot (`snapshot.mode = "never"`), so only the re-read brings their rows;
 /// with the stream's changes, a consumer ends with exactly the tables.
+/// Publishing one by one (`nats.fast_ingest = "off"`, as on servers before
+/// 2.14); the kill -9 re-read test below publishes in fast batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
     let world = World::new(shared(PgVersion::V15)).await;
@@ -431,8 +433,13 @@ async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
     );
     world.sql("CREATE TABLE fence (n int PRIMARY KEY)").await;
     let cfg = world.config();
-    let mut w = world.spawn_with(&cfg, &[]);
+    let mut w = world.spawn_with(&cfg, &[("WALNATS_NATS_FAST_INGEST", "off")]);
     world.wait_streaming(&mut w).await;
+    let out = w.output();
+    assert!(
+        out.contains("publishing with one acknowledgement per message"),
+        "{out}"
+    );
     let mut bench = std::process::Command::new(&pgbench)
         .args(["-c", "4", "-T", "12", "-n", &url])
         .stdout(std::process::Stdio::null())
