@@ -57,6 +57,19 @@ fn row_commit(payload: &[u8]) -> Option<(i64, i64)> {
 /// Unix epoch.
 type Samples = Arc<Mutex<HashMap<i64, (i64, i64)>>>;
 
+/// Records a row's arrival now (from the warm-up on); true once the last
+/// row has arrived.
+async fn arrived(samples: &Samples, payload: &[u8], counted_from: i64, last_id: i64) -> bool {
+    let at = now_us();
+    let Some((id, commit)) = row_commit(payload) else {
+        return false;
+    };
+    if id >= counted_from {
+        samples.lock().await.insert(id, (commit, at));
+    }
+    id >= last_id
+}
+
 fn report(name: &str, samples: &HashMap<i64, (i64, i64)>, want: usize) {
     let mut v: Vec<i64> = samples.values().map(|(commit, at)| at - commit).collect();
     v.sort_unstable();
@@ -98,14 +111,8 @@ async fn main() -> Result<(), BoxError> {
         let core = Arc::clone(&core);
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
-                let at = now_us();
-                if let Some((id, commit)) = row_commit(&m.payload) {
-                    if id >= counted_from {
-                        core.lock().await.insert(id, (commit, at));
-                    }
-                    if id >= last_id {
-                        break;
-                    }
+                if arrived(&core, &m.payload, counted_from, last_id).await {
+                    break;
                 }
             }
         })
@@ -127,14 +134,8 @@ async fn main() -> Result<(), BoxError> {
         let ordered = Arc::clone(&ordered);
         tokio::spawn(async move {
             while let Some(Ok(m)) = messages.next().await {
-                let at = now_us();
-                if let Some((id, commit)) = row_commit(&m.payload) {
-                    if id >= counted_from {
-                        ordered.lock().await.insert(id, (commit, at));
-                    }
-                    if id >= last_id {
-                        break;
-                    }
+                if arrived(&ordered, &m.payload, counted_from, last_id).await {
+                    break;
                 }
             }
         })

@@ -31,38 +31,30 @@ impl Lsn {
     /// Appends `X/XXXXXXXX` (as `Display` prints it) without allocating:
     /// this runs several times per published message.
     pub fn write_to(self, out: &mut Vec<u8>) {
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        fn hex32(out: &mut Vec<u8>, v: u32) {
-            let mut started = false;
-            for shift in (0..8).rev() {
-                let d = ((v >> (shift * 4)) & 0xF) as usize;
-                if d != 0 || started || shift == 0 {
-                    started = true;
-                    out.push(HEX[d]);
-                }
-            }
-        }
-        hex32(out, (self.0 >> 32) as u32);
-        out.push(b'/');
-        hex32(out, self.0 as u32);
+        self.each_ascii(|b| out.push(b));
     }
 
     /// As [`Lsn::write_to`], into a `String` (no UTF-8 check afterwards).
     pub fn push_to(self, out: &mut String) {
+        self.each_ascii(|b| out.push(char::from(b)));
+    }
+
+    /// The bytes of `X/XXXXXXXX`, in order: ASCII hex digits and `/`.
+    fn each_ascii(self, mut emit: impl FnMut(u8)) {
         const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        fn hex32(out: &mut String, v: u32) {
+        fn hex32(v: u32, emit: &mut impl FnMut(u8)) {
             let mut started = false;
             for shift in (0..8).rev() {
                 let d = ((v >> (shift * 4)) & 0xF) as usize;
                 if d != 0 || started || shift == 0 {
                     started = true;
-                    out.push(char::from(HEX[d]));
+                    emit(HEX[d]);
                 }
             }
         }
-        hex32(out, (self.0 >> 32) as u32);
-        out.push('/');
-        hex32(out, self.0 as u32);
+        hex32((self.0 >> 32) as u32, &mut emit);
+        emit(b'/');
+        hex32(self.0 as u32, &mut emit);
     }
 
     /// Bytes from `older` to `self`, zero when `older` is ahead.

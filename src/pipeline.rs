@@ -125,7 +125,6 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> 
     }
 }
 
-/// Seconds from a PostgreSQL timestamp (µs since 2000-01-01) to now.
 /// Now, in PostgreSQL's timestamp unit: microseconds since 2000-01-01.
 fn pg_now() -> i64 {
     const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;

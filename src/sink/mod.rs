@@ -609,10 +609,7 @@ impl Publisher {
             && let Some(oldest) = f.sent.front()
             && oldest.at.elapsed() > f.timeout
         {
-            return Err(Error::new(
-                Kind::Publish,
-                "JetStream did not acknowledge a batch of publishes in time",
-            ));
+            return Err(batch_ack_timeout());
         }
         Ok(())
     }
@@ -628,15 +625,17 @@ impl Publisher {
         while self.awaiting() {
             tokio::time::timeout(timeout, self.next_ack())
                 .await
-                .map_err(|_| {
-                    Error::new(
-                        Kind::Publish,
-                        "JetStream did not acknowledge a batch of publishes in time",
-                    )
-                })??;
+                .map_err(|_| batch_ack_timeout())??;
         }
         Ok(self.last_seq)
     }
+}
+
+fn batch_ack_timeout() -> Error {
+    Error::new(
+        Kind::Publish,
+        "JetStream did not acknowledge a batch of publishes in time",
+    )
 }
 
 impl Fast {
