@@ -1400,7 +1400,7 @@ impl Session {
             }
             if self.skip == 0
                 && let Some(want) = self.last_msg_id.take()
-                && want != msg.msg_id
+                && want != msg.msg_id()
             {
                 return Err(Error::new(
                     Kind::Checkpoint,
@@ -1408,7 +1408,7 @@ impl Session {
                         "the stream's last message is {want:?}, but replaying the slot from the checkpoint gives {:?} \
                          at that sequence: another client publishes to the stream's subjects, or output settings changed \
                          since it was written; walnats must be the stream's only writer",
-                        msg.msg_id
+                        msg.msg_id()
                     ),
                 ));
             }

@@ -1,10 +1,10 @@
 //! The `format = "json"` body of the contract.
 
-use crate::encode::json_str::write_json_string;
+use crate::encode::json_str::{write_json_str, write_json_string};
 use crate::encode::value::write_text_value;
 use crate::encode::{Claim, Source};
 use crate::error::{Error, Kind, Result};
-use crate::event::{Body, ColumnInfo, Event, RelationInfo};
+use crate::event::{Body, ColumnInfo, Event, RelationInfo, TxInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, TupleData, TupleValue};
 
@@ -21,36 +21,32 @@ pub fn write_pg_time(out: &mut Vec<u8>, us: i64) {
     let (y, m, d) = civil_from_days(days);
     let secs = rem / 1_000_000;
     let frac = rem % 1_000_000;
-    out.push(b'"');
+    // Every field but an out-of-range year has a fixed width: fill a
+    // template on the stack and append it once.
+    let mut t = *b"\"0000-00-00T00:00:00.000000Z\"";
+    put_digits(&mut t[6..8], u64::from(m));
+    put_digits(&mut t[9..11], u64::from(d));
+    put_digits(&mut t[12..14], (secs / 3600) as u64);
+    put_digits(&mut t[15..17], ((secs / 60) % 60) as u64);
+    put_digits(&mut t[18..20], (secs % 60) as u64);
+    put_digits(&mut t[21..27], frac as u64);
     if (0..=9999).contains(&y) {
-        push_padded(out, y as u64, 4);
+        put_digits(&mut t[1..5], y as u64);
+        out.extend_from_slice(&t);
     } else {
         // Outside what PostgreSQL's commit timestamps reach; keep it exact.
+        out.push(b'"');
         out.extend_from_slice(format!("{y:04}").as_bytes());
+        out.extend_from_slice(&t[5..]);
     }
-    out.push(b'-');
-    push_padded(out, u64::from(m), 2);
-    out.push(b'-');
-    push_padded(out, u64::from(d), 2);
-    out.push(b'T');
-    push_padded(out, (secs / 3600) as u64, 2);
-    out.push(b':');
-    push_padded(out, ((secs / 60) % 60) as u64, 2);
-    out.push(b':');
-    push_padded(out, (secs % 60) as u64, 2);
-    out.push(b'.');
-    push_padded(out, frac as u64, 6);
-    out.extend_from_slice(b"Z\"");
 }
 
-/// `v` in decimal with leading zeros to `width` digits.
-fn push_padded(out: &mut Vec<u8>, v: u64, width: usize) {
-    let mut buf = itoa::Buffer::new();
-    let digits = buf.format(v).as_bytes();
-    for _ in digits.len()..width {
-        out.push(b'0');
+/// `v`'s last `dst.len()` decimal digits into `dst`, with leading zeros.
+fn put_digits(dst: &mut [u8], mut v: u64) {
+    for d in dst.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
     }
-    out.extend_from_slice(digits);
 }
 
 /// A number in decimal, without allocating.
@@ -201,7 +197,7 @@ pub(crate) fn old_tuple(old: &Option<OldTuple>) -> Option<(&TupleData, bool)> {
     }
 }
 
-pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
+pub fn write_row(out: &mut Vec<u8>, text: &mut SourceText, ev: &Event) -> Result<()> {
     let (op, rel, old, new, truncate) = match &ev.body {
         Body::Row { op, rel, old, new } => (op.as_str(), rel, old_tuple(old), new.as_ref(), None),
         Body::Truncate {
@@ -260,7 +256,7 @@ pub fn write_row(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
         out.extend_from_slice(if restart_identity { b"true" } else { b"false" });
         out.push(b'}');
     }
-    write_source(out, src, ev)?;
+    write_source(out, text, ev);
     out.push(b'}');
     Ok(())
 }
@@ -310,7 +306,12 @@ fn write_key(
 /// `{"claim_check": {"bucket", "name", "size", "digest"}, "op", "schema",
 /// "table", "key", "source"}` for changes (`"prefix"` instead of schema,
 /// table and key for `_message`).
-pub fn write_claim(out: &mut Vec<u8>, src: &Source, ev: &Event, claim: &Claim) -> Result<()> {
+pub fn write_claim(
+    out: &mut Vec<u8>,
+    text: &mut SourceText,
+    ev: &Event,
+    claim: &Claim,
+) -> Result<()> {
     out.extend_from_slice(b"{\"claim_check\":{\"bucket\":");
     push_str(out, &claim.bucket)?;
     out.extend_from_slice(b",\"name\":");
@@ -339,7 +340,7 @@ pub fn write_claim(out: &mut Vec<u8>, src: &Source, ev: &Event, claim: &Claim) -
         }
         Body::TxBegin | Body::TxEnd { .. } => {}
     }
-    write_source(out, src, ev)?;
+    write_source(out, text, ev);
     out.push(b'}');
     Ok(())
 }
@@ -351,31 +352,65 @@ fn write_names(out: &mut Vec<u8>, rel: &RelationInfo) -> Result<()> {
     push_str(out, &rel.table)
 }
 
-fn write_source(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()> {
-    out.extend_from_slice(b",\"source\":{\"db\":");
-    push_str(out, &src.db)?;
-    out.extend_from_slice(b",\"slot\":");
-    push_str(out, &src.slot)?;
-    out.extend_from_slice(b",\"lsn\":");
+/// The text of `source` that repeats from message to message, written once
+/// and copied after: the head (`db`, `slot`) is the same for every message
+/// of an encoder, and `commit_lsn`, `xid` and `commit_time` are the same for
+/// every change of a transaction.
+#[derive(Debug)]
+pub struct SourceText {
+    /// `,"source":{"db":…,"slot":…,"lsn":`
+    head: Vec<u8>,
+    /// What `tx_part` was written for.
+    tx_key: Option<(Lsn, Option<TxInfo>)>,
+    /// `,"commit_lsn":…,"xid":…,"commit_time":…`
+    tx_part: Vec<u8>,
+}
+
+impl SourceText {
+    pub fn new(src: &Source) -> SourceText {
+        let mut head = b",\"source\":{\"db\":".to_vec();
+        write_json_str(&src.db, &mut head);
+        head.extend_from_slice(b",\"slot\":");
+        write_json_str(&src.slot, &mut head);
+        head.extend_from_slice(b",\"lsn\":");
+        SourceText {
+            head,
+            tx_key: None,
+            tx_part: Vec::new(),
+        }
+    }
+
+    fn tx_part(&mut self, commit_lsn: Lsn, tx: Option<TxInfo>) -> &[u8] {
+        if self.tx_key != Some((commit_lsn, tx)) {
+            let out = &mut self.tx_part;
+            out.clear();
+            out.extend_from_slice(b",\"commit_lsn\":");
+            write_lsn(out, commit_lsn);
+            out.extend_from_slice(b",\"xid\":");
+            match &tx {
+                Some(tx) => push_int(out, tx.xid.0),
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b",\"commit_time\":");
+            match &tx {
+                Some(tx) => write_pg_time(out, tx.commit_time),
+                None => out.extend_from_slice(b"null"),
+            }
+            self.tx_key = Some((commit_lsn, tx));
+        }
+        &self.tx_part
+    }
+}
+
+fn write_source(out: &mut Vec<u8>, text: &mut SourceText, ev: &Event) {
+    out.extend_from_slice(&text.head);
     write_lsn(out, ev.lsn);
-    out.extend_from_slice(b",\"commit_lsn\":");
-    write_lsn(out, ev.pos.commit_lsn);
-    out.extend_from_slice(b",\"xid\":");
-    match &ev.tx {
-        Some(tx) => push_int(out, tx.xid.0),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"commit_time\":");
-    match &ev.tx {
-        Some(tx) => write_pg_time(out, tx.commit_time),
-        None => out.extend_from_slice(b"null"),
-    }
+    out.extend_from_slice(text.tx_part(ev.pos.commit_lsn, ev.tx));
     out.extend_from_slice(b",\"seq\":");
     push_int(out, ev.pos.seq);
     out.extend_from_slice(b",\"snapshot\":");
     out.extend_from_slice(if ev.snapshot { b"true" } else { b"false" });
     out.push(b'}');
-    Ok(())
 }
 
 /// `_tx` body: `{"type": "BEGIN"|"END", "xid", "commit_lsn", "commit_time",
@@ -429,7 +464,12 @@ pub fn write_tx_marker(out: &mut Vec<u8>, src: &Source, ev: &Event) -> Result<()
 }
 
 /// `_schema` body: the table's column set.
-pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationInfo) -> Result<()> {
+pub fn write_schema(
+    out: &mut Vec<u8>,
+    text: &mut SourceText,
+    ev: &Event,
+    rel: &RelationInfo,
+) -> Result<()> {
     out.extend_from_slice(b"{\"schema\":");
     push_str(out, &rel.schema)?;
     out.extend_from_slice(b",\"table\":");
@@ -454,7 +494,7 @@ pub fn write_schema(out: &mut Vec<u8>, src: &Source, ev: &Event, rel: &RelationI
         out.push(b'}');
     }
     out.push(b']');
-    write_source(out, src, ev)?;
+    write_source(out, text, ev);
     out.push(b'}');
     Ok(())
 }
@@ -476,5 +516,59 @@ mod tests {
         out.clear();
         write_pg_time(&mut out, -1);
         assert_eq!(out, b"\"1999-12-31T23:59:59.999999Z\"");
+    }
+
+    /// `source` written through one `SourceText` across transactions (and
+    /// a change without one) is what a fresh `SourceText` writes for each:
+    /// the per-transaction part is never carried over to another.
+    #[test]
+    fn source_text_is_rewritten_when_the_transaction_changes() {
+        use crate::lsn::Position;
+        use crate::pgoutput::Xid;
+
+        let src = Source {
+            db: "a\"pp\n".to_owned(),
+            slot: "walnats".to_owned(),
+            prefix: "cdc.app".to_owned(),
+        };
+        let tx = |xid: u32, commit: u64, time: i64| TxInfo {
+            xid: Xid(xid),
+            commit_lsn: Lsn::from_u64(commit),
+            commit_time: time,
+        };
+        let ev = |seq: u32, tx: Option<TxInfo>, commit: u64| Event {
+            pos: Position::new(Lsn::from_u64(commit), seq),
+            lsn: Lsn::from_u64(commit - 0x40 + u64::from(seq)),
+            tx,
+            snapshot: tx.is_none(),
+            body: Body::TxBegin,
+        };
+        let events = [
+            ev(0, Some(tx(731, 0x16B_3800, 1)), 0x16B_3800),
+            ev(1, Some(tx(731, 0x16B_3800, 1)), 0x16B_3800),
+            ev(0, Some(tx(732, 0x16B_3900, 1)), 0x16B_3900),
+            ev(0, Some(tx(732, 0x16B_3900, 2)), 0x16B_3900),
+            ev(0, None, 0x16B_3900),
+            ev(0, Some(tx(733, 0x1_0000_0000, 3)), 0x1_0000_0000),
+        ];
+        let mut shared = SourceText::new(&src);
+        for e in &events {
+            let (mut kept, mut fresh) = (Vec::new(), Vec::new());
+            write_source(&mut kept, &mut shared, e);
+            write_source(&mut fresh, &mut SourceText::new(&src), e);
+            assert_eq!(
+                String::from_utf8_lossy(&kept),
+                String::from_utf8_lossy(&fresh)
+            );
+            let body = kept.strip_prefix(b",\"source\":").unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            assert_eq!(v["db"], "a\"pp\n");
+            assert_eq!(v["commit_lsn"], e.pos.commit_lsn.to_string());
+            assert_eq!(
+                v["xid"],
+                e.tx.map_or(serde_json::Value::Null, |t| t.xid.0.into())
+            );
+            assert_eq!(v["seq"], e.pos.seq);
+        }
     }
 }

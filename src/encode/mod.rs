@@ -12,7 +12,7 @@ pub mod json_str;
 pub mod value;
 
 use async_nats::HeaderMap;
-use async_nats::header::{HeaderName, HeaderValue, IntoHeaderName};
+use async_nats::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use crate::config::OutputFormat;
@@ -27,8 +27,14 @@ pub struct OutMsg {
     pub subject: String,
     pub headers: HeaderMap,
     pub payload: Bytes,
-    /// The value of `Nats-Msg-Id`, kept for resume checks.
-    pub msg_id: String,
+}
+
+impl OutMsg {
+    /// The value of `Nats-Msg-Id` (for resume checks and object names;
+    /// read back from the headers rather than kept twice).
+    pub fn msg_id(&self) -> &str {
+        self.headers.get(MSG_ID).map_or("", |v| v.as_str())
+    }
 }
 
 /// Where an oversized body went (`limits.on_oversize = "object_store"`).
@@ -92,51 +98,35 @@ fn concat(a: &str, b: &str) -> String {
     s
 }
 
-/// Header names, made once: a name made from `&str` allocates each time.
-struct Names {
-    msg_id: HeaderName,
-    op: HeaderName,
-    lsn: HeaderName,
-    commit_lsn: HeaderName,
-    xid: HeaderName,
-    seq: HeaderName,
-    content_type: HeaderName,
-    transactional: HeaderName,
-    claim_check: HeaderName,
-    body_size: HeaderName,
-}
-
-impl Names {
-    fn new() -> Names {
-        Names {
-            msg_id: "Nats-Msg-Id".into_header_name(),
-            op: "Cdc-Op".into_header_name(),
-            lsn: "Cdc-Lsn".into_header_name(),
-            commit_lsn: "Cdc-Commit-Lsn".into_header_name(),
-            xid: "Cdc-Xid".into_header_name(),
-            seq: "Cdc-Seq".into_header_name(),
-            content_type: "Content-Type".into_header_name(),
-            transactional: "Cdc-Transactional".into_header_name(),
-            claim_check: "Cdc-Claim-Check".into_header_name(),
-            body_size: "Cdc-Body-Size".into_header_name(),
-        }
-    }
-}
+/// Header names as constants: a name from `from_static` costs nothing to
+/// clone or drop, where one made from `&str` is a shared buffer whose
+/// count changes with every message.
+const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const OP: HeaderName = HeaderName::from_static("Cdc-Op");
+const LSN: HeaderName = HeaderName::from_static("Cdc-Lsn");
+const COMMIT_LSN: HeaderName = HeaderName::from_static("Cdc-Commit-Lsn");
+const XID: HeaderName = HeaderName::from_static("Cdc-Xid");
+const SEQ: HeaderName = HeaderName::from_static("Cdc-Seq");
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
+const TRANSACTIONAL: HeaderName = HeaderName::from_static("Cdc-Transactional");
+const CLAIM_CHECK: HeaderName = HeaderName::from_static("Cdc-Claim-Check");
+const BODY_SIZE: HeaderName = HeaderName::from_static("Cdc-Body-Size");
 
 pub struct Encoder {
     src: Source,
-    names: Names,
     /// The body of row changes and truncates; `_message` and `_schema`
     /// bodies are the same in every format.
     format: OutputFormat,
     buf: Vec<u8>,
+    /// The repeating parts of the JSON `source` object.
+    text: json::SourceText,
 }
 
 impl Encoder {
     pub fn new(src: Source, format: OutputFormat) -> Encoder {
         Encoder {
+            text: json::SourceText::new(&src),
             src,
-            names: Names::new(),
             format,
             buf: Vec::with_capacity(INITIAL_BUF),
         }
@@ -145,7 +135,7 @@ impl Encoder {
     fn write_change(&mut self, ev: &Event) -> Result<()> {
         self.buf.reserve(size_hint(ev));
         match self.format {
-            OutputFormat::Json => json::write_row(&mut self.buf, &self.src, ev),
+            OutputFormat::Json => json::write_row(&mut self.buf, &mut self.text, ev),
             OutputFormat::Debezium => {
                 debezium::write_row(&mut self.buf, &self.src, ev, unix_now_us())
             }
@@ -163,20 +153,18 @@ impl Encoder {
     /// one is.
     pub fn claim_check(&mut self, ev: &Event, original: OutMsg, claim: &Claim) -> Result<OutMsg> {
         self.buf.clear();
-        json::write_claim(&mut self.buf, &self.src, ev, claim)?;
-        let n = &self.names;
+        json::write_claim(&mut self.buf, &mut self.text, ev, claim)?;
         let mut headers = original.headers;
         headers.insert(
-            n.claim_check.clone(),
+            CLAIM_CHECK,
             HeaderValue::from(format!("{}/{}", claim.bucket, claim.name)),
         );
-        headers.insert(n.body_size.clone(), itoa::Buffer::new().format(claim.size));
-        headers.insert(n.content_type.clone(), "application/json");
+        headers.insert(BODY_SIZE, itoa::Buffer::new().format(claim.size));
+        headers.insert(CONTENT_TYPE, "application/json");
         Ok(OutMsg {
             subject: original.subject,
             headers,
             payload: Bytes::copy_from_slice(&self.buf),
-            msg_id: original.msg_id,
         })
     }
 
@@ -215,7 +203,7 @@ impl Encoder {
                 )
             }
             Body::Schema { rel } => {
-                json::write_schema(&mut self.buf, &self.src, ev, rel)?;
+                json::write_schema(&mut self.buf, &mut self.text, ev, rel)?;
                 (
                     rel.schema_subject.clone(),
                     "application/json",
@@ -236,24 +224,20 @@ impl Encoder {
                 )
             }
         };
-        let n = &self.names;
         let mut headers = HeaderMap::new();
-        headers.insert(n.msg_id.clone(), HeaderValue::from(msg_id.clone()));
-        headers.insert(n.op.clone(), ev.op_name());
-        headers.insert(n.lsn.clone(), HeaderValue::from(lsn_string(ev.lsn)));
-        headers.insert(n.commit_lsn.clone(), HeaderValue::from(commit_lsn));
+        headers.insert(MSG_ID, HeaderValue::from(msg_id));
+        headers.insert(OP, ev.op_name());
+        headers.insert(LSN, HeaderValue::from(lsn_string(ev.lsn)));
+        headers.insert(COMMIT_LSN, HeaderValue::from(commit_lsn));
         if let Some(tx) = &ev.tx {
-            headers.insert(n.xid.clone(), itoa::Buffer::new().format(tx.xid.0));
+            headers.insert(XID, itoa::Buffer::new().format(tx.xid.0));
         }
         if ev.is_change() || matches!(ev.body, Body::Schema { .. }) {
-            headers.insert(n.seq.clone(), itoa::Buffer::new().format(ev.pos.seq));
+            headers.insert(SEQ, itoa::Buffer::new().format(ev.pos.seq));
         }
-        headers.insert(n.content_type.clone(), content_type);
+        headers.insert(CONTENT_TYPE, content_type);
         if let Body::Message { transactional, .. } = &ev.body {
-            headers.insert(
-                n.transactional.clone(),
-                if *transactional { "true" } else { "false" },
-            );
+            headers.insert(TRANSACTIONAL, if *transactional { "true" } else { "false" });
         }
         let payload = match raw {
             Some(b) => b,
@@ -263,7 +247,6 @@ impl Encoder {
             subject,
             headers,
             payload,
-            msg_id,
         })
     }
 

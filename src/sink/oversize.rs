@@ -89,7 +89,7 @@ impl OversizeStore {
     /// Stores the body of `msg` (published on `stream`) under the name its
     /// message id gives, with its content type.
     pub async fn put_message(&self, stream: &str, msg: &crate::encode::OutMsg) -> Result<Claim> {
-        let name = object_name(stream, &msg.msg_id);
+        let name = object_name(stream, msg.msg_id());
         let content_type = msg
             .headers
             .get("Content-Type")
