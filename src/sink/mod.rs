@@ -30,6 +30,13 @@ use crate::error::{Error, Kind, Result};
 pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new()
         .name("walnats")
+        // Every subject walnats publishes to is valid by construction: a
+        // prefix checked at config load (`config::valid_subject_prefix`)
+        // and tokens escaped to `A-Z a-z 0-9 _ - %` (`sink::subject`), or
+        // inboxes and object-store subjects async-nats makes itself; the
+        // check would scan every row's subject and reply again.
+        // Subscriptions are still checked.
+        .skip_subject_validation(true)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(cfg.ack_timeout))
         .max_reconnects(None);
@@ -407,6 +414,9 @@ struct Fast {
 
 struct OpenBatch {
     id: u64,
+    /// The reply subject up to the message's place:
+    /// `<inbox>.<token><id>.<flow>.fail.`, written once per batch.
+    reply_prefix: String,
     /// The stream sequence before the batch's first message.
     base: u64,
     /// Messages published in the batch so far.
@@ -638,16 +648,26 @@ fn batch_ack_timeout() -> Error {
     )
 }
 
-impl Fast {
-    fn reply(&self, id: u64, n: u64, op: u8) -> String {
-        use std::fmt::Write;
-        let mut r = String::with_capacity(self.inbox.len() + self.token.len() + 48);
-        let _ = write!(
-            r,
-            "{}.{}{id}.{FAST_BATCH}.fail.{n}.{op}.$FI",
-            self.inbox, self.token
-        );
+impl OpenBatch {
+    /// The reply subject of the batch's `n`th message (1-based) with
+    /// operation `op`: `<reply_prefix><n>.<op>.$FI`, without `fmt` (this
+    /// runs once per published row).
+    fn reply(&self, n: u64, op: u8) -> String {
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(n);
+        let mut r = String::with_capacity(self.reply_prefix.len() + n.len() + 6);
+        r.push_str(&self.reply_prefix);
+        r.push_str(n);
+        r.push('.');
+        r.push(char::from(b'0' + op));
+        r.push_str(".$FI");
         r
+    }
+}
+
+impl Fast {
+    fn reply_prefix(&self, id: u64) -> String {
+        format!("{}.{}{id}.{FAST_BATCH}.fail.", self.inbox, self.token)
     }
 
     async fn publish(&mut self, msg: OutMsg, expected: u64) -> Result<()> {
@@ -662,8 +682,10 @@ impl Fast {
                 );
                 let id = self.next_id;
                 self.next_id += 1;
+                let reply_prefix = self.reply_prefix(id);
                 self.open.insert(OpenBatch {
                     id,
+                    reply_prefix,
                     base: expected,
                     n: 0,
                     subject: msg.subject.as_str().into(),
@@ -672,13 +694,13 @@ impl Fast {
             }
         };
         open.n += 1;
-        let (id, n) = (open.id, open.n);
+        let n = open.n;
         let op = match n {
             1 => OP_START,
             FAST_BATCH => OP_COMMIT,
             _ => OP_APPEND,
         };
-        let reply = self.reply(id, n, op);
+        let reply = open.reply(n, op);
         self.client
             .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
             .await
@@ -694,7 +716,7 @@ impl Fast {
         let Some(open) = &self.open else {
             return Ok(());
         };
-        let reply = self.reply(open.id, open.n + 1, OP_END);
+        let reply = open.reply(open.n + 1, OP_END);
         self.client
             .publish_with_reply(open.subject.clone(), reply, bytes::Bytes::new())
             .await
@@ -1040,5 +1062,31 @@ mod tests {
         assert!(err.contains("another client"), "{err}");
         assert!(refusal(r#"{"type":"stall"}"#).contains("unknown"));
         assert!(refusal("not json").contains("unreadable"));
+    }
+
+    /// ADR-50's reply subject: `<inbox>.<batch id>.<flow>.<gap mode>.<n>.<op>.$FI`.
+    #[test]
+    fn fast_ingest_reply_subjects_name_batch_place_and_operation() {
+        let batch = OpenBatch {
+            id: 7,
+            reply_prefix: format!("_INBOX.abc.abc7.{FAST_BATCH}.fail."),
+            base: 0,
+            n: 0,
+            subject: "cdc.x".into(),
+            since: std::time::Instant::now(),
+        };
+        assert_eq!(batch.reply(1, OP_START), "_INBOX.abc.abc7.500.fail.1.0.$FI");
+        assert_eq!(
+            batch.reply(42, OP_APPEND),
+            "_INBOX.abc.abc7.500.fail.42.1.$FI"
+        );
+        assert_eq!(
+            batch.reply(FAST_BATCH, OP_COMMIT),
+            "_INBOX.abc.abc7.500.fail.500.2.$FI"
+        );
+        assert_eq!(
+            batch.reply(18446744073709551615, OP_END),
+            "_INBOX.abc.abc7.500.fail.18446744073709551615.3.$FI"
+        );
     }
 }
