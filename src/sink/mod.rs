@@ -665,11 +665,14 @@ impl OpenBatch {
     }
 }
 
-impl Fast {
-    fn reply_prefix(&self, id: u64) -> String {
-        format!("{}.{}{id}.{FAST_BATCH}.fail.", self.inbox, self.token)
-    }
+/// The part of a fast batch's reply subjects that is the same for all of
+/// its messages: the inbox, the batch id (`<token><id>`), the flow and the
+/// gap mode.
+fn batch_reply_prefix(inbox: &str, token: &str, id: u64) -> String {
+    format!("{inbox}.{token}{id}.{FAST_BATCH}.fail.")
+}
 
+impl Fast {
     async fn publish(&mut self, msg: OutMsg, expected: u64) -> Result<()> {
         let mut headers = msg.headers;
         let open = match &mut self.open {
@@ -682,7 +685,7 @@ impl Fast {
                 );
                 let id = self.next_id;
                 self.next_id += 1;
-                let reply_prefix = self.reply_prefix(id);
+                let reply_prefix = batch_reply_prefix(&self.inbox, &self.token, id);
                 self.open.insert(OpenBatch {
                     id,
                     reply_prefix,
@@ -1069,7 +1072,7 @@ mod tests {
     fn fast_ingest_reply_subjects_name_batch_place_and_operation() {
         let batch = OpenBatch {
             id: 7,
-            reply_prefix: format!("_INBOX.abc.abc7.{FAST_BATCH}.fail."),
+            reply_prefix: batch_reply_prefix("_INBOX.abc", "abc", 7),
             base: 0,
             n: 0,
             subject: "cdc.x".into(),
