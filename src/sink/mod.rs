@@ -665,11 +665,15 @@ impl OpenBatch {
     }
 }
 
+/// A fast batch's id: unique to its publisher (`token`) and numbered.
+fn batch_id(token: &str, id: u64) -> String {
+    format!("{token}{id}")
+}
+
 /// The part of a fast batch's reply subjects that is the same for all of
-/// its messages: the inbox, the batch id (`<token><id>`), the flow and the
-/// gap mode.
+/// its messages: the inbox, the batch id, the flow and the gap mode.
 fn batch_reply_prefix(inbox: &str, token: &str, id: u64) -> String {
-    format!("{inbox}.{token}{id}.{FAST_BATCH}.fail.")
+    format!("{inbox}.{}.{FAST_BATCH}.fail.", batch_id(token, id))
 }
 
 impl Fast {
@@ -762,7 +766,7 @@ impl Fast {
             match fast_reply(&msg.payload)? {
                 FastReply::Flow => continue,
                 FastReply::Committed { seq, batch, count } => {
-                    let want_id = format!("{}{id}", self.token);
+                    let want_id = batch_id(&self.token, id);
                     if batch != want_id || count != n || seq != base + n {
                         return Err(Error::new(
                             Kind::Publish,
