@@ -13,11 +13,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::VecDeque;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::checkpoint::{self, Checkpoint, Store, Tracker};
+use crate::checkpoint::ledger::{Acked, Ledger, Meters};
+use crate::checkpoint::replay::Replay;
+use crate::checkpoint::{self, Checkpoint, Shape, Store, StoredReader};
 use crate::config::{Config, OversizePolicy, SnapshotMode};
 use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
@@ -57,10 +58,16 @@ pub async fn run(
             return Ok(());
         }
         let started = Instant::now();
-        let result = session(&cfg, shutdown.clone(), &health, &wal_watch).await;
+        let result = Box::pin(session(&cfg, shutdown.clone(), &health, &wal_watch)).await;
         health.set_ready(false);
         let err = match result {
-            Ok(()) => return Ok(()),
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Restart) => {
+                // Give the walsender a moment to let go of the slot.
+                failures = 0;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
             Err(e) => e,
         };
         metrics::counter!(http::ERRORS, "kind" => err.kind().name()).increment(1);
@@ -88,6 +95,16 @@ pub async fn run(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+}
+
+/// How a session ended without an error.
+enum Ended {
+    /// SIGTERM/SIGINT: drained, checkpoint written.
+    Shutdown,
+    /// Settings changed while a transaction was partly published: it is
+    /// finished with the settings it began with, and the next session
+    /// starts at its end with the new ones.
+    Restart,
 }
 
 /// The position of a non-transactional message. pgoutput gives a
@@ -123,16 +140,6 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> 
             format!("slot {slot:?} is held by another walnats (its advisory lock is taken)"),
         ))
     }
-}
-
-/// Now, in PostgreSQL's timestamp unit: microseconds since 2000-01-01.
-fn pg_now() -> i64 {
-    const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    now_us - PG_EPOCH_UNIX_US
 }
 
 /// 200 ms doubling to 30 s, with up to 25% jitter so that a fleet does not
@@ -225,33 +232,6 @@ pub async fn connect_nats_only(
 
 type WriteFuture = Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>;
 
-/// What an in-flight entry turns into, in publish order.
-enum Acked {
-    /// Stored by JetStream (or found in the stream on resume) at `seq`.
-    Msg {
-        seq: u64,
-        pos: Option<Position>,
-        schema: Option<(u32, u64)>,
-        /// Counted in `walnats_events_published_total` when published by
-        /// this process (not when found in the stream on resume).
-        counter: Option<metrics::Counter>,
-        commit_time: Option<i64>,
-        /// Set on a BEGIN marker: its transaction's commit LSN.
-        begin_of: Option<Lsn>,
-    },
-    /// Not published by policy (oversize "skip"), but done with.
-    Dropped { pos: Position },
-    /// Every message before this one belongs to transactions that ended
-    /// at or before `end`.
-    TxEnd(Lsn),
-    /// `walnats snapshot` asked for these tables (a message in the WAL at
-    /// `pos`): they join the checkpoint's re-read queue in stream order.
-    Request {
-        pos: Position,
-        targets: Vec<reread::Target>,
-    },
-}
-
 /// The re-read chunk between its watermarks.
 struct Window {
     id: String,
@@ -296,31 +276,30 @@ struct Session {
     oversize: Option<OversizeStore>,
     stream_name: String,
     store: Arc<Store>,
-    tracker: Tracker,
-    /// What each published (or skipped, or already stored) message turns
-    /// into once the stream holds everything up to the sequence it is
-    /// paired with (0: at once), in publish order.
-    inflight: VecDeque<(u64, Acked)>,
-    /// The stream holds every message up to this sequence.
-    confirmed_seq: u64,
+    /// Acknowledged → durable → confirmable.
+    ledger: Ledger,
     writing: Option<WriteFuture>,
     tx: Option<OpenTx>,
-    /// Changes at or before this were published in an earlier session.
-    published_through: Option<Position>,
-    /// Replayed messages after `published_through` that are in the stream.
-    skip: u64,
+    /// What the stream already holds of this session's replay, and how much
+    /// of it is proven.
+    replay: Replay,
+    /// The stream's messages that `replay` compares with.
+    stored: StoredReader,
+    /// The settings this session publishes with: the checkpoint's while a
+    /// transaction they began is unfinished, else the configured ones.
+    shape: Shape,
+    /// The configured settings, when they differ from `shape`: the session
+    /// ends at the first transaction boundary and the next one uses them.
+    switch_to: Option<Shape>,
+    /// The commit LSN of a transaction partly in the stream when the
+    /// session started, until its Commit is replayed.
+    unfinished: Option<Lsn>,
     /// When the last pgoutput message arrived, and whether the replay was
-    /// already reported as stuck short of `skip`.
+    /// already reported as stuck short of the stream.
     last_data: Instant,
     stall_warned: bool,
-    last_msg_id: Option<String>,
     /// `_schema` state as of the last emitted message.
     emitted_schemas: BTreeMap<u32, u64>,
-    /// `tx_markers` as the checkpoint recorded it: what the messages still
-    /// to be skipped were published with.
-    markers_before: bool,
-    /// The transaction whose BEGIN the checkpoint says is out already.
-    begun_before: Option<Lsn>,
     received: Lsn,
     server_end: Lsn,
     status_due: bool,
@@ -330,7 +309,6 @@ struct Session {
     /// The handle `counter_for` gave last: rows come in runs of one table
     /// and op, and the map's SipHash of the key cost ~400 instructions a row.
     last_counter: Option<((u32, &'static str), metrics::Counter)>,
-    publish_latency: metrics::Histogram,
     sql: Arc<tokio_postgres::Client>,
     server_version_num: u32,
     window: Option<Window>,
@@ -339,12 +317,208 @@ struct Session {
     run_id: u64,
 }
 
+/// The resume position must lie in the WAL that exists: a checkpoint past
+/// the server's WAL end (edited by hand, or from another cluster restored
+/// under the same name) would confirm the slot past every change to come.
+async fn check_not_past_wal_end(sql: &tokio_postgres::Client, cp: &Checkpoint) -> Result<()> {
+    let row = sql
+        .query_one(
+            "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+             ELSE pg_catalog.pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| crate::event::relation::pg_query_err("reading the WAL position", e))?;
+    let Some(end) = row.get::<_, Option<String>>(0) else {
+        return Ok(());
+    };
+    let end: Lsn = end
+        .parse()
+        .map_err(|e| Error::with_source(Kind::Protocol, "bad LSN from pg_current_wal_lsn()", e))?;
+    let furthest = [Some(cp.confirmed), cp.pos.map(|p| p.commit_lsn), cp.open_tx]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(Lsn::ZERO);
+    if furthest > end {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "walnats' checkpoint is at {furthest}, past the end of the WAL (pg_current_wal_lsn() is {end}): \
+                 it was edited, or it belongs to another cluster of the same name; walnats would confirm the \
+                 slot past changes it never published. Run `walnats slot drop --yes` to start over"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Which settings the session publishes with, given those the checkpoint
+/// recorded: a change applies at once when nothing of a transaction is in
+/// the stream, and after the unfinished transaction otherwise (returned as
+/// the shape to switch to).
+async fn choose_shape(
+    c: &Connected,
+    cfg: &Config,
+    resume: &mut checkpoint::Resume,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Result<(Shape, Option<Shape>)> {
+    let want = Shape::of(cfg, &c.prefix);
+    if !resume.from_checkpoint {
+        // Nothing of this slot's checkpoint is known: what follows is
+        // published with today's settings (a replay the stream holds is
+        // still compared with them).
+        resume.state.shape = Some(want.clone());
+        return Ok((want, None));
+    }
+    let had = resume.state.shape_or(&want);
+    let changes = had.changes(&want);
+    if changes.is_empty() {
+        resume.state.shape = Some(want.clone());
+        return Ok((want, None));
+    }
+    let changes = changes.join(", ");
+    if resume.skip() == 0 && resume.state.open_tx.is_none() {
+        info!(%changes, "settings changed since the checkpoint; they take effect now, at a transaction boundary");
+        resume.state.shape = Some(want.clone());
+        return Ok((want, None));
+    }
+    // A transaction is partly in the stream: finish it as it began.
+    if had.publication != want.publication
+        && !setup::publication_exists(&c.sql, &had.publication).await?
+    {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "settings changed ({changes}) while a transaction was partly published (commit {}), and \
+                 publication {:?} that it began with is gone, so walnats cannot finish it as it began: \
+                 recreate that publication as it was, or start over with `walnats slot drop --yes`",
+                resume
+                    .state
+                    .open_tx
+                    .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+                had.publication
+            ),
+        ));
+    }
+    let subjects = &stream.cached_info().config.subjects;
+    if !subjects
+        .iter()
+        .any(|s| sink::subject::covers_prefix(s, &had.prefix))
+    {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "settings changed ({changes}) while a transaction was partly published, and stream {:?} no \
+                 longer takes subjects under \"{}.>\" that it began with: add them back to the stream until \
+                 walnats logs that the new settings took effect, or start over with `walnats slot drop --yes`",
+                c.stream_name, had.prefix
+            ),
+        ));
+    }
+    warn!(%changes, open_tx = ?resume.state.open_tx, already_in_stream = resume.skip(),
+        "settings changed while a transaction was partly published: finishing it with the settings it began \
+         with; the new ones take effect right after it");
+    resume.state.shape = Some(had.clone());
+    Ok((had, Some(want)))
+}
+
+/// The slot: validated when it exists (and not held by a walsender), made
+/// when it does not, unless a checkpoint says one existed. Returns the new
+/// slot's consistent point and exported snapshot.
+async fn take_slot(
+    c: &Connected,
+    cfg: &Config,
+    store: &Store,
+    conn: &mut ReplicationConn,
+    st: &mut sink::StreamSetup,
+    existing: Option<&setup::SlotState>,
+) -> Result<(Option<Lsn>, Option<String>)> {
+    let slot = &cfg.postgres.slot;
+    if let Some(s) = existing {
+        setup::validate_slot(s, slot, &c.db)?;
+        if s.active {
+            return Err(Error::new(
+                Kind::SlotInUse,
+                format!(
+                    "slot {slot:?} is active in walsender pid {}",
+                    s.active_pid.unwrap_or(0)
+                ),
+            ));
+        }
+        return Ok((None, None));
+    }
+    // A checkpoint without its slot: the slot was dropped (by hand, by a
+    // major upgrade before PostgreSQL 17, by a failover), and the changes
+    // since the checkpoint are gone with it. Never paper over that with a
+    // new slot; only the write-ahead record of a start that died before
+    // creating its slot is fine.
+    if let Some(cp) = store.load().await?
+        && cp
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.consistent_point.is_some())
+    {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "slot {slot:?} is gone but walnats' checkpoint for it is there (last confirmed {}): \
+                 the slot was dropped (by hand, a major upgrade, a failover), so changes written since \
+                 were never published; run `walnats slot drop --yes` to remove the checkpoint and start \
+                 over (a new slot takes an initial snapshot with snapshot.mode = \"initial\"; or re-read \
+                 tables with `walnats snapshot`)",
+                cp.confirmed
+            ),
+        ));
+    }
+    let want_snapshot = cfg.snapshot == SnapshotMode::Initial;
+    if want_snapshot {
+        // Refuse before making a slot if chunks cannot be atomic.
+        sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
+        // Write-ahead: if this process dies between creating the slot and
+        // saving its first checkpoint, the next start finds this and still
+        // snapshots.
+        store
+            .save(&Checkpoint {
+                version: 1,
+                stream_seq: st.stream.cached_info().state.last_sequence,
+                shape: Some(Shape::of(cfg, &c.prefix)),
+                snapshot: Some(SnapshotState::default()),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let made = conn.create_logical_slot(slot, want_snapshot).await?;
+    info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
+    Ok((Some(made.consistent_point), made.snapshot_name))
+}
+
+/// The slot must never be ahead of what walnats confirmed: if something
+/// advanced it, changes in between were never published.
+fn check_slot_not_ahead(slot: &str, s: &setup::SlotState, cp: &Checkpoint) -> Result<()> {
+    if cp.confirmed > Lsn::ZERO
+        && let Some(flush) = s.confirmed_flush
+        && flush > cp.confirmed
+    {
+        return Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "slot {slot:?} was advanced to {flush} by something other than walnats, \
+                 past walnats' checkpoint at {}: the changes in between were never published; \
+                 run `walnats slot drop --yes` and re-snapshot",
+                cp.confirmed
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn session(
     cfg: &Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
     health: &Arc<Health>,
     wal_watch: &Arc<WalWatch>,
-) -> Result<()> {
+) -> Result<Ended> {
     let c = connect_both(cfg).await?;
     hold_slot_lock(&c.sql, &cfg.postgres.slot).await?;
     setup::require_logical_wal(&c.sql).await?;
@@ -355,7 +529,31 @@ async fn session(
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
     let store = Arc::new(c.store(cfg).await?);
-    let oversize = match cfg.on_oversize {
+
+    let slot = &cfg.postgres.slot;
+    let mut conn = ReplicationConn::connect(&c.pg).await?;
+    let existing = setup::slot_state(&c.sql, slot).await?;
+    let want_snapshot = cfg.snapshot == SnapshotMode::Initial;
+    let (created_at, exported) =
+        take_slot(&c, cfg, &store, &mut conn, &mut st, existing.as_ref()).await?;
+    let src = encode::Source {
+        db: c.db.clone(),
+        slot: slot.clone(),
+        prefix: c.prefix.clone(),
+    };
+    let mut resume = checkpoint::resume(
+        &store,
+        &mut st.stream,
+        created_at.is_some(),
+        want_snapshot,
+        &src,
+    )
+    .await?;
+    if resume.from_checkpoint {
+        check_not_past_wal_end(&c.sql, &resume.state).await?;
+    }
+    let (shape, switch_to) = choose_shape(&c, cfg, &mut resume, &st.stream).await?;
+    let oversize = match shape.on_oversize {
         OversizePolicy::ObjectStore => Some(
             OversizeStore::open(
                 &c.js,
@@ -367,80 +565,6 @@ async fn session(
         ),
         _ => None,
     };
-
-    let slot = &cfg.postgres.slot;
-    let mut conn = ReplicationConn::connect(&c.pg).await?;
-    let existing = setup::slot_state(&c.sql, slot).await?;
-    let want_snapshot = cfg.snapshot == SnapshotMode::Initial;
-    let mut created_at = None;
-    let mut exported = None;
-    match &existing {
-        Some(s) => {
-            setup::validate_slot(s, slot, &c.db)?;
-            if s.active {
-                return Err(Error::new(
-                    Kind::SlotInUse,
-                    format!(
-                        "slot {slot:?} is active in walsender pid {}",
-                        s.active_pid.unwrap_or(0)
-                    ),
-                ));
-            }
-        }
-        None => {
-            // A checkpoint without its slot: the slot was dropped (by hand,
-            // by a major upgrade before PostgreSQL 17, by a failover), and
-            // the changes since the checkpoint are gone with it. Never paper
-            // over that with a new slot; only the write-ahead record of a
-            // start that died before creating its slot is fine.
-            if let Some(cp) = store.load().await?
-                && cp
-                    .snapshot
-                    .as_ref()
-                    .is_none_or(|s| s.consistent_point.is_some())
-            {
-                return Err(Error::new(
-                    Kind::Checkpoint,
-                    format!(
-                        "slot {slot:?} is gone but walnats' checkpoint for it is there (last confirmed {}): \
-                         the slot was dropped (by hand, a major upgrade, a failover), so changes written since \
-                         were never published; run `walnats slot drop --yes` to remove the checkpoint and start \
-                         over (a new slot takes an initial snapshot with snapshot.mode = \"initial\"; or re-read \
-                         tables with `walnats snapshot`)",
-                        cp.confirmed
-                    ),
-                ));
-            }
-            if want_snapshot {
-                // Refuse before making a slot if chunks cannot be atomic.
-                sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
-                // Write-ahead: if this process dies between creating the
-                // slot and saving its first checkpoint, the next start
-                // finds this and still snapshots.
-                store
-                    .save(&Checkpoint {
-                        version: 1,
-                        stream_seq: st.stream.cached_info().state.last_sequence,
-                        tx_markers: cfg.output.tx_markers,
-                        snapshot: Some(SnapshotState::default()),
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-            let made = conn.create_logical_slot(slot, want_snapshot).await?;
-            info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
-            created_at = Some(made.consistent_point);
-            exported = made.snapshot_name;
-        }
-    }
-    let mut resume = checkpoint::resume(&store, &mut st.stream, created_at.is_some()).await?;
-    if !resume.from_checkpoint {
-        // Nothing of this slot is in the stream yet: what follows is
-        // published with today's settings, and the first checkpoint (saved
-        // below for a new slot) must say so, or a replay after a crash
-        // before the next checkpoint would not emit the same messages.
-        resume.state.tx_markers = cfg.output.tx_markers;
-    }
     if let Some(cp) = created_at {
         resume.state.confirmed = cp;
         if want_snapshot {
@@ -450,23 +574,13 @@ async fn session(
             });
         }
         store.save(&resume.state).await?;
-    } else if let (Some(s), true) = (&existing, resume.state.confirmed > Lsn::ZERO) {
-        // The slot must never be ahead of what walnats confirmed: if
-        // something advanced it, changes in between were never published.
-        if let Some(flush) = s.confirmed_flush
-            && flush > resume.state.confirmed
-        {
-            return Err(Error::new(
-                Kind::Checkpoint,
-                format!(
-                    "slot {slot:?} was advanced to {flush} by something other than walnats, \
-                     past walnats' checkpoint at {}: the changes in between were never published; \
-                     run `walnats slot drop --yes` and re-snapshot",
-                    resume.state.confirmed
-                ),
-            ));
-        }
+    } else if let Some(s) = &existing {
+        check_slot_not_ahead(slot, s, &resume.state)?;
     }
+    let src = encode::Source {
+        prefix: shape.prefix.clone(),
+        ..src
+    };
     if resume.state.snapshot.is_some() {
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
         snapshot::settle(&mut resume.state, resume.last_seq)?;
@@ -482,14 +596,10 @@ async fn session(
             resume.state.confirmed = resume.state.confirmed.max(cp);
         }
         health.set_ready(true);
-        let src = encode::Source {
-            db: c.db.clone(),
-            slot: slot.clone(),
-            prefix: c.prefix.clone(),
-        };
         let mut publisher = Publisher::new(c.js.clone(), resume.state.stream_seq);
-        let mut encoder = Encoder::new(src, cfg.output.format);
-        let mut cache = RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql)));
+        let mut encoder = Encoder::new(src.clone(), shape.format);
+        let mut cache =
+            RelationCache::new(shape.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql)));
         snapshot::Snapshotter {
             cfg,
             pg: &c.pg,
@@ -503,31 +613,31 @@ async fn session(
         }
         .run(&mut resume.state, exported.as_deref())
         .await?;
-        resume.skip = 0;
-        resume.last_msg_id = None;
         resume.last_seq = resume.state.stream_seq;
         // The connection that exported the snapshot has done its job.
         conn = ReplicationConn::connect(&c.pg).await?;
     }
     if resume.state.pending_reread.is_some() {
-        resume.skip = reread::settle(&mut resume.state, resume.last_seq)?;
-        if resume.skip == 0 {
-            resume.last_msg_id = None;
-        }
+        reread::settle(&mut resume.state, resume.last_seq)?;
+    }
+    if resume.skip() == 0 && resume.from_checkpoint && created_at.is_none() {
+        // Nothing to prove: record the settings in force before anything
+        // is published with them.
+        store.save(&resume.state).await?;
     }
     info!(
         %slot,
         stream = %c.stream_name,
         stream_seq = resume.last_seq,
         resume_after = ?resume.state.pos,
-        already_in_stream = resume.skip,
+        already_in_stream = resume.skip(),
         "resuming"
     );
 
     let conn_version = conn.server_version_num();
     let version = proto_version(conn_version);
     let proto = version.to_string();
-    let pubs = format!("\"{}\"", cfg.postgres.publication.replace('"', "\"\""));
+    let pubs = format!("\"{}\"", shape.publication.replace('"', "\"\""));
     conn.start_replication(
         slot,
         Lsn::ZERO,
@@ -540,13 +650,8 @@ async fn session(
     .await?;
     info!(%slot, proto_version = version, "streaming");
 
-    let src = encode::Source {
-        db: c.db.clone(),
-        slot: slot.clone(),
-        prefix: c.prefix.clone(),
-    };
-    // Counting starts at the checkpoint: the `skip` replayed messages that
-    // are already in the stream bring it up to `resume.last_seq`.
+    // Counting starts at the checkpoint: the replayed messages that are
+    // already in the stream bring it up to `resume.last_seq`.
     let publisher = if sink::allow_fast_ingest(&c.js, &mut st.stream, cfg.nats.fast_ingest).await? {
         info!(
             batch = sink::FAST_BATCH,
@@ -557,29 +662,37 @@ async fn session(
         info!("publishing with one acknowledgement per message");
         Publisher::new(c.js.clone(), resume.state.stream_seq)
     };
+    let meters = Meters {
+        latency: metrics::histogram!(http::PUBLISH_LATENCY),
+        transactions: metrics::counter!(http::TRANSACTIONS),
+    };
     let mut s = Session {
         cfg: Arc::clone(cfg),
         conn,
         decoder: pgoutput::Decoder::default(),
-        cache: RelationCache::new(c.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
-        encoder: Encoder::new(src, cfg.output.format),
+        cache: RelationCache::new(shape.prefix.clone(), TypeResolver::new(Arc::clone(&c.sql))),
+        encoder: Encoder::new(src, shape.format),
         publisher,
         oversize,
         stream_name: c.stream_name.clone(),
         store,
-        tracker: Tracker::new(resume.state.clone()),
-        inflight: VecDeque::new(),
-        confirmed_seq: resume.state.stream_seq,
+        replay: Replay::new(
+            resume.state.pos,
+            resume.state.begun,
+            resume.state.confirmed,
+            resume.state.stream_seq,
+            resume.last_seq,
+        ),
+        stored: StoredReader::new(st.stream.clone()),
+        shape,
+        switch_to,
+        unfinished: resume.state.open_tx,
+        ledger: Ledger::new(resume.state.clone(), meters),
         writing: None,
         tx: None,
-        published_through: resume.state.pos,
-        skip: resume.skip,
         last_data: Instant::now(),
         stall_warned: false,
-        last_msg_id: resume.last_msg_id,
         emitted_schemas: resume.state.schemas.clone(),
-        markers_before: resume.state.tx_markers,
-        begun_before: resume.state.begun,
         received: Lsn::ZERO,
         server_end: Lsn::ZERO,
         status_due: false,
@@ -587,7 +700,6 @@ async fn session(
         nats: c.js.client(),
         counters: std::collections::HashMap::new(),
         last_counter: None,
-        publish_latency: metrics::histogram!(http::PUBLISH_LATENCY),
         sql: Arc::clone(&c.sql),
         server_version_num: conn_version,
         window: None,
@@ -597,9 +709,6 @@ async fn session(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0),
     };
-    if s.skip == 0 {
-        s.tracker.set_tx_markers(cfg.output.tx_markers);
-    }
     // Stops with the session.
     let _upkeep = upkeep::start(
         Arc::clone(&c.sql),
@@ -619,14 +728,15 @@ fn is_own_heartbeat(prefix: &str) -> bool {
 }
 
 impl Session {
-    async fn stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+    async fn stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Ended> {
         let mut status = tokio::time::interval(self.cfg.postgres.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_in_flight = self.cfg.nats.max_in_flight;
         let mut draining = *shutdown.borrow();
+        let mut ended = Ended::Shutdown;
         loop {
             let can_read =
-                !draining && self.inflight.len() < max_in_flight && self.publisher.ready();
+                !draining && self.ledger.inflight() < max_in_flight && self.publisher.ready();
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if !draining => {
@@ -634,14 +744,14 @@ impl Session {
                     draining = true;
                 }
                 seq = self.publisher.next_ack(), if self.publisher.awaiting() => {
-                    self.confirmed_seq = seq?;
+                    self.ledger.stored(seq?);
                 }
                 written = async { match self.writing.as_mut() { Some(f) => f.await, None => std::future::pending().await } },
                     if self.writing.is_some() => {
                     self.writing = None;
                     let written = written?;
                     debug!(stream_seq = written.stream_seq, pos = ?written.pos, confirmed = %written.confirmed, "checkpoint written");
-                    self.tracker.mark_written(written);
+                    self.ledger.mark_written(written);
                     self.status_due = true;
                 }
                 _ = status.tick() => {
@@ -666,6 +776,11 @@ impl Session {
                 }
                 msg = self.conn.recv(), if can_read => {
                     self.on_replication(msg?).await?;
+                    if self.at_switch_point() {
+                        info!("the transaction begun with the old settings is published; restarting with the new ones");
+                        draining = true;
+                        ended = Ended::Restart;
+                    }
                 }
                 // Nothing else to do right now: end the open fast batch so
                 // that its acknowledgement comes without more messages.
@@ -673,13 +788,13 @@ impl Session {
                     self.publisher.flush().await?;
                 }
             }
-            self.pop_acked();
+            self.ledger.settle();
             // Idle: nothing open or in flight, and the replay has caught up
-            // with what the stream holds (a skip count still pending at the
-            // end of the WAL must never be confirmed away).
-            let idle = self.inflight.is_empty() && self.tx.is_none() && self.skip == 0;
-            if idle && self.server_end > self.tracker.acked().confirmed {
-                self.tracker.on_idle(self.server_end);
+            // with what the stream holds (a replay still pending at the end
+            // of the WAL must never be confirmed away).
+            let proven = self.replay.proven();
+            if self.tx.is_none() && proven && self.server_end > self.ledger.acked().confirmed {
+                self.ledger.on_idle(self.server_end);
             }
             if self.writing.is_none() {
                 let gap = if draining {
@@ -687,7 +802,7 @@ impl Session {
                 } else {
                     Duration::from_millis(100)
                 };
-                if let Some(c) = self.tracker.due(gap) {
+                if let Some(c) = self.ledger.due(gap, proven) {
                     let store = Arc::clone(&self.store);
                     self.writing = Some(Box::pin(async move {
                         store.save(&c).await?;
@@ -703,15 +818,25 @@ impl Session {
                 self.send_status(false).await?;
             }
             if draining
-                && self.inflight.is_empty()
+                && self.ledger.inflight() == 0
                 && self.writing.is_none()
-                && self.tracker.due(Duration::ZERO).is_none()
+                && self.ledger.due(Duration::ZERO, proven).is_none()
             {
                 self.send_status(false).await?;
-                info!(confirmed = %self.tracker.confirmable(), "drained; checkpoint written");
-                return Ok(());
+                info!(confirmed = %self.ledger.confirmable(), "drained; checkpoint written");
+                return Ok(ended);
             }
         }
+    }
+
+    /// Settings changed while a transaction was partly published, and it
+    /// is now finished (replay proven, no transaction open or unfinished):
+    /// time to stop and start again with the new settings.
+    fn at_switch_point(&self) -> bool {
+        self.switch_to.is_some()
+            && self.replay.proven()
+            && self.tx.is_none()
+            && self.unfinished.is_none()
     }
 
     /// The stream holds `skip` more messages than the replay has produced,
@@ -723,7 +848,7 @@ impl Session {
     fn warn_if_replay_stalled(&mut self) {
         const QUIET: Duration = Duration::from_secs(10);
         if self.stall_warned
-            || self.skip == 0
+            || self.replay.proven()
             || self.tx.is_some()
             || self.last_data.elapsed() < QUIET
             || self.server_end < self.received
@@ -732,21 +857,21 @@ impl Session {
         }
         self.stall_warned = true;
         warn!(
-            expected = self.skip,
+            expected = self.replay.pending(),
             wal_end = %self.server_end,
-            after = ?self.published_through,
+            after = ?self.replay.through(),
             "the replay of the slot from the checkpoint seems to have reached the end of the WAL (nothing \
              for 10 s), but the stream holds {} more message(s) than the replay produced; walnats publishes \
              nothing new until the replay matches them. Unless the server is still decoding a large \
              transaction, something other than walnats published to the stream's subjects, or the \
              publication or output settings changed since those messages were published: see README, \
              The slot and its WAL",
-            self.skip
+            self.replay.pending()
         );
     }
 
     async fn send_status(&mut self, reply: bool) -> Result<()> {
-        let flush = self.tracker.confirmable();
+        let flush = self.ledger.confirmable();
         let write = self.received.max(flush);
         // Lossy on purpose: a gauge is an f64; LSNs below 2^53 are exact.
         metrics::gauge!(http::CONFIRMED_FLUSH_LSN).set(flush.as_u64() as f64);
@@ -759,65 +884,6 @@ impl Session {
         self.conn
             .send_standby_status(write, flush, flush, reply)
             .await
-    }
-
-    /// Hands over, in order, every in-flight entry the stream now holds.
-    fn pop_acked(&mut self) {
-        // Read the clock once per run of acknowledgements.
-        let mut now = None;
-        while let Some((need, _)) = self.inflight.front()
-            && *need <= self.confirmed_seq
-        {
-            if let Some((_, a)) = self.inflight.pop_front() {
-                self.on_acked(a, &mut now);
-            }
-        }
-    }
-
-    fn on_acked(&mut self, a: Acked, now: &mut Option<i64>) {
-        match a {
-            Acked::Msg {
-                seq,
-                pos,
-                schema,
-                counter,
-                commit_time,
-                begin_of,
-            } => {
-                self.tracker.on_message(seq, pos, schema, begin_of);
-                if let Some(c) = counter {
-                    c.increment(1);
-                }
-                if let Some(t) = commit_time {
-                    let now = *now.get_or_insert_with(pg_now);
-                    self.publish_latency.record((now - t).max(0) as f64 / 1e6);
-                }
-            }
-            Acked::Dropped { pos } => {
-                let seq = self.tracker.acked().stream_seq;
-                self.tracker.on_message(seq, Some(pos), None, None);
-            }
-            Acked::Request { pos, targets } => {
-                let seq = self.tracker.acked().stream_seq;
-                self.tracker.on_message(seq, Some(pos), None, None);
-                let queue = &mut self.tracker.acked_mut().rereads;
-                for t in targets {
-                    if queue.iter().any(|r| r.target.oid == t.oid) {
-                        continue;
-                    }
-                    info!(schema = %t.schema, table = %t.table, "snapshot of table requested");
-                    queue.push(reread::Reread {
-                        target: t,
-                        after: snapshot::Cursor::Start,
-                        rows: 0,
-                    });
-                }
-            }
-            Acked::TxEnd(end) => {
-                self.tracker.on_tx_end(end);
-                metrics::counter!(http::TRANSACTIONS).increment(1);
-            }
-        }
     }
 
     async fn on_replication(&mut self, msg: ReplicationMessage) -> Result<()> {
@@ -918,6 +984,9 @@ impl Session {
                 let tx = self.tx.take().ok_or_else(|| {
                     Error::new(Kind::Protocol, "pgoutput sent Commit outside a transaction")
                 })?;
+                if self.unfinished.is_some_and(|u| u <= c.commit_lsn) {
+                    self.unfinished = None;
+                }
                 if tx.info.commit_lsn != c.commit_lsn {
                     return Err(Error::new(
                         Kind::Protocol,
@@ -939,7 +1008,13 @@ impl Session {
                     };
                     self.emit_marker(ev, true).await?;
                 }
-                self.inflight.push_back((0, Acked::TxEnd(c.end_lsn)));
+                self.ledger.push(
+                    0,
+                    Acked::TxEnd {
+                        commit: c.commit_lsn,
+                        end: c.end_lsn,
+                    },
+                );
             }
             Message::Relation(r) => {
                 self.cache.update(&r).await?;
@@ -993,7 +1068,7 @@ impl Session {
                 // walnats' own messages are never published; those at or
                 // before the checkpoint were handled before it.
                 let pos = Position::new(record_inside(m.lsn), 0);
-                if m.transactional || self.published_through.is_some_and(|p| pos <= p) {
+                if m.transactional || self.replay.is_through(pos) {
                     return Ok(());
                 }
                 if m.prefix == reread::REQUEST_PREFIX {
@@ -1085,22 +1160,22 @@ impl Session {
         if req.slot != self.cfg.postgres.slot {
             return;
         }
-        self.inflight.push_back((
+        self.ledger.push(
             0,
             Acked::Request {
                 pos,
                 targets: req.tables,
             },
-        ));
+        );
     }
 
     /// Starts the next re-read chunk when none is under way and the queue
     /// has a table: low watermark, SELECT, high watermark on the SQL side.
     async fn start_window(&mut self) -> Result<()> {
-        if self.window.is_some() || self.skip > 0 {
+        if self.window.is_some() || !self.replay.proven() {
             return Ok(());
         }
-        let Some(r) = self.tracker.acked().rereads.first().cloned() else {
+        let Some(r) = self.ledger.acked().rereads.first().cloned() else {
             return Ok(());
         };
         let plan = snapshot::catalog::plan(
@@ -1119,7 +1194,7 @@ impl Session {
                     "it is gone or no longer published"
                 };
                 warn!(schema = %r.target.schema, table = %r.target.table, "snapshot of table abandoned: {why}");
-                self.tracker.acked_mut().rereads.remove(0);
+                self.ledger.acked_mut().rereads.remove(0);
                 return Ok(());
             }
         };
@@ -1188,11 +1263,12 @@ impl Session {
         reread::without_changed(&mut chunk, &w.changed);
         // Everything before the high watermark must be acknowledged and
         // the checkpoint quiet: the write-ahead record has to be exact.
-        self.confirmed_seq = self.publisher.drain().await?;
-        self.pop_acked();
+        let stored = self.publisher.drain().await?;
+        self.ledger.stored(stored);
+        self.ledger.settle();
         if let Some(f) = self.writing.take() {
             let c = f.await?;
-            self.tracker.mark_written(c);
+            self.ledger.mark_written(c);
         }
         let rows = chunk.rows.len() as u64;
         // Right after the high watermark's own position (hw - 1, 0), before
@@ -1225,7 +1301,7 @@ impl Session {
             last_pos,
         };
         {
-            let a = self.tracker.acked_mut();
+            let a = self.ledger.acked_mut();
             a.pending_reread = Some(pending.clone());
             a.stream_seq = self.publisher.last_seq();
             if a.pos.is_none_or(|p| p < at) {
@@ -1233,13 +1309,13 @@ impl Session {
             }
             let c = a.clone();
             self.store.save(&c).await?;
-            self.tracker.mark_written(c);
+            self.ledger.mark_written(c);
         }
         let seq = self.publisher.publish_batch(reads.msgs).await?;
         if let Some(s) = reads.schema {
             self.emitted_schemas.insert(s.0, s.1);
         }
-        let done = reread::apply(self.tracker.acked_mut(), &pending, seq);
+        let done = reread::apply(self.ledger.acked_mut(), &pending, seq);
         metrics::counter!(http::SNAPSHOT_ROWS).increment(n);
         if let Some(r) = done {
             info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");
@@ -1247,22 +1323,21 @@ impl Session {
         Ok(())
     }
 
-    /// Whether `_tx` markers go out now: while replaying what the stream
-    /// already holds, as the checkpoint recorded; then as configured.
+    /// Whether `_tx` markers go out in this session (its shape: a change
+    /// of the setting waits for the unfinished transaction to end).
     fn markers(&self) -> bool {
-        if self.skip > 0 {
-            self.markers_before
-        } else {
-            self.cfg.output.tx_markers
-        }
+        self.shape.tx_markers
     }
 
     /// BEGIN rides with the first change (dropped once that is published);
     /// END carries the transaction's last position.
     async fn emit_marker(&mut self, ev: Event, is_end: bool) -> Result<()> {
-        if self.published_through.is_some_and(|p| ev.pos <= p)
-            || (!is_end && self.begun_before == Some(ev.pos.commit_lsn))
-        {
+        let out = if is_end {
+            self.replay.is_through(ev.pos)
+        } else {
+            self.replay.is_begun(ev.pos.commit_lsn)
+        };
+        if out {
             return Ok(());
         }
         let pos = is_end.then_some(ev.pos);
@@ -1270,7 +1345,7 @@ impl Session {
     }
 
     async fn emit_change(&mut self, ev: Event) -> Result<()> {
-        if self.published_through.is_some_and(|p| ev.pos <= p) {
+        if self.replay.is_through(ev.pos) {
             return Ok(());
         }
         let rel = match &ev.body {
@@ -1354,6 +1429,38 @@ impl Session {
         Ok(out)
     }
 
+    /// While the replay is unproven, `msg` is the stream's next message of
+    /// the replayed range: compared with it, and counted instead of
+    /// published. Returns its sequence then; `None` once the range is done.
+    async fn already_stored(&mut self, msg: &OutMsg) -> Result<Option<u64>> {
+        let Some(next) = self.replay.next_seq() else {
+            return Ok(None);
+        };
+        let stored = self.stored.at(next, self.replay.last_seq()).await?;
+        let seq = self
+            .replay
+            .check(&msg.subject, msg.msg_id(), stored.as_ref())?;
+        // The publisher counts it too: its next publish must name the
+        // range's end as the sequence to follow.
+        if self.publisher.assume_published() != seq {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "internal: the publisher's count disagrees with the replay at sequence {seq}"
+                ),
+            ));
+        }
+        tracing::trace!(seq, "already in the stream");
+        if self.replay.proven() {
+            let (compared, deleted) = self.replay.counts();
+            info!(
+                compared,
+                deleted, "the replay matches what the stream holds; publishing from here"
+            );
+        }
+        Ok(Some(seq))
+    }
+
     async fn emit_one(
         &mut self,
         ev: &Event,
@@ -1375,17 +1482,19 @@ impl Session {
                 ev.lsn,
                 self.publisher.max_payload()
             );
-            match (self.cfg.on_oversize, pos) {
+            match (self.shape.on_oversize, pos) {
                 (OversizePolicy::Skip, Some(p)) => {
                     warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
                     metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
                         .increment(1);
-                    self.inflight.push_back((0, Acked::Dropped { pos: p }));
+                    let tx = ev.tx.map(|t| t.commit_lsn);
+                    self.ledger.push(0, Acked::Dropped { pos: p, tx });
                     return Ok(());
                 }
-                // Already in the stream (skip > 0): its body was stored
-                // before it was published, and only its id is checked.
-                (OversizePolicy::ObjectStore, _) if self.skip == 0 => {
+                // Already in the stream (replay unproven): its body was
+                // stored before it was published, and only its id and
+                // subject are compared.
+                (OversizePolicy::ObjectStore, _) if self.replay.proven() => {
                     // A big put can take longer than JetStream keeps an
                     // idle fast batch open.
                     self.publisher.flush().await?;
@@ -1404,54 +1513,28 @@ impl Session {
                 }
             }
         }
-        if self.skip > 0 {
-            self.skip -= 1;
-            let seq = self.publisher.assume_published();
-            if self.skip == 0 {
-                self.tracker.set_tx_markers(self.cfg.output.tx_markers);
+        let tx = ev.tx.map(|t| t.commit_lsn);
+        let (need, seq, counter, commit_time) = match self.already_stored(&msg).await? {
+            Some(seq) => (0, seq, None, None),
+            None => {
+                let counter = ev.is_change().then(|| self.counter_for(ev));
+                let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| ev.is_change());
+                let seq = self.publisher.publish(msg).await?;
+                (seq, seq, counter, commit_time)
             }
-            if self.skip == 0
-                && let Some(want) = self.last_msg_id.take()
-                && want != msg.msg_id()
-            {
-                return Err(Error::new(
-                    Kind::Checkpoint,
-                    format!(
-                        "the stream's last message is {want:?}, but replaying the slot from the checkpoint gives {:?} \
-                         at that sequence: another client publishes to the stream's subjects, or output settings changed \
-                         since it was written; walnats must be the stream's only writer",
-                        msg.msg_id()
-                    ),
-                ));
-            }
-            tracing::trace!(seq, "already in the stream");
-            self.inflight.push_back((
-                0,
-                Acked::Msg {
-                    seq,
-                    pos,
-                    schema,
-                    counter: None,
-                    commit_time: None,
-                    begin_of,
-                },
-            ));
-            return Ok(());
-        }
-        let counter = ev.is_change().then(|| self.counter_for(ev));
-        let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| ev.is_change());
-        let seq = self.publisher.publish(msg).await?;
-        self.inflight.push_back((
-            seq,
+        };
+        self.ledger.push(
+            need,
             Acked::Msg {
                 seq,
                 pos,
+                tx,
                 schema,
                 counter,
                 commit_time,
                 begin_of,
             },
-        ));
+        );
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ mod memory;
 mod nats_auth;
 mod pg_connection;
 mod publishing;
+mod resume;
 mod secrets;
 mod snapshot;
 mod streaming;

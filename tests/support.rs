@@ -85,7 +85,10 @@ impl<'a> World<'a> {
         jetstream::new(client)
     }
 
-    /// Waits until walnats holds the slot and streams (the slot is active).
+    /// Waits until walnats holds the slot and streams (the slot is active
+    /// and made: while CREATE_REPLICATION_SLOT waits for other databases'
+    /// transactions to end, the slot is already active but has no
+    /// consistent point, and a row written then is before the slot).
     pub async fn wait_streaming(&self, w: &mut WalnatsProc) {
         let client = self.client().await;
         let slot = self.slot();
@@ -93,7 +96,8 @@ impl<'a> World<'a> {
         loop {
             let rows = client
                 .query(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT active AND confirmed_flush_lsn IS NOT NULL \
+                     FROM pg_replication_slots WHERE slot_name = $1",
                     &[&slot],
                 )
                 .await

@@ -145,10 +145,11 @@ async fn retained_wal_is_measured_and_warned_about_once_per_crossing() {
     assert!(w.wait_exit(Duration::from_secs(20)).success());
 }
 
-/// The stream holds a message that no replay of the slot produces (another
-/// client published it): walnats says so once when the replay reaches the
-/// end of the WAL, then stops at the first replayed message that does not
-/// match.
+/// The stream holds a message that no replay of the slot produces, though
+/// it looks like walnats' own (its headers and id agree; a message without
+/// an id or with another slot's is refused at once, see tests/resume.rs):
+/// walnats says so once when the replay reaches the end of the WAL, then
+/// stops at the first replayed message that does not match.
 #[tokio::test]
 async fn a_replay_short_of_what_the_stream_holds_is_reported() {
     let world = World::new(shared(PgVersion::V15)).await;
@@ -156,13 +157,21 @@ async fn a_replay_short_of_what_the_stream_holds_is_reported() {
     let mut w = world.spawn();
     world.wait_streaming(&mut w).await;
     world.sql("INSERT INTO t VALUES (1)").await;
-    world.wait_changes(1, &w).await;
+    let changes = world.wait_changes(1, &w).await;
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(20)).success());
 
+    // The next position of the same transaction, as walnats would write it.
+    let last = &changes[0];
+    let (_, seq) = last.position();
+    let id = last.header("Nats-Msg-Id");
+    let forged = format!("{}:{}", id.rsplit_once(':').unwrap().0, seq + 1);
     let js = world.js().await;
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "not-from-walnats");
+    headers.insert("Nats-Msg-Id", forged.as_str());
+    headers.insert("Cdc-Op", "insert");
+    headers.insert("Cdc-Commit-Lsn", last.header("Cdc-Commit-Lsn"));
+    headers.insert("Cdc-Seq", (seq + 1).to_string().as_str());
     js.publish_with_headers(format!("{PREFIX}.public.t.insert"), headers, "{}".into())
         .await
         .unwrap()
@@ -190,5 +199,6 @@ async fn a_replay_short_of_what_the_stream_holds_is_reported() {
         1,
         "{out}"
     );
-    assert!(out.contains("not-from-walnats"), "{out}");
+    assert!(out.contains(&forged), "{out}");
+    assert!(out.contains("not published by walnats"), "{out}");
 }

@@ -5,28 +5,118 @@
 //! exactly-once work across `kill -9`, long outages and any retention:
 //!
 //! 1. Replaying the slot from a checkpoint emits the same messages in the
-//!    same order: the messages are a function of the WAL and of the
-//!    checkpointed state (which `_schema` messages were already published).
+//!    same order: the messages are a function of the WAL, of the
+//!    checkpointed state (which `_schema` messages were already published)
+//!    and of the settings that shape them, which the checkpoint records
+//!    ([`Shape`]) so that a change takes effect only at a transaction
+//!    boundary.
 //! 2. walnats is the stream's only writer and publishes with
 //!    `Nats-Expected-Last-Sequence`, so the stream holds a gap-free prefix
 //!    of that replay: the stream's `last_seq` minus the checkpoint's
 //!    `stream_seq` is exactly how many replayed messages are already in the
-//!    stream, even when consumers or limits have deleted them.
+//!    stream, even when consumers or limits have deleted them. Every one
+//!    that is still there is compared with the replay ([`replay`]); one
+//!    walnats did not write is a refusal.
 //! 3. The slot is confirmed only up to a checkpoint that is durable in the
-//!    KV bucket, so a replay always starts at or before the checkpoint.
+//!    KV bucket and written after the replay is proven ([`ledger`]), so a
+//!    replay always starts at or before the checkpoint.
 //!
 //! `Nats-Msg-Id` dedup is a second line of defence, not the mechanism: the
 //! duplicate window forgets.
 
+pub mod ledger;
+pub mod replay;
+
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use async_nats::jetstream::{self, kv, stream::Stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, OutputFormat, OversizePolicy};
+use crate::encode;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::{Lsn, Position};
+
+/// The settings that decide which messages replaying the slot produces,
+/// and so what the stream holds: recorded with every checkpoint, so that a
+/// change made while walnats was down takes effect at a transaction
+/// boundary and never renumbers, loses or repeats a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    /// Which changes pgoutput sends (and so each change's `Cdc-Seq`).
+    pub publication: String,
+    /// Every subject, and so what a replay is compared with.
+    pub prefix: String,
+    /// `_tx` markers are messages of their own.
+    pub tx_markers: bool,
+    /// The body, and so whether a row is over max_payload.
+    pub format: OutputFormat,
+    /// Whether an oversized row is a message (object store), none (skip)
+    /// or a stop.
+    pub on_oversize: OversizePolicy,
+}
+
+impl Shape {
+    /// The shape `cfg` asks for, with the subject prefix resolved.
+    pub fn of(cfg: &Config, prefix: &str) -> Shape {
+        Shape {
+            publication: cfg.postgres.publication.clone(),
+            prefix: prefix.to_owned(),
+            tx_markers: cfg.output.tx_markers,
+            format: cfg.output.format,
+            on_oversize: cfg.on_oversize,
+        }
+    }
+
+    /// The settings that differ in `to`, as `key: old -> new`.
+    pub fn changes(&self, to: &Shape) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.publication != to.publication {
+            out.push(format!(
+                "postgres.publication {:?} -> {:?}",
+                self.publication, to.publication
+            ));
+        }
+        if self.prefix != to.prefix {
+            out.push(format!(
+                "nats.subject_prefix {:?} -> {:?}",
+                self.prefix, to.prefix
+            ));
+        }
+        if self.tx_markers != to.tx_markers {
+            out.push(format!(
+                "output.tx_markers {} -> {}",
+                self.tx_markers, to.tx_markers
+            ));
+        }
+        if self.format != to.format {
+            out.push(format!(
+                "output.format {:?} -> {:?}",
+                self.format, to.format
+            ));
+        }
+        if self.on_oversize != to.on_oversize {
+            out.push(format!(
+                "limits.on_oversize {:?} -> {:?}",
+                self.on_oversize, to.on_oversize
+            ));
+        }
+        out
+    }
+}
+
+impl Checkpoint {
+    /// The settings the messages after this checkpoint were published
+    /// with; for a checkpoint older than the record of them, `now` with the
+    /// `tx_markers` it did record.
+    pub fn shape_or(&self, now: &Shape) -> Shape {
+        self.shape.clone().unwrap_or_else(|| Shape {
+            tx_markers: self.legacy_tx_markers,
+            ..now.clone()
+        })
+    }
+}
 
 /// What is published, as of one acknowledged message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -43,10 +133,18 @@ pub struct Checkpoint {
     pub confirmed: Lsn,
     /// Relation OID → hash of the column set last published on `_schema`.
     pub schemas: BTreeMap<u32, u64>,
-    /// Whether `_tx` markers were being published: a replay must emit the
-    /// same messages the stream already holds, even if the setting changed.
-    #[serde(default)]
-    pub tx_markers: bool,
+    /// The settings the messages after this checkpoint were published
+    /// with. `None` in checkpoints older than this field (their
+    /// `tx_markers` is read from `legacy_tx_markers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
+    /// Before `shape`: whether `_tx` markers were being published.
+    #[serde(default, rename = "tx_markers", skip_serializing)]
+    pub legacy_tx_markers: bool,
+    /// The commit LSN of a transaction with messages in the stream whose
+    /// end is not: it must be finished with the settings it began with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_tx: Option<Lsn>,
     /// The commit LSN of the last transaction whose BEGIN marker is
     /// acknowledged: a BEGIN precedes its transaction's first position, so
     /// the position alone cannot say it is out.
@@ -175,204 +273,334 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct Resume {
     /// The checkpointed state: replayed changes at or before `state.pos`
-    /// are dropped without a trace.
+    /// are dropped without a trace; the stream holds the replayed messages
+    /// after it up to `last_seq`.
     pub state: Checkpoint,
-    /// After those, this many replayed messages are in the stream already.
-    pub skip: u64,
     /// The stream's last sequence when the session started.
     pub last_seq: u64,
-    /// `Nats-Msg-Id` of the stream's last message, when it is still there:
-    /// the last skipped message must carry it.
-    pub last_msg_id: Option<String>,
     /// Whether `state` was read from a saved checkpoint (otherwise it is a
-    /// fresh start and takes the current settings).
+    /// fresh start, or a position proven by the stream's tail).
     pub from_checkpoint: bool,
+}
+
+impl Resume {
+    /// Replayed messages after the checkpoint that the stream holds.
+    pub fn skip(&self) -> u64 {
+        self.last_seq.saturating_sub(self.state.stream_seq)
+    }
+}
+
+/// How far back from the stream's tail a lost checkpoint is looked for in
+/// the stream: past `_schema` and `_tx` messages to the last change.
+const TAIL_WALK: u64 = 10_000;
+
+/// What one of the stream's messages proves about where walnats got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// A change of this slot at this position.
+    Change(Position),
+    /// This slot's `_schema` or `_tx` message: it proves no position
+    /// (it precedes or follows a change), so the walk goes on before it.
+    Marker,
+    /// A snapshot read: its progress lived in the checkpoint.
+    Read,
+    /// Not walnats' (from this database and slot).
+    Foreign,
+}
+
+fn header<'a>(h: &'a async_nats::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).map(|v| v.as_str())
+}
+
+/// Classifies a message from the stream by its headers.
+fn classify(h: Option<&async_nats::HeaderMap>, src: &encode::Source) -> Tail {
+    let Some(h) = h else {
+        return Tail::Foreign;
+    };
+    let Some(id) = header(h, "Nats-Msg-Id") else {
+        return Tail::Foreign;
+    };
+    let own = encode::msg_id(src, Position::new(Lsn::ZERO, 0));
+    let own_prefix = own.strip_suffix("0/0:0").unwrap_or(&own);
+    if !id.starts_with(own_prefix) {
+        return Tail::Foreign;
+    }
+    match header(h, "Cdc-Op") {
+        Some("read") => Tail::Read,
+        Some("schema" | "begin" | "end") => Tail::Marker,
+        Some("insert" | "update" | "delete" | "truncate" | "message") => {
+            let pos = header(h, "Cdc-Commit-Lsn")
+                .and_then(|l| l.parse::<Lsn>().ok())
+                .zip(header(h, "Cdc-Seq").and_then(|s| s.parse::<u32>().ok()))
+                .map(|(l, s)| Position::new(l, s));
+            match pos {
+                Some(p) if encode::msg_id(src, p) == id => Tail::Change(p),
+                _ => Tail::Foreign,
+            }
+        }
+        _ => Tail::Foreign,
+    }
+}
+
+/// Another client writes to walnats' subjects while walnats is down, so
+/// its message is most likely the stream's last: refuse at once, rather
+/// than when the replay reaches it (which waits for the next change). The
+/// replay still compares every message of the range.
+async fn refuse_foreign_tail(stream: &Stream, last_seq: u64, src: &encode::Source) -> Result<()> {
+    let msg = match stream.get_raw_message(last_seq).await {
+        Ok(m) => m,
+        // Gone (retention, a consumer): the replay counts it.
+        Err(e)
+            if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+        {
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(Error::with_source(
+                Kind::NatsConnect,
+                format!("cannot read the stream's last message ({last_seq})"),
+                e,
+            ));
+        }
+    };
+    if classify(Some(&msg.headers), src) != Tail::Foreign {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::Checkpoint,
+        format!(
+            "the stream's last message (sequence {last_seq}, subject {:?}, Nats-Msg-Id {:?}) was not published by \
+             walnats from slot {:?}, yet it lies in the range walnats would count as its own replay: another client \
+             publishes to walnats' subjects, or another walnats shares the stream. Make walnats the only writer of \
+             its subjects (NATS permissions), then start over with `walnats slot drop --yes`; deleting the message \
+             does not help, as walnats could no longer tell it from one of its own",
+            msg.subject.as_str(),
+            msg.headers.get("Nats-Msg-Id").map_or("", |v| v.as_str()),
+            src.slot
+        ),
+    ))
 }
 
 /// Reads the checkpoint and the stream's tail and decides where to resume.
 /// `slot_created` is true when this start created the slot: a stream that
-/// holds messages then holds them from an earlier slot.
-pub async fn resume(store: &Store, stream: &mut Stream, slot_created: bool) -> Result<Resume> {
+/// holds messages then holds them from an earlier slot. `snapshot_wanted`:
+/// `snapshot.mode = "initial"`, which an existing slot cannot honour
+/// without its checkpoint.
+pub async fn resume(
+    store: &Store,
+    stream: &mut Stream,
+    slot_created: bool,
+    snapshot_wanted: bool,
+    src: &encode::Source,
+) -> Result<Resume> {
     let info = stream
         .info()
         .await
         .map_err(|e| Error::with_source(Kind::NatsConnect, "cannot read the stream's state", e))?;
     let last_seq = info.state.last_sequence;
     let name = info.config.name.clone();
-    let last_msg = if last_seq > 0 {
-        stream.get_raw_message(last_seq).await.ok()
-    } else {
-        None
-    };
-    let last_msg_id = last_msg
-        .as_ref()
-        .and_then(|m| m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()));
     let saved = if slot_created {
         None
     } else {
         store.load().await?
     };
-    match saved {
-        Some(state) => {
-            if last_seq < state.stream_seq {
-                return Err(Error::new(
-                    Kind::Checkpoint,
-                    format!(
-                        "stream {name:?} ends at sequence {last_seq}, before the checkpoint's {}: \
-                         the stream was deleted or reset; to start over, run `walnats slot drop --yes` \
-                         (the new slot starts at the current WAL position)",
-                        state.stream_seq
-                    ),
+    if let Some(state) = saved {
+        if last_seq < state.stream_seq {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "stream {name:?} ends at sequence {last_seq}, before the checkpoint's {}: \
+                     the stream was deleted or reset; to start over, run `walnats slot drop --yes` \
+                     (the new slot starts at the current WAL position)",
+                    state.stream_seq
+                ),
+            ));
+        }
+        if last_seq > state.stream_seq {
+            refuse_foreign_tail(stream, last_seq, src).await?;
+        }
+        return Ok(Resume {
+            state,
+            last_seq,
+            from_checkpoint: true,
+        });
+    }
+    let fresh = |stream_seq| Resume {
+        state: Checkpoint {
+            version: 1,
+            stream_seq,
+            ..Default::default()
+        },
+        last_seq,
+        from_checkpoint: false,
+    };
+    if slot_created {
+        return Ok(fresh(last_seq));
+    }
+    if last_seq == 0 {
+        if snapshot_wanted {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "slot {:?} exists but walnats has no checkpoint {:?} for it and stream {name:?} is empty, \
+                     so walnats cannot tell whether the slot's initial snapshot was ever published (the \
+                     checkpoint bucket was deleted, or the slot was made by hand): run `walnats slot drop --yes` \
+                     to start over with a new slot and its snapshot, or set snapshot.mode = \"never\" to stream \
+                     from the slot's position without one",
+                    src.slot,
+                    store.key()
+                ),
+            ));
+        }
+        return Ok(fresh(0));
+    }
+    // The slot exists but the checkpoint is gone. The stream's last change
+    // says how far walnats got, if it is still there; the `_schema` and
+    // `_tx` messages after it are part of the replay and are compared.
+    let mut seq = last_seq;
+    loop {
+        let gone = |why: &str| {
+            Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "no checkpoint {:?} in the checkpoint bucket, and {why}, so walnats cannot tell what it \
+                     already published: run `walnats slot drop --yes` to start over from the current WAL \
+                     position (with snapshot.mode = \"initial\", a new snapshot)",
+                    store.key()
+                ),
+            )
+        };
+        if seq == 0 || last_seq - seq >= TAIL_WALK {
+            return Err(gone(&format!(
+                "none of stream {name:?}'s last {} message(s) is a change of slot {:?}",
+                last_seq - seq,
+                src.slot
+            )));
+        }
+        let msg = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                return Err(gone(&format!(
+                    "stream {name:?}'s message at sequence {seq} is gone (deleted by retention or a consumer)"
+                )));
+            }
+            Err(e) => {
+                return Err(Error::with_source(
+                    Kind::NatsConnect,
+                    format!("cannot read message {seq} of stream {name:?}"),
+                    e,
                 ));
             }
-            Ok(Resume {
-                from_checkpoint: true,
-                skip: last_seq - state.stream_seq,
-                last_seq,
-                last_msg_id: if last_seq > state.stream_seq {
-                    last_msg_id
-                } else {
-                    None
-                },
-                state,
-            })
-        }
-        None if last_seq == 0 || slot_created => Ok(Resume {
-            state: Checkpoint {
-                version: 1,
-                stream_seq: last_seq,
-                ..Default::default()
-            },
-            skip: 0,
-            last_seq,
-            last_msg_id: None,
-            from_checkpoint: false,
-        }),
-        None => {
-            // The slot exists but the checkpoint is gone. The stream's last
-            // message says how far walnats got, if it is still there.
-            let pos = last_msg.as_ref().and_then(|m| {
-                let lsn = m
-                    .headers
-                    .get("Cdc-Commit-Lsn")?
-                    .as_str()
-                    .parse::<Lsn>()
-                    .ok()?;
-                let seq = m.headers.get("Cdc-Seq")?.as_str().parse::<u32>().ok()?;
-                Some(Position::new(lsn, seq))
-            });
-            match pos {
-                Some(pos) => {
-                    tracing::warn!(stream = %name, %last_seq, commit_lsn = %pos.commit_lsn, seq = pos.seq,
-                        "no checkpoint found; resuming after the stream's last message");
-                    Ok(Resume {
-                        state: Checkpoint {
-                            version: 1,
-                            pos: Some(pos),
-                            stream_seq: last_seq,
-                            ..Default::default()
-                        },
-                        skip: 0,
-                        last_seq,
-                        last_msg_id: None,
-                        from_checkpoint: false,
-                    })
-                }
-                None => Err(Error::new(
-                    Kind::Checkpoint,
-                    format!(
-                        "no checkpoint {:?} in the checkpoint bucket, and stream {name:?}'s last message \
-                         (sequence {last_seq}) is gone, so walnats cannot tell what it already published: \
-                         run `walnats slot drop --yes` to start over from the current WAL position",
-                        store.key()
-                    ),
-                )),
+        };
+        match classify(Some(&msg.headers), src) {
+            Tail::Change(pos) => {
+                tracing::warn!(stream = %name, stream_seq = seq, %last_seq, commit_lsn = %pos.commit_lsn,
+                    seq = pos.seq, "no checkpoint found; resuming after the stream's last change, \
+                    comparing the messages after it with the replay");
+                let mut r = fresh(seq);
+                r.state.pos = Some(pos);
+                return Ok(r);
+            }
+            Tail::Marker => seq -= 1,
+            Tail::Read => {
+                return Err(gone(&format!(
+                    "stream {name:?}'s message at sequence {seq} is a snapshot read: a snapshot was under way \
+                     and its progress lived in the lost checkpoint"
+                )));
+            }
+            Tail::Foreign => {
+                return Err(gone(&format!(
+                    "stream {name:?}'s message at sequence {seq} (subject {:?}) was not published by walnats \
+                     from slot {:?}",
+                    msg.subject.as_str(),
+                    src.slot
+                )));
             }
         }
     }
 }
 
-/// The acknowledged state, the durable state, and what may be confirmed.
-pub struct Tracker {
-    acked: Checkpoint,
-    durable: Checkpoint,
-    last_write: Instant,
+/// Reads the stream's messages of a replayed range in order, for
+/// [`replay::Replay::check`] to compare with: one request per message, each
+/// asking for the first message at or after a sequence, so a run of
+/// deleted ones costs one request.
+pub struct StoredReader {
+    stream: Stream,
+    /// A message past the sequence last asked for (the ones in between
+    /// are gone).
+    peek: Option<replay::Stored>,
+    /// Nothing at or after the last sequence asked for is left in range.
+    end: bool,
 }
 
-impl Tracker {
-    pub fn new(start: Checkpoint) -> Tracker {
-        Tracker {
-            acked: start.clone(),
-            durable: start,
-            last_write: Instant::now(),
+impl StoredReader {
+    pub fn new(stream: Stream) -> StoredReader {
+        StoredReader {
+            stream,
+            peek: None,
+            end: false,
         }
     }
 
-    /// A message JetStream stored at `seq` (or that the stream already
-    /// held, on resume).
-    pub fn on_message(
-        &mut self,
-        seq: u64,
-        pos: Option<Position>,
-        schema: Option<(u32, u64)>,
-        begin_of: Option<Lsn>,
-    ) {
-        self.acked.stream_seq = seq;
-        if begin_of.is_some() {
-            self.acked.begun = begin_of;
+    /// The stream's message at `seq`, `None` when it is gone; `last` is the
+    /// range's end.
+    pub async fn at(&mut self, seq: u64, last: u64) -> Result<Option<replay::Stored>> {
+        if let Some(p) = &self.peek {
+            if p.seq > seq {
+                return Ok(None);
+            }
+            if p.seq == seq {
+                return Ok(self.peek.take());
+            }
+            self.peek = None;
         }
-        if let Some(p) = pos {
-            self.acked.pos = Some(p);
+        if self.end {
+            return Ok(None);
         }
-        if let Some((oid, hash)) = schema {
-            self.acked.schemas.insert(oid, hash);
+        let got = self
+            .stream
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(">")
+            .send()
+            .await;
+        let m = match got {
+            Ok(m) => m,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                self.end = true;
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(Error::with_source(
+                    Kind::NatsConnect,
+                    format!(
+                        "cannot read message {seq} of the stream to compare it with the replay"
+                    ),
+                    e,
+                ));
+            }
+        };
+        if m.sequence > last {
+            self.end = true;
+            return Ok(None);
         }
-    }
-
-    /// Every message of the transaction ending at `end` is acknowledged.
-    pub fn on_tx_end(&mut self, end: Lsn) {
-        self.acked.confirmed = self.acked.confirmed.max(end);
-    }
-
-    /// Nothing is in flight and the server is at `wal_end`: the slot may
-    /// move there once this is durable (idle slots must not pin WAL).
-    pub fn on_idle(&mut self, wal_end: Lsn) {
-        self.acked.confirmed = self.acked.confirmed.max(wal_end);
-    }
-
-    /// From now on checkpoints record this `tx_markers` setting.
-    pub fn set_tx_markers(&mut self, on: bool) {
-        self.acked.tx_markers = on;
-    }
-
-    pub fn acked(&self) -> &Checkpoint {
-        &self.acked
-    }
-
-    /// For state that changes between messages (the re-read queue), and
-    /// for a write-ahead checkpoint while nothing is in flight.
-    pub fn acked_mut(&mut self) -> &mut Checkpoint {
-        &mut self.acked
-    }
-
-    pub fn durable(&self) -> &Checkpoint {
-        &self.durable
-    }
-
-    /// A checkpoint to write, if the acknowledged state moved on.
-    pub fn due(&self, min_gap: std::time::Duration) -> Option<Checkpoint> {
-        (self.acked != self.durable && self.last_write.elapsed() >= min_gap)
-            .then(|| self.acked.clone())
-    }
-
-    pub fn mark_written(&mut self, c: Checkpoint) {
-        self.durable = c;
-        self.last_write = Instant::now();
-    }
-
-    /// The LSN the slot may be confirmed to.
-    pub fn confirmable(&self) -> Lsn {
-        self.durable.confirmed
+        let stored = replay::Stored {
+            seq: m.sequence,
+            subject: m.subject.to_string(),
+            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()),
+        };
+        if stored.seq == seq {
+            Ok(Some(stored))
+        } else {
+            self.peek = Some(stored);
+            Ok(None)
+        }
     }
 }
 
@@ -388,15 +616,123 @@ mod tests {
         assert_eq!(key_token(""), "=00");
     }
 
+    fn src() -> encode::Source {
+        encode::Source {
+            db: "app".to_owned(),
+            slot: "walnats".to_owned(),
+            prefix: "cdc.app".to_owned(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    }
+
     #[test]
-    fn confirm_moves_only_with_durable_checkpoints() {
-        let mut t = Tracker::new(Checkpoint::default());
-        t.on_message(1, Some(Position::new(Lsn::from_u64(100), 0)), None, None);
-        t.on_tx_end(Lsn::from_u64(120));
-        assert_eq!(t.confirmable(), Lsn::ZERO, "acked is not durable");
-        let c = t.due(std::time::Duration::ZERO).unwrap();
-        t.mark_written(c);
-        assert_eq!(t.confirmable(), Lsn::from_u64(120));
-        assert!(t.due(std::time::Duration::ZERO).is_none());
+    fn a_change_of_this_slot_proves_its_position() {
+        let h = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B3800:2"),
+            ("Cdc-Op", "update"),
+            ("Cdc-Commit-Lsn", "0/16B3800"),
+            ("Cdc-Seq", "2"),
+        ]);
+        let want = Position::new("0/16B3800".parse().unwrap(), 2);
+        assert_eq!(classify(Some(&h), &src()), Tail::Change(want));
+    }
+
+    #[test]
+    fn what_proves_no_position_is_told_apart() {
+        let schema = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B3800:2:schema"),
+            ("Cdc-Op", "schema"),
+            ("Cdc-Commit-Lsn", "0/16B3800"),
+            ("Cdc-Seq", "2"),
+        ]);
+        assert_eq!(classify(Some(&schema), &src()), Tail::Marker);
+        let end = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B3800:0:end"),
+            ("Cdc-Op", "end"),
+        ]);
+        assert_eq!(classify(Some(&end), &src()), Tail::Marker);
+        let read = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B37FF:7"),
+            ("Cdc-Op", "read"),
+            ("Cdc-Commit-Lsn", "0/16B37FF"),
+            ("Cdc-Seq", "7"),
+        ]);
+        assert_eq!(classify(Some(&read), &src()), Tail::Read);
+    }
+
+    #[test]
+    fn another_writer_proves_nothing() {
+        assert_eq!(classify(None, &src()), Tail::Foreign);
+        let no_id = headers(&[("Cdc-Op", "insert")]);
+        assert_eq!(classify(Some(&no_id), &src()), Tail::Foreign);
+        // Another slot's walnats on the same stream.
+        let other = headers(&[
+            ("Nats-Msg-Id", "app:other:0/16B3800:0"),
+            ("Cdc-Op", "insert"),
+            ("Cdc-Commit-Lsn", "0/16B3800"),
+            ("Cdc-Seq", "0"),
+        ]);
+        assert_eq!(classify(Some(&other), &src()), Tail::Foreign);
+        // Headers that do not add up to the id they carry.
+        let forged = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B3800:0"),
+            ("Cdc-Op", "insert"),
+            ("Cdc-Commit-Lsn", "0/16B3800"),
+            ("Cdc-Seq", "9"),
+        ]);
+        assert_eq!(classify(Some(&forged), &src()), Tail::Foreign);
+    }
+
+    #[test]
+    fn a_setting_change_is_named_with_both_values() {
+        let a = Shape {
+            publication: "p1".to_owned(),
+            prefix: "cdc.app".to_owned(),
+            tx_markers: false,
+            format: OutputFormat::Json,
+            on_oversize: OversizePolicy::Fail,
+        };
+        assert!(a.changes(&a).is_empty());
+        let b = Shape {
+            publication: "p2".to_owned(),
+            tx_markers: true,
+            ..a.clone()
+        };
+        assert_eq!(
+            a.changes(&b),
+            vec![
+                "postgres.publication \"p1\" -> \"p2\"".to_owned(),
+                "output.tx_markers false -> true".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn old_checkpoints_keep_their_tx_markers() {
+        let c: Checkpoint =
+            serde_json::from_str(r#"{"version":1,"pos":null,"stream_seq":3,"confirmed":"0/0","schemas":{},"tx_markers":true}"#)
+                .unwrap();
+        let now = Shape {
+            publication: "p".to_owned(),
+            prefix: "cdc.app".to_owned(),
+            tx_markers: false,
+            format: OutputFormat::Json,
+            on_oversize: OversizePolicy::Fail,
+        };
+        assert!(c.shape_or(&now).tx_markers);
+        let back = serde_json::to_string(&Checkpoint {
+            shape: Some(now.clone()),
+            ..c
+        })
+        .unwrap();
+        let again: Checkpoint = serde_json::from_str(&back).unwrap();
+        assert_eq!(again.shape, Some(now));
     }
 }

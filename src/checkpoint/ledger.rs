@@ -1,0 +1,310 @@
+//! Acknowledged → durable → confirmable, in one place.
+//!
+//! Every message the session publishes (or finds in the stream on resume,
+//! or drops by policy) enters the ledger in publish order, paired with the
+//! stream sequence that must be stored before it counts. Once JetStream
+//! acknowledges that sequence the entry moves the *acknowledged* state
+//! (position, stream sequence, `_schema` hashes, open transaction); a
+//! checkpoint of it is written to the KV bucket (*durable*); only a durable
+//! checkpoint's `confirmed` LSN may be sent to PostgreSQL (*confirmable*).
+//!
+//! Nothing is written while a resumed session's replay is unproven: a
+//! replay that drifts must be refused before it moves anything.
+//!
+//! No I/O: the session writes what [`Ledger::due`] hands it and reports
+//! back with [`Ledger::mark_written`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::Checkpoint;
+use crate::lsn::{Lsn, Position};
+use crate::snapshot::{self, reread};
+
+/// What an entry turns into once the stream holds its sequence.
+pub enum Acked {
+    /// Stored by JetStream (or found in the stream on resume) at `seq`.
+    Msg {
+        seq: u64,
+        pos: Option<Position>,
+        /// The commit LSN of the transaction it belongs to.
+        tx: Option<Lsn>,
+        schema: Option<(u32, u64)>,
+        /// Counted in `walnats_events_published_total` when published by
+        /// this process (not when found in the stream on resume).
+        counter: Option<metrics::Counter>,
+        commit_time: Option<i64>,
+        /// Set on a BEGIN marker: its transaction's commit LSN.
+        begin_of: Option<Lsn>,
+    },
+    /// Not published by policy (oversize "skip"), but done with.
+    Dropped { pos: Position, tx: Option<Lsn> },
+    /// Every message before this one belongs to transactions that ended
+    /// at or before `end`; the one committing at `commit` is complete.
+    TxEnd { commit: Lsn, end: Lsn },
+    /// `walnats snapshot` asked for these tables (a message in the WAL at
+    /// `pos`): they join the checkpoint's re-read queue in stream order.
+    Request {
+        pos: Position,
+        targets: Vec<reread::Target>,
+    },
+}
+
+/// Metric handles the ledger records into (names live with the metrics).
+pub struct Meters {
+    /// Commit → acknowledgement, seconds.
+    pub latency: metrics::Histogram,
+    pub transactions: metrics::Counter,
+}
+
+pub struct Ledger {
+    /// In publish order: (the stream sequence that must be stored, entry);
+    /// 0 for entries that need nothing stored.
+    inflight: VecDeque<(u64, Acked)>,
+    /// The stream holds every message up to this sequence.
+    stored_seq: u64,
+    acked: Checkpoint,
+    durable: Checkpoint,
+    last_write: Instant,
+    meters: Meters,
+}
+
+/// Now, in PostgreSQL's timestamp unit: microseconds since 2000-01-01.
+fn pg_now() -> i64 {
+    const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    now_us - PG_EPOCH_UNIX_US
+}
+
+impl Ledger {
+    /// Starts from a durable checkpoint.
+    pub fn new(start: Checkpoint, meters: Meters) -> Ledger {
+        Ledger {
+            inflight: VecDeque::new(),
+            stored_seq: start.stream_seq,
+            acked: start.clone(),
+            durable: start,
+            last_write: Instant::now(),
+            meters,
+        }
+    }
+
+    /// An entry that counts once the stream holds `need` (0: at once).
+    pub fn push(&mut self, need: u64, a: Acked) {
+        self.inflight.push_back((need, a));
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// JetStream acknowledged everything up to `seq`.
+    pub fn stored(&mut self, seq: u64) {
+        self.stored_seq = self.stored_seq.max(seq);
+    }
+
+    /// Hands over, in order, every entry the stream now holds.
+    pub fn settle(&mut self) {
+        // Read the clock once per run of acknowledgements.
+        let mut now = None;
+        while let Some((need, _)) = self.inflight.front()
+            && *need <= self.stored_seq
+        {
+            if let Some((_, a)) = self.inflight.pop_front() {
+                self.apply(a, &mut now);
+            }
+        }
+    }
+
+    fn apply(&mut self, a: Acked, now: &mut Option<i64>) {
+        let c = &mut self.acked;
+        match a {
+            Acked::Msg {
+                seq,
+                pos,
+                tx,
+                schema,
+                counter,
+                commit_time,
+                begin_of,
+            } => {
+                c.stream_seq = seq;
+                if begin_of.is_some() {
+                    c.begun = begin_of;
+                }
+                if let Some(p) = pos {
+                    c.pos = Some(p);
+                }
+                if tx.is_some() {
+                    c.open_tx = tx;
+                }
+                if let Some((oid, hash)) = schema {
+                    c.schemas.insert(oid, hash);
+                }
+                if let Some(counter) = counter {
+                    counter.increment(1);
+                }
+                if let Some(t) = commit_time {
+                    let now = *now.get_or_insert_with(pg_now);
+                    self.meters.latency.record((now - t).max(0) as f64 / 1e6);
+                }
+            }
+            Acked::Dropped { pos, tx } => {
+                c.pos = Some(pos);
+                if tx.is_some() {
+                    c.open_tx = tx;
+                }
+            }
+            Acked::Request { pos, targets } => {
+                c.pos = Some(pos);
+                for t in targets {
+                    if c.rereads.iter().any(|r| r.target.oid == t.oid) {
+                        continue;
+                    }
+                    info!(schema = %t.schema, table = %t.table, "snapshot of table requested");
+                    c.rereads.push(reread::Reread {
+                        target: t,
+                        after: snapshot::Cursor::Start,
+                        rows: 0,
+                    });
+                }
+            }
+            Acked::TxEnd { commit, end } => {
+                c.confirmed = c.confirmed.max(end);
+                // Transactions end in commit order: a later one ending
+                // means the open one is done too (pgoutput sends nothing
+                // for a transaction with no published change).
+                if c.open_tx.is_some_and(|open| open <= commit) {
+                    c.open_tx = None;
+                }
+                self.meters.transactions.increment(1);
+            }
+        }
+    }
+
+    /// Nothing is in flight and the server is at `wal_end`: the slot may
+    /// move there once this is durable (idle slots must not pin WAL).
+    pub fn on_idle(&mut self, wal_end: Lsn) {
+        if self.inflight.is_empty() && self.acked.open_tx.is_none() {
+            self.acked.confirmed = self.acked.confirmed.max(wal_end);
+        }
+    }
+
+    pub fn acked(&self) -> &Checkpoint {
+        &self.acked
+    }
+
+    /// For state that changes between messages (the re-read queue), and
+    /// for a write-ahead checkpoint while nothing is in flight.
+    pub fn acked_mut(&mut self) -> &mut Checkpoint {
+        &mut self.acked
+    }
+
+    /// A checkpoint to write, if the acknowledged state moved on and the
+    /// replay is `proven`: an unproven replay confirms nothing.
+    pub fn due(&self, min_gap: Duration, proven: bool) -> Option<Checkpoint> {
+        (proven && self.acked != self.durable && self.last_write.elapsed() >= min_gap)
+            .then(|| self.acked.clone())
+    }
+
+    pub fn mark_written(&mut self, c: Checkpoint) {
+        self.durable = c;
+        self.last_write = Instant::now();
+    }
+
+    /// The LSN the slot may be confirmed to.
+    pub fn confirmable(&self) -> Lsn {
+        self.durable.confirmed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meters() -> Meters {
+        Meters {
+            latency: metrics::Histogram::noop(),
+            transactions: metrics::Counter::noop(),
+        }
+    }
+
+    fn msg(seq: u64, commit: u64, n: u32) -> Acked {
+        Acked::Msg {
+            seq,
+            pos: Some(Position::new(Lsn::from_u64(commit), n)),
+            tx: Some(Lsn::from_u64(commit)),
+            schema: None,
+            counter: None,
+            commit_time: None,
+            begin_of: None,
+        }
+    }
+
+    fn end(commit: u64) -> Acked {
+        Acked::TxEnd {
+            commit: Lsn::from_u64(commit),
+            end: Lsn::from_u64(commit + 8),
+        }
+    }
+
+    #[test]
+    fn confirm_moves_only_with_durable_checkpoints() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(1, msg(1, 100, 0));
+        l.push(0, end(100));
+        l.stored(1);
+        l.settle();
+        assert_eq!(l.confirmable(), Lsn::ZERO, "acked is not durable");
+        let c = l.due(Duration::ZERO, true).unwrap();
+        assert_eq!(c.confirmed, Lsn::from_u64(108));
+        l.mark_written(c);
+        assert_eq!(l.confirmable(), Lsn::from_u64(108));
+        assert!(l.due(Duration::ZERO, true).is_none());
+    }
+
+    #[test]
+    fn entries_count_only_once_their_sequence_is_stored_and_in_order() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(1, msg(1, 100, 0));
+        l.push(2, msg(2, 100, 1));
+        l.push(0, end(100));
+        l.stored(1);
+        l.settle();
+        assert_eq!(l.acked().stream_seq, 1);
+        assert_eq!(l.acked().confirmed, Lsn::ZERO, "the END waits for seq 2");
+        assert_eq!(l.acked().open_tx, Some(Lsn::from_u64(100)));
+        l.stored(2);
+        l.settle();
+        assert_eq!(l.acked().confirmed, Lsn::from_u64(108));
+        assert_eq!(l.acked().open_tx, None);
+    }
+
+    #[test]
+    fn an_unproven_replay_writes_no_checkpoint() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(0, msg(1, 100, 0));
+        l.push(0, end(100));
+        l.settle();
+        assert!(l.due(Duration::ZERO, false).is_none());
+        assert!(l.due(Duration::ZERO, true).is_some());
+    }
+
+    #[test]
+    fn idle_confirms_nothing_inside_an_open_transaction() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(0, msg(1, 100, 0));
+        l.settle();
+        l.on_idle(Lsn::from_u64(500));
+        assert_eq!(l.acked().confirmed, Lsn::ZERO);
+        l.push(0, end(100));
+        l.settle();
+        l.on_idle(Lsn::from_u64(500));
+        assert_eq!(l.acked().confirmed, Lsn::from_u64(500));
+    }
+}
