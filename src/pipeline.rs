@@ -657,7 +657,13 @@ async fn session(
             batch = sink::FAST_BATCH,
             "publishing in fast-ingest batches"
         );
-        Publisher::fast(c.js.clone(), resume.state.stream_seq, cfg.nats.ack_timeout).await?
+        Publisher::fast(
+            c.js.clone(),
+            &c.prefix,
+            resume.state.stream_seq,
+            cfg.nats.ack_timeout,
+        )
+        .await?
     } else {
         info!("publishing with one acknowledgement per message");
         Publisher::new(c.js.clone(), resume.state.stream_seq)

@@ -4,13 +4,16 @@
 //! own max_msg_size) must end publishing right there: nothing after it may
 //! land, or the stream would have a hole that walnats could never fill.
 //! Once the cause is fixed, walnats resumes from what the stream holds and
-//! publishes the rest exactly once, in order.
+//! publishes the rest exactly once, in order. And in both, a plain NATS
+//! subscriber of a table's subject gets that table's changes and nothing
+//! else: no batch machinery travels on a row's subject.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
+use futures::StreamExt;
 
 use crate::harness::PgVersion;
 use crate::support::{Msg, PREFIX, STREAM, World, assert_exactly_once_in_order, shared};
@@ -103,5 +106,96 @@ async fn a_message_the_stream_refuses_leaves_no_gap(fast_ingest: &str) {
     let msgs = world.read_stream().await;
     assert_exactly_once_in_order(&msgs);
     assert_eq!(ids(&msgs), (1..=70).collect::<Vec<_>>());
+    w.sigterm();
+}
+
+#[tokio::test]
+async fn a_core_subscriber_of_a_table_subject_gets_only_its_changes_fast_ingest() {
+    a_core_subscriber_of_a_table_subject_gets_only_its_changes("on").await;
+}
+
+#[tokio::test]
+async fn a_core_subscriber_of_a_table_subject_gets_only_its_changes_one_ack_per_message() {
+    a_core_subscriber_of_a_table_subject_gets_only_its_changes("off").await;
+}
+
+/// 600 one-row transactions, so that fast batches end both full (500) and
+/// early, with an end-of-batch marker, whenever walnats runs dry. A core
+/// NATS subscriber (no JetStream) of the table's insert subject must see
+/// exactly the 600 change events; the markers go to `<prefix>._batch`.
+async fn a_core_subscriber_of_a_table_subject_gets_only_its_changes(fast_ingest: &str) {
+    const ROWS: i64 = 600;
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await;
+    let nats = async_nats::connect(world.nats.url()).await.unwrap();
+    let subject = format!("{PREFIX}.public.t.insert");
+    let mut table = nats.subscribe(subject.clone()).await.unwrap();
+    let mut everything = nats.subscribe(format!("{PREFIX}.>")).await.unwrap();
+    nats.flush().await.unwrap();
+    let mut w = world.spawn_with(
+        &world.config(),
+        &[("WALNATS_NATS_FAST_INGEST", fast_ingest)],
+    );
+    world.wait_streaming(&mut w).await;
+    let client = world.client().await;
+    for id in 1..=ROWS {
+        // One statement outside a transaction block: one transaction each.
+        client
+            .execute(
+                "INSERT INTO t VALUES ($1, 'v')",
+                &[&i32::try_from(id).unwrap()],
+            )
+            .await
+            .unwrap();
+    }
+    world.wait_changes(usize::try_from(ROWS).unwrap(), &w).await;
+
+    let mut ids = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), table.next()).await {
+        assert_eq!(m.subject.as_str(), subject);
+        assert!(
+            !m.payload.is_empty(),
+            "an empty message on {subject} (headers {:?}, reply {:?}) after {} changes",
+            m.headers,
+            m.reply,
+            ids.len()
+        );
+        let body: serde_json::Value = serde_json::from_slice(&m.payload)
+            .unwrap_or_else(|e| panic!("not a change event on {subject} ({e}): {:?}", m.payload));
+        assert_eq!(
+            (&body["op"], &body["schema"], &body["table"]),
+            (&"insert".into(), &"public".into(), &"t".into()),
+            "{body}"
+        );
+        ids.push(body["after"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>());
+
+    // What else went out under the prefix: `_schema` and, with fast-ingest
+    // batches, empty end-of-batch markers on `_batch` (never stored).
+    let mut markers = 0;
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(500), everything.next()).await
+    {
+        match m.subject.as_str() {
+            s if s == subject => assert!(!m.payload.is_empty()),
+            s if s == format!("{PREFIX}._schema.public.t") => {}
+            s if s == format!("{PREFIX}._batch") => {
+                assert!(m.payload.is_empty(), "a marker with a body");
+                markers += 1;
+            }
+            other => panic!("unexpected message on {other}"),
+        }
+    }
+    if fast_ingest == "on" {
+        assert!(markers > 0, "no batch ended early: the test proved nothing");
+    } else {
+        assert_eq!(markers, 0);
+    }
+    let held = world.read_stream().await;
+    assert!(held.iter().all(|m| !m.subject.ends_with("._batch")));
+    assert_exactly_once_in_order(&held);
     w.sigterm();
 }

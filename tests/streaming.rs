@@ -663,3 +663,88 @@ async fn a_message_right_before_a_commit_loses_nothing() {
     assert!(!log.contains("session ended"), "{log}");
     w.sigterm();
 }
+
+/// PostgreSQL's `toast.sql` on `REPLICA IDENTITY FULL` (every column is a
+/// key column): an update that copies one TOASTed column into another
+/// sends the untouched one as unchanged TOAST. `key` must take that column
+/// from the old row and every other from the new one, so it shows the
+/// new `toasted_col1`, not the old row's null.
+#[tokio::test]
+async fn full_identity_key_takes_new_values_and_unchanged_toast_from_the_old_row() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql(
+            "CREATE TABLE toasted_several (id int PRIMARY KEY, toasted_key text, toasted_col1 text, toasted_col2 text);
+             ALTER TABLE toasted_several REPLICA IDENTITY FULL;
+             ALTER TABLE toasted_several ALTER COLUMN toasted_key SET STORAGE EXTERNAL;
+             ALTER TABLE toasted_several ALTER COLUMN toasted_col1 SET STORAGE EXTERNAL;
+             ALTER TABLE toasted_several ALTER COLUMN toasted_col2 SET STORAGE EXTERNAL;",
+        )
+        .await;
+    let mut w = world.spawn();
+    world.wait_streaming(&mut w).await;
+    for stmt in [
+        "INSERT INTO toasted_several (id, toasted_key) VALUES (1, repeat('9876543210', 10000))",
+        "UPDATE toasted_several SET toasted_col1 = toasted_key",
+        "UPDATE toasted_several SET toasted_col2 = toasted_col1",
+    ] {
+        world.sql(stmt).await;
+    }
+    let msgs = world.wait_changes(3, &w).await;
+    assert_exactly_once_in_order(&world.read_stream().await);
+    let big = "9876543210".repeat(10_000);
+    let bodies: Vec<Value> = msgs.iter().map(|m| m.json()).collect();
+    let ops: Vec<&Value> = bodies.iter().map(|b| &b["op"]).collect();
+    assert_eq!(ops, [&json!("insert"), &json!("update"), &json!("update")]);
+
+    let first = &bodies[1];
+    assert_eq!(
+        first["unchanged"],
+        json!(["toasted_key"]),
+        "the test needs an unchanged TOAST value"
+    );
+    same_json(
+        &first["key"],
+        &json!({"id": 1, "toasted_key": big, "toasted_col1": big, "toasted_col2": null}),
+    );
+    same_json(
+        &first["after"],
+        &json!({"id": 1, "toasted_col1": big, "toasted_col2": null}),
+    );
+    same_json(
+        &first["before"],
+        &json!({"id": 1, "toasted_key": big, "toasted_col1": null, "toasted_col2": null}),
+    );
+
+    let second = &bodies[2];
+    assert_eq!(second["unchanged"], json!(["toasted_key", "toasted_col1"]));
+    same_json(
+        &second["key"],
+        &json!({"id": 1, "toasted_key": big, "toasted_col1": big, "toasted_col2": big}),
+    );
+    same_json(&second["after"], &json!({"id": 1, "toasted_col2": big}));
+    w.sigterm();
+}
+
+/// `assert_eq!` on JSON holding 100 kB strings, printing them shortened.
+fn same_json(actual: &Value, expected: &Value) {
+    fn short(v: &Value) -> Value {
+        match v {
+            Value::String(s) if s.len() > 40 => json!(format!(
+                "{}... ({} chars)",
+                s.chars().take(20).collect::<String>(),
+                s.len()
+            )),
+            Value::Object(o) => {
+                Value::Object(o.iter().map(|(k, v)| (k.clone(), short(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    assert!(
+        actual == expected,
+        "got {}, want {}",
+        short(actual),
+        short(expected)
+    );
+}

@@ -104,14 +104,48 @@ pub(crate) fn write_tuple(
     tuple: &TupleData,
     lsn: Lsn,
     pick: impl Fn(usize, &TupleValue<'_>) -> bool,
+    unchanged: Unchanged<'_>,
+) -> Result<()> {
+    check_width(rel, tuple, lsn)?;
+    let columns = rel
+        .columns
+        .iter()
+        .zip(tuple.iter())
+        .enumerate()
+        .filter(|(i, (_, val))| pick(*i, val))
+        .map(|(i, (col, val))| (i, col, val));
+    write_object(out, rel, lsn, columns, unchanged)
+}
+
+/// A tuple has one value per column of its Relation message.
+fn check_width(rel: &RelationInfo, tuple: &TupleData, lsn: Lsn) -> Result<()> {
+    if tuple.len() == rel.columns.len() {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::Protocol,
+        format!(
+            "a change of {}.{} at LSN {lsn} has {} columns, its Relation message {}",
+            rel.schema,
+            rel.table,
+            tuple.len(),
+            rel.columns.len()
+        ),
+    ))
+}
+
+/// Writes `{"col":value,...}` for `(column index, column, value)` in the
+/// order given; unchanged TOAST values are handled as `unchanged` says.
+fn write_object<'c, 'v>(
+    out: &mut Vec<u8>,
+    rel: &RelationInfo,
+    lsn: Lsn,
+    columns: impl Iterator<Item = (usize, &'c ColumnInfo, TupleValue<'v>)>,
     mut unchanged: Unchanged<'_>,
 ) -> Result<()> {
     out.push(b'{');
     let mut first = true;
-    for (i, (col, val)) in rel.columns.iter().zip(tuple.iter()).enumerate() {
-        if !pick(i, &val) {
-            continue;
-        }
+    for (i, col, val) in columns {
         let placeholder = match (&mut unchanged, val) {
             (Unchanged::Omit, TupleValue::Unchanged) => continue,
             (Unchanged::Report(u), TupleValue::Unchanged) => {
@@ -144,18 +178,6 @@ pub(crate) fn write_tuple(
             }
             TupleValue::Unchanged => {}
         }
-    }
-    if tuple.len() != rel.columns.len() {
-        return Err(Error::new(
-            Kind::Protocol,
-            format!(
-                "a change of {}.{} at LSN {lsn} has {} columns, its Relation message {}",
-                rel.schema,
-                rel.table,
-                tuple.len(),
-                rel.columns.len()
-            ),
-        ));
     }
     out.push(b'}');
     Ok(())
@@ -262,7 +284,11 @@ pub fn write_row(out: &mut Vec<u8>, text: &mut SourceText, ev: &Event) -> Result
 }
 
 /// `key`: the replica-identity columns, from the new row, or the old key
-/// on delete; `null` without a key.
+/// on delete; `null` without a key. A key column whose new value
+/// PostgreSQL did not send (unchanged TOAST) takes its value from the old
+/// tuple, when there is one; every other column comes from the new row.
+/// (With `REPLICA IDENTITY FULL` every column is a key column, and an
+/// update that leaves one TOASTed column alone still changes the others.)
 fn write_key(
     out: &mut Vec<u8>,
     rel: &RelationInfo,
@@ -270,35 +296,28 @@ fn write_key(
     new: Option<&TupleData>,
     lsn: Lsn,
 ) -> Result<()> {
-    // A key column left out of the new row as unchanged TOAST is taken
-    // from the old tuple when PostgreSQL sent one.
-    let key_source = new.or(old.map(|(t, _)| t));
-    match key_source {
-        Some(t) if rel.has_key() => {
-            let use_old = new.is_some()
-                && old.is_some()
-                && rel
-                    .columns
-                    .iter()
-                    .zip(t.iter())
-                    .any(|(c, v)| c.key && matches!(v, TupleValue::Unchanged));
-            let t = if use_old {
-                old.map(|(o, _)| o).unwrap_or(t)
-            } else {
-                t
+    let old = old.map(|(t, _)| t);
+    let Some(row) = new.or(old).filter(|_| rel.has_key()) else {
+        out.extend_from_slice(b"null");
+        return Ok(());
+    };
+    check_width(rel, row, lsn)?;
+    let columns = rel
+        .columns
+        .iter()
+        .zip(row.iter())
+        .enumerate()
+        .filter(|(_, (col, _))| col.key)
+        .map(|(i, (col, val))| {
+            let val = match val {
+                TupleValue::Unchanged => {
+                    old.and_then(|o| o.get(i)).unwrap_or(TupleValue::Unchanged)
+                }
+                v => v,
             };
-            write_tuple(
-                out,
-                rel,
-                t,
-                lsn,
-                |i, _| rel.columns.get(i).is_some_and(|c| c.key),
-                Unchanged::Omit,
-            )?;
-        }
-        _ => out.extend_from_slice(b"null"),
-    }
-    Ok(())
+            (i, col, val)
+        });
+    write_object(out, rel, lsn, columns, Unchanged::Omit)
 }
 
 /// The body of a claim check (`limits.on_oversize = "object_store"`):
@@ -502,6 +521,255 @@ pub fn write_schema(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod key {
+        #![allow(clippy::unwrap_used)]
+
+        use std::sync::Arc;
+
+        use serde_json::{Value, json};
+
+        use super::super::*;
+        use crate::encode::value::ValueKind;
+        use crate::event::Op;
+        use crate::lsn::Position;
+        use crate::pgoutput::{Oid, OldTuple, ReplicaIdentity, Xid};
+
+        fn col(name: &str, key: bool) -> ColumnInfo {
+            let kind = if name == "id" {
+                ValueKind::Int
+            } else {
+                ValueKind::Text
+            };
+            ColumnInfo {
+                name: name.to_owned(),
+                json_key: format!("\"{name}\":").into_bytes().into_boxed_slice(),
+                type_oid: 0,
+                type_modifier: -1,
+                type_name: kind.name().to_owned(),
+                kind,
+                key,
+            }
+        }
+
+        /// toast.sql's `toasted_several`: an id and three TOASTable text
+        /// columns. Under `REPLICA IDENTITY FULL` pgoutput flags every
+        /// column as a key column; by default only the primary key.
+        fn toasted_several(ri: ReplicaIdentity) -> Arc<RelationInfo> {
+            let full = ri == ReplicaIdentity::Full;
+            Arc::new(RelationInfo {
+                oid: Oid(16_384),
+                schema: "public".to_owned(),
+                table: "toasted_several".to_owned(),
+                replica_identity: ri,
+                columns: vec![
+                    col("id", true),
+                    col("toasted_key", full),
+                    col("toasted_col1", full),
+                    col("toasted_col2", full),
+                ],
+                subject_base: "cdc.app.public.toasted_several.".to_owned(),
+                schema_subject: "cdc.app._schema.public.toasted_several".to_owned(),
+                schema_hash: 0,
+            })
+        }
+
+        fn text(s: &str) -> TupleValue<'_> {
+            TupleValue::Text(s.as_bytes())
+        }
+
+        fn event(
+            op: Op,
+            rel: Arc<RelationInfo>,
+            old: Option<OldTuple>,
+            new: Option<TupleData>,
+        ) -> Event {
+            Event {
+                pos: Position::new(Lsn::from_u64(0x16B_3800), 0),
+                lsn: Lsn::from_u64(0x16B_3748),
+                tx: Some(TxInfo {
+                    xid: Xid(731),
+                    commit_lsn: Lsn::from_u64(0x16B_3800),
+                    commit_time: 0,
+                }),
+                snapshot: false,
+                body: Body::Row { op, rel, old, new },
+            }
+        }
+
+        fn src() -> Source {
+            Source {
+                db: "app".to_owned(),
+                slot: "walnats".to_owned(),
+                prefix: "cdc.app".to_owned(),
+            }
+        }
+
+        fn body(ev: &Event) -> Value {
+            let mut out = Vec::new();
+            write_row(&mut out, &mut SourceText::new(&src()), ev).unwrap();
+            serde_json::from_slice(&out).unwrap()
+        }
+
+        /// The claim check's `key`, which is the only `key` a message has
+        /// with `format = "debezium"` (its envelope has none).
+        fn claim_key(ev: &Event) -> Value {
+            let claim = Claim {
+                bucket: "walnats_oversize".to_owned(),
+                name: "CDC_APP/x".to_owned(),
+                size: 1,
+                digest: "SHA-256=x".to_owned(),
+            };
+            let mut out = Vec::new();
+            write_claim(&mut out, &mut SourceText::new(&src()), ev, &claim).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            v["key"].clone()
+        }
+
+        #[test]
+        fn full_identity_update_takes_a_changed_key_column_from_the_new_row() {
+            let old = TupleData::from_values([text("1"), text("k"), TupleValue::Null, text("b")]);
+            let new = TupleData::from_values([text("1"), text("k"), text("a"), text("b")]);
+            let ev = event(
+                Op::Update,
+                toasted_several(ReplicaIdentity::Full),
+                Some(OldTuple::Full(old)),
+                Some(new),
+            );
+            let want =
+                json!({"id": 1, "toasted_key": "k", "toasted_col1": "a", "toasted_col2": "b"});
+            let v = body(&ev);
+            assert_eq!(v["key"], want);
+            assert_eq!(v["after"], want);
+            assert_eq!(
+                v["before"],
+                json!({"id": 1, "toasted_key": "k", "toasted_col1": null, "toasted_col2": "b"})
+            );
+            assert_eq!(claim_key(&ev), want);
+        }
+
+        /// toast.sql: `UPDATE toasted_several SET toasted_col1 = toasted_key`
+        /// sends `toasted_key` as unchanged TOAST ('u') in the new tuple.
+        #[test]
+        fn full_identity_update_takes_an_unchanged_toast_key_column_from_the_old_row() {
+            let big = "9876543210".repeat(10_000);
+            let old =
+                TupleData::from_values([text("1"), text(&big), TupleValue::Null, TupleValue::Null]);
+            let new = TupleData::from_values([
+                text("1"),
+                TupleValue::Unchanged,
+                text(&big),
+                TupleValue::Null,
+            ]);
+            let ev = event(
+                Op::Update,
+                toasted_several(ReplicaIdentity::Full),
+                Some(OldTuple::Full(old)),
+                Some(new),
+            );
+            let v = body(&ev);
+            let want =
+                json!({"id": 1, "toasted_key": big, "toasted_col1": big, "toasted_col2": null});
+            assert_eq!(v["key"], want);
+            assert_eq!(
+                v["after"],
+                json!({"id": 1, "toasted_col1": big, "toasted_col2": null})
+            );
+            assert_eq!(v["unchanged"], json!(["toasted_key"]));
+            assert_eq!(claim_key(&ev), want);
+        }
+
+        #[test]
+        fn default_identity_update_key_is_the_new_primary_key() {
+            // The key changed: PostgreSQL sends the old key ('K').
+            let old = TupleData::from_values([
+                text("1"),
+                TupleValue::Null,
+                TupleValue::Null,
+                TupleValue::Null,
+            ]);
+            let new = TupleData::from_values([
+                text("2"),
+                TupleValue::Unchanged,
+                text("a"),
+                TupleValue::Null,
+            ]);
+            let ev = event(
+                Op::Update,
+                toasted_several(ReplicaIdentity::Default),
+                Some(OldTuple::Key(old)),
+                Some(new.clone()),
+            );
+            let v = body(&ev);
+            assert_eq!(v["key"], json!({"id": 2}));
+            assert_eq!(v["before"], json!({"id": 1}));
+            assert_eq!(claim_key(&ev), json!({"id": 2}));
+            // The key did not change: no old tuple, the key is the new row's.
+            let mut values = new.values();
+            values[0] = text("1");
+            let ev = event(
+                Op::Update,
+                toasted_several(ReplicaIdentity::Default),
+                None,
+                Some(TupleData::from_values(values)),
+            );
+            let v = body(&ev);
+            assert_eq!(v["key"], json!({"id": 1}));
+            assert_eq!(v["before"], Value::Null);
+        }
+
+        #[test]
+        fn delete_key_is_the_old_key() {
+            let old = TupleData::from_values([
+                text("7"),
+                TupleValue::Null,
+                TupleValue::Null,
+                TupleValue::Null,
+            ]);
+            let ev = event(
+                Op::Delete,
+                toasted_several(ReplicaIdentity::Default),
+                Some(OldTuple::Key(old)),
+                None,
+            );
+            let v = body(&ev);
+            assert_eq!(v["key"], json!({"id": 7}));
+            assert_eq!(v["after"], Value::Null);
+            assert_eq!(claim_key(&ev), json!({"id": 7}));
+
+            let old = TupleData::from_values([text("7"), text("k"), text("a"), TupleValue::Null]);
+            let ev = event(
+                Op::Delete,
+                toasted_several(ReplicaIdentity::Full),
+                Some(OldTuple::Full(old)),
+                None,
+            );
+            let want =
+                json!({"id": 7, "toasted_key": "k", "toasted_col1": "a", "toasted_col2": null});
+            assert_eq!(body(&ev)["key"], want);
+            assert_eq!(claim_key(&ev), want);
+        }
+
+        #[test]
+        fn a_key_column_unsent_and_without_an_old_row_is_left_out_not_null() {
+            let new = TupleData::from_values([
+                text("1"),
+                TupleValue::Unchanged,
+                text("a"),
+                TupleValue::Null,
+            ]);
+            let ev = event(
+                Op::Update,
+                toasted_several(ReplicaIdentity::Full),
+                None,
+                Some(new),
+            );
+            assert_eq!(
+                body(&ev)["key"],
+                json!({"id": 1, "toasted_col1": "a", "toasted_col2": null})
+            );
+        }
+    }
 
     #[test]
     fn pg_epoch_times_print_as_rfc3339() {

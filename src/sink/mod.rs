@@ -406,6 +406,9 @@ struct Fast {
     /// Unique to this publisher: batch ids are `<token><number>`.
     token: String,
     next_id: u64,
+    /// Where end-of-batch markers go: `<prefix>._batch`, inside the
+    /// stream but no table's subject (see [`batch_marker_subject`]).
+    end_subject: async_nats::Subject,
     open: Option<OpenBatch>,
     /// Committed batches waiting for their ack, oldest first.
     sent: VecDeque<SentBatch>,
@@ -421,8 +424,6 @@ struct OpenBatch {
     base: u64,
     /// Messages published in the batch so far.
     n: u64,
-    /// Where the end-of-batch marker goes (the stream of the batch).
-    subject: async_nats::Subject,
     since: std::time::Instant,
 }
 
@@ -463,9 +464,10 @@ impl Publisher {
     }
 
     /// A publisher of fast-ingest batches; the stream must allow them
-    /// (`allow_fast_ingest`).
+    /// (`allow_fast_ingest`) and capture `<prefix>.>`.
     pub async fn fast(
         js: jetstream::Context,
+        prefix: &str,
         last_seq: u64,
         timeout: Duration,
     ) -> Result<Publisher> {
@@ -486,6 +488,7 @@ impl Publisher {
             inbox,
             token,
             next_id: 1,
+            end_subject: batch_marker_subject(prefix).into(),
             open: None,
             sent: VecDeque::new(),
             timeout,
@@ -665,6 +668,16 @@ impl OpenBatch {
     }
 }
 
+/// The subject of fast-ingest end-of-batch markers: `<prefix>._batch`.
+/// The stream captures `<prefix>.>`, so the marker reaches it (on a
+/// subject outside the stream it would reach no stream, and the batch
+/// would never commit). It has one token after the prefix where a table's
+/// subject has three, so no subscription to table subjects, wildcards or
+/// not, receives it; only `<prefix>.>` does. The marker is never stored.
+fn batch_marker_subject(prefix: &str) -> String {
+    format!("{prefix}._batch")
+}
+
 /// A fast batch's id: unique to its publisher (`token`) and numbered.
 fn batch_id(token: &str, id: u64) -> String {
     format!("{token}{id}")
@@ -695,7 +708,6 @@ impl Fast {
                     reply_prefix,
                     base: expected,
                     n: 0,
-                    subject: msg.subject.as_str().into(),
                     since: std::time::Instant::now(),
                 })
             }
@@ -718,14 +730,18 @@ impl Fast {
         Ok(())
     }
 
-    /// Sends the end-of-batch marker (not stored) of the open batch.
+    /// Sends the end-of-batch marker (not stored) of the open batch. It
+    /// goes to `end_subject`, not to a row's subject: core NATS delivers
+    /// it to every subscriber of its subject, and a table's subscribers
+    /// must get that table's changes only. JetStream finds the batch by
+    /// the id in the reply subject, whatever subject the marker has.
     async fn end(&mut self) -> Result<()> {
         let Some(open) = &self.open else {
             return Ok(());
         };
         let reply = open.reply(open.n + 1, OP_END);
         self.client
-            .publish_with_reply(open.subject.clone(), reply, bytes::Bytes::new())
+            .publish_with_reply(self.end_subject.clone(), reply, bytes::Bytes::new())
             .await
             .map_err(publish_error)?;
         self.committed();
@@ -1071,6 +1087,45 @@ mod tests {
         assert!(refusal("not json").contains("unreadable"));
     }
 
+    /// Whether `subject` matches the NATS `pattern` (`*` one token, `>`
+    /// the rest).
+    fn subject_matches(pattern: &str, subject: &str) -> bool {
+        let mut subject = subject.split('.');
+        for p in pattern.split('.') {
+            match (p, subject.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (p, Some(t)) if p == t => {}
+                _ => return false,
+            }
+        }
+        subject.next().is_none()
+    }
+
+    /// The end-of-batch marker reaches the stream (`<prefix>.>`) but no
+    /// subscriber of table subjects: those have three tokens after the
+    /// prefix, whatever the schema and table are called.
+    #[test]
+    fn end_of_batch_markers_go_to_a_control_subject_inside_the_stream() {
+        let marker = batch_marker_subject("cdc.app");
+        assert_eq!(marker, "cdc.app._batch");
+        assert!(subject_matches("cdc.app.>", &marker));
+        for tables in [
+            "cdc.app.*.*.*",
+            "cdc.app.*.*.>",
+            "cdc.app.*.*.insert",
+            "cdc.app._batch.*.*",
+            "cdc.app._batch.>",
+            "cdc.app.public.t.insert",
+        ] {
+            assert!(
+                !subject_matches(tables, &marker),
+                "{tables} matches {marker}"
+            );
+        }
+        assert!(subject_matches("cdc.app.*.*.*", "cdc.app._batch.t.insert"));
+    }
+
     /// ADR-50's reply subject: `<inbox>.<batch id>.<flow>.<gap mode>.<n>.<op>.$FI`.
     #[test]
     fn fast_ingest_reply_subjects_name_batch_place_and_operation() {
@@ -1079,7 +1134,6 @@ mod tests {
             reply_prefix: batch_reply_prefix("_INBOX.abc", "abc", 7),
             base: 0,
             n: 0,
-            subject: "cdc.x".into(),
             since: std::time::Instant::now(),
         };
         assert_eq!(batch.reply(1, OP_START), "_INBOX.abc.abc7.500.fail.1.0.$FI");
