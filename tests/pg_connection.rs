@@ -114,6 +114,18 @@ async fn every_auth_method_and_sslmode_connects_and_refusals_say_why() {
             "localhost",
             &format!("sslmode=verify-full&sslrootcert={ca}"),
         ),
+        // sslrootcert alone means verify-full.
+        s.url(
+            "scramuser:scr%3Aam%2Fpw%40",
+            "localhost",
+            &format!("sslrootcert={ca}"),
+        ),
+        // require with sslrootcert checks the chain, as libpq does.
+        s.url(
+            "scramuser:scr%3Aam%2Fpw%40",
+            "127.0.0.1",
+            &format!("sslmode=require&sslrootcert={ca}"),
+        ),
     ];
     for url in &ok_cases {
         let (ok, out) = s.check(url, &[]);
@@ -140,18 +152,29 @@ async fn every_auth_method_and_sslmode_connects_and_refusals_say_why() {
         !out.contains("wrong"),
         "the wrong password was printed:\n{out}"
     );
+    for params in [
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+        format!("sslrootcert={ca}"),
+    ] {
+        let (ok, out) = s.check(
+            &s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", &params),
+            &[],
+        );
+        assert!(
+            !ok && out.contains("TLS"),
+            "verify-full must check the host name ({params}):\n{out}"
+        );
+    }
+    // verify-ca against the public CAs would accept anyone's certificate.
     let (ok, out) = s.check(
         &s.url(
             "scramuser:scr%3Aam%2Fpw%40",
             "127.0.0.1",
-            &format!("sslmode=verify-full&sslrootcert={ca}"),
+            "sslmode=verify-ca",
         ),
         &[],
     );
-    assert!(
-        !ok && out.contains("TLS"),
-        "verify-full must check the host name:\n{out}"
-    );
+    assert!(!ok && out.contains("sslrootcert"), "{out}");
     let (ok, out) = s.check(
         &s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", "sslmode=disable"),
         &[],
