@@ -1,6 +1,6 @@
 //! The PostgreSQL side from the outside: every auth method, every sslmode,
 //! the refusals a user meets first (wrong password, no REPLICATION), and
-//! impostors (`fake`).
+//! impostors that try to take the password (`fake`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -39,6 +39,7 @@ async fn setup() -> Setup {
         "ALTER SYSTEM SET ssl = on",
         "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION SUPERUSER PASSWORD 'md5 pw'",
         "SET password_encryption = 'scram-sha-256'; CREATE ROLE scramuser LOGIN REPLICATION SUPERUSER PASSWORD 'scr:am/pw@'",
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE scramplain LOGIN REPLICATION SUPERUSER PASSWORD 'plain pw'",
         "SET password_encryption = 'scram-sha-256'; CREATE ROLE relayuser LOGIN REPLICATION SUPERUSER PASSWORD 'relay pw'",
         "CREATE ROLE clearuser LOGIN REPLICATION SUPERUSER PASSWORD 'clear'",
         "CREATE ROLE norepl LOGIN NOREPLICATION",
@@ -55,6 +56,8 @@ async fn setup() -> Setup {
          hostssl all scramuser 127.0.0.1/32 scram-sha-256
          hostssl all scramuser 127.0.0.2/32 scram-sha-256
          hostssl replication scramuser 127.0.0.1/32 scram-sha-256
+         host all scramplain 127.0.0.1/32 scram-sha-256
+         host replication scramplain 127.0.0.1/32 scram-sha-256
          hostssl all relayuser 127.0.0.2/32 trust
          hostssl all relayuser 127.0.0.1/32 scram-sha-256
          host all clearuser 127.0.0.1/32 password
@@ -102,38 +105,36 @@ impl Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_auth_method_and_sslmode_connects_and_refusals_say_why() {
+async fn every_auth_method_and_sslmode_connects_where_allowed_and_refusals_say_why() {
     let s = setup().await;
     let ca = s.ca.display().to_string();
+    let verify_ca = format!("sslmode=verify-ca&sslrootcert={ca}");
+    let verify_full = format!("sslmode=verify-full&sslrootcert={ca}");
 
-    // Each auth method over each transport it is allowed on.
+    // SCRAM over every transport; cleartext and MD5 only to a server whose
+    // certificate walnats has verified (their password, or its MD5
+    // equivalent, would go to whoever answers).
     let ok_cases = [
-        s.url("md5user:md5%20pw", "127.0.0.1", "sslmode=disable"),
-        s.url("md5user:md5%20pw", "127.0.0.1", "sslmode=prefer"),
-        s.url("clearuser:clear", "127.0.0.1", "sslmode=require"),
+        s.url("scramplain:plain%20pw", "127.0.0.1", "sslmode=disable"),
+        // The default sslmode (prefer): TLS, as the server offers it.
+        s.url("scramplain:plain%20pw", "127.0.0.1", ""),
         s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", "sslmode=require"),
-        s.url(
-            "scramuser:scr%3Aam%2Fpw%40",
-            "127.0.0.1",
-            &format!("sslmode=verify-ca&sslrootcert={ca}"),
-        ),
-        s.url(
-            "scramuser:scr%3Aam%2Fpw%40",
-            "localhost",
-            &format!("sslmode=verify-full&sslrootcert={ca}"),
-        ),
+        s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", &verify_ca),
+        s.url("scramuser:scr%3Aam%2Fpw%40", "localhost", &verify_full),
         // sslrootcert alone means verify-full.
         s.url(
             "scramuser:scr%3Aam%2Fpw%40",
             "localhost",
             &format!("sslrootcert={ca}"),
         ),
+        s.url("md5user:md5%20pw", "127.0.0.1", &verify_ca),
         // require with sslrootcert checks the chain, as libpq does.
         s.url(
-            "scramuser:scr%3Aam%2Fpw%40",
+            "md5user:md5%20pw",
             "127.0.0.1",
             &format!("sslmode=require&sslrootcert={ca}"),
         ),
+        s.url("clearuser:clear", "localhost", &verify_full),
     ];
     for url in &ok_cases {
         let (ok, out) = s.check(url, &[]);
@@ -142,28 +143,51 @@ async fn every_auth_method_and_sslmode_connects_and_refusals_say_why() {
             "{url}:\n{out}"
         );
         assert!(
-            !out.contains("md5 pw") && !out.contains("scr:am"),
+            !out.contains("md5 pw") && !out.contains("scr:am") && !out.contains("plain pw"),
             "a password leaked:\n{out}"
         );
     }
     // The password from the environment instead of the URL.
     let (ok, out) = s.check(
-        &s.url("md5user", "127.0.0.1", "sslmode=disable"),
-        &[("WALNATS_POSTGRES_PASSWORD", "md5 pw")],
+        &s.url("scramplain", "127.0.0.1", "sslmode=disable"),
+        &[("WALNATS_POSTGRES_PASSWORD", "plain pw")],
     );
     assert!(ok, "{out}");
 
+    // Cleartext and MD5 to a server walnats has not verified: refused
+    // before anything is sent, naming the cause and both fixes.
+    for (url, method) in [
+        (
+            s.url("md5user:md5%20pw", "127.0.0.1", "sslmode=disable"),
+            "MD5",
+        ),
+        (s.url("md5user:md5%20pw", "127.0.0.1", ""), "MD5"),
+        (
+            s.url("clearuser:clear", "127.0.0.1", "sslmode=require"),
+            "in clear text",
+        ),
+    ] {
+        let (ok, out) = s.check(&url, &[]);
+        assert!(
+            !ok && out.contains(method)
+                && out.contains("password_encryption = scram-sha-256")
+                && out.contains("sslmode=verify-full"),
+            "{url}:\n{out}"
+        );
+        assert!(!out.contains("md5 pw") && !out.contains("clear@"), "{out}");
+    }
+
     // Refusals, each naming the cause.
-    let (ok, out) = s.check(&s.url("md5user:wrong", "127.0.0.1", "sslmode=disable"), &[]);
-    assert!(!ok && out.contains("refused user \"md5user\""), "{out}");
+    let (ok, out) = s.check(
+        &s.url("scramplain:wrong", "127.0.0.1", "sslmode=disable"),
+        &[],
+    );
+    assert!(!ok && out.contains("refused user \"scramplain\""), "{out}");
     assert!(
         !out.contains("wrong"),
         "the wrong password was printed:\n{out}"
     );
-    for params in [
-        format!("sslmode=verify-full&sslrootcert={ca}"),
-        format!("sslrootcert={ca}"),
-    ] {
+    for params in [verify_full.clone(), format!("sslrootcert={ca}")] {
         let (ok, out) = s.check(
             &s.url("scramuser:scr%3Aam%2Fpw%40", "127.0.0.1", &params),
             &[],
@@ -259,7 +283,7 @@ async fn run_exits_non_zero_with_the_fix_when_retrying_cannot_help() {
     assert!(!out.contains("panicked"), "{out}");
 }
 
-/// The password the impostors try to learn or to do without.
+/// The password the impostors try to take.
 const PASSWORD: &str = "s3cret-pw";
 
 /// Which of walnats' connections meets the impostor: the SQL connection is
@@ -339,6 +363,54 @@ fn assert_refusal_line(out: &str, words: &[&str]) {
             lines[0].contains(w),
             "the refusal does not say {w:?}:\n{out}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_server_asking_for_a_cleartext_password_gets_none() {
+    for target in [Target::Sql, Target::Replication] {
+        for tls in [false, true] {
+            let (attacked, code, out) = run_against(Attack::Cleartext, tls, target).await;
+            assert!(
+                attacked.after_request.is_empty(),
+                "{:?}",
+                attacked.after_request
+            );
+            assert_eq!(code, Some(1), "{out}");
+            assert_refusal_line(
+                &out,
+                &[
+                    "in clear text",
+                    "password_encryption = scram-sha-256",
+                    "sslmode=verify-full",
+                    "sslrootcert",
+                ],
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_server_asking_for_an_md5_password_gets_none() {
+    for target in [Target::Sql, Target::Replication] {
+        for tls in [false, true] {
+            let (attacked, code, out) = run_against(Attack::Md5, tls, target).await;
+            assert!(
+                attacked.after_request.is_empty(),
+                "{:?}",
+                attacked.after_request
+            );
+            assert_eq!(code, Some(1), "{out}");
+            assert_refusal_line(
+                &out,
+                &[
+                    "MD5",
+                    "password_encryption = scram-sha-256",
+                    "sslmode=verify-full",
+                    "sslrootcert",
+                ],
+            );
+        }
     }
 }
 

@@ -1,25 +1,40 @@
-//! What walnats accepts when a server authenticates it, on both
+//! What walnats answers when a server asks it to authenticate, on both
 //! PostgreSQL connections: one policy, one set of refusals.
 //!
-//! SCRAM never gives the password away, and the server must prove that it
-//! knows it: its final message (the server signature) must come, and
-//! verify, before walnats accepts AuthenticationOk. Over TLS, SCRAM is
-//! bound to the server's certificate when the server offers it
-//! (SCRAM-SHA-256-PLUS), so that a relay ending TLS cannot pass it on.
+//! A password in clear text, or its MD5 hash (which stands for the
+//! password: a fake server that chose the salt can replay or crack it), is
+//! sent only over TLS whose certificate walnats has verified (`verify-ca`,
+//! `verify-full`); elsewhere whoever answers at the address would get it.
+//! SCRAM is answered everywhere: it never gives the password away, and the
+//! server must prove that it knows it (its final message, the server
+//! signature) before walnats accepts AuthenticationOk.
 //!
 //! [`AuthWatch`] applies the policy to the server's bytes as they arrive
 //! (sans I/O), for the SQL connection, whose authentication tokio-postgres
-//! runs. It must never let a message it refuses reach the client.
+//! runs. It must never let a request it refuses reach the client that
+//! would answer it.
 
 use std::fmt;
 
 use super::pgconfig::PgConnectConfig;
 use crate::error::{Error, Kind};
 
+/// An authentication request that would give the password away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordRequest {
+    /// AuthenticationCleartextPassword (code 3).
+    Cleartext,
+    /// AuthenticationMD5Password (code 5).
+    Md5,
+}
+
 /// Why walnats stopped authenticating, before the connection's settings
 /// are at hand (the SQL connection's watch); [`Refusal::error`] says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// The server asked for the password, or its MD5, over `tls: false`
+    /// (no TLS) or unverified TLS.
+    Password { request: PasswordRequest, tls: bool },
     /// AuthenticationOk came after SCRAM began but before the server's
     /// final message.
     ScramUnproven,
@@ -28,6 +43,14 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Refusal::Password {
+                request: PasswordRequest::Cleartext,
+                ..
+            } => f.write_str("the server asked for the password in clear text"),
+            Refusal::Password {
+                request: PasswordRequest::Md5,
+                ..
+            } => f.write_str("the server asked for an MD5 password hash"),
             Refusal::ScramUnproven => {
                 f.write_str("the server accepted SCRAM without its final message")
             }
@@ -41,6 +64,7 @@ impl Refusal {
     /// The one line the user reads: the cause and the fix.
     pub fn error(self, cfg: &PgConnectConfig) -> Error {
         match self {
+            Refusal::Password { request, tls } => password_refused(cfg, request, tls),
             Refusal::ScramUnproven => Error::new(
                 Kind::PgAuth,
                 format!(
@@ -52,6 +76,39 @@ impl Refusal {
             ),
         }
     }
+}
+
+/// Whether the password may be answered to `request` on this connection.
+pub fn may_send(cfg: &PgConnectConfig, request: PasswordRequest, tls: bool) -> Result<(), Refusal> {
+    if cfg.sslmode.verifies_server() {
+        Ok(())
+    } else {
+        Err(Refusal::Password { request, tls })
+    }
+}
+
+fn password_refused(cfg: &PgConnectConfig, request: PasswordRequest, tls: bool) -> Error {
+    let what = match request {
+        PasswordRequest::Cleartext => "the password in clear text",
+        PasswordRequest::Md5 => "an MD5 hash of the password (which stands for the password)",
+    };
+    let over = if tls {
+        format!(
+            "over TLS whose certificate walnats does not verify (sslmode={})",
+            cfg.sslmode.as_str()
+        )
+    } else {
+        format!("without TLS (sslmode={})", cfg.sslmode.as_str())
+    };
+    Error::new(
+        Kind::PgAuth,
+        format!(
+            "PostgreSQL at {}:{} asks for {what} {over}, and walnats sends it only to a server it has verified, \
+             so it sent nothing: use SCRAM on the server (password_encryption = scram-sha-256, set the password \
+             again, and scram-sha-256 in pg_hba.conf), or verify the server with sslmode=verify-full and sslrootcert",
+            cfg.host, cfg.port
+        ),
+    )
 }
 
 /// The server's SCRAM final message did not verify (a wrong signature, or
@@ -113,12 +170,14 @@ pub struct AuthWatch {
     code: [u8; 4],
     code_len: usize,
     sasl: Sasl,
+    passwords_allowed: bool,
+    tls: bool,
 }
 
 impl AuthWatch {
     /// `after_ssl_request`: the client asked for TLS and the first byte is
-    /// the answer.
-    pub fn new(after_ssl_request: bool) -> AuthWatch {
+    /// the answer. `tls`: these bytes come out of TLS.
+    pub fn new(cfg: &PgConnectConfig, after_ssl_request: bool, tls: bool) -> AuthWatch {
         AuthWatch {
             phase: if after_ssl_request {
                 Phase::SslAnswer
@@ -131,6 +190,8 @@ impl AuthWatch {
             code: [0; 4],
             code_len: 0,
             sasl: Sasl::None,
+            passwords_allowed: may_send(cfg, PasswordRequest::Cleartext, tls).is_ok(),
+            tls,
         }
     }
 
@@ -196,9 +257,15 @@ impl AuthWatch {
         if self.header[0] != b'R' || self.code_len < self.code.len() {
             return Ok(());
         }
+        let refuse = |request| Refusal::Password {
+            request,
+            tls: self.tls,
+        };
         match i32::from_be_bytes(self.code) {
             0 if self.sasl == Sasl::Started => return Err(Refusal::ScramUnproven),
             0 => self.phase = Phase::Done,
+            3 if !self.passwords_allowed => return Err(refuse(PasswordRequest::Cleartext)),
+            5 if !self.passwords_allowed => return Err(refuse(PasswordRequest::Md5)),
             10 => self.sasl = Sasl::Started,
             // tokio-postgres checks the signature in it.
             12 => self.sasl = Sasl::Finished,
@@ -211,6 +278,10 @@ impl AuthWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(query: &str) -> PgConnectConfig {
+        PgConnectConfig::parse(&format!("postgres://u:pw@h/d?{query}"), None).unwrap()
+    }
 
     fn auth(code: i32, data: &[u8]) -> Vec<u8> {
         let mut f = vec![b'R'];
@@ -226,59 +297,94 @@ mod tests {
     }
 
     #[test]
-    fn authentication_ok_needs_the_scram_final_message_once_scram_began() {
-        // A notice first: frames are followed across reads.
-        let mut start = vec![b'N', 0, 0, 0, 6, b'x', 0];
-        start.extend(auth(10, b"SCRAM-SHA-256\0\0"));
-        start.extend(auth(11, b"r=abc,s=c2FsdA==,i=4096"));
-        let mut skipped = start.clone();
-        skipped.extend(auth(0, &[]));
+    fn password_requests_are_refused_unless_the_server_is_verified() {
         for step in [1, 2, 3, 7, 1000] {
-            let mut w = AuthWatch::new(false);
-            assert_eq!(
-                feed_in_steps(&mut w, &skipped, step),
-                Err(Refusal::ScramUnproven),
-                "step {step}"
-            );
+            for (code, request) in [(3, PasswordRequest::Cleartext), (5, PasswordRequest::Md5)] {
+                let data: &[u8] = if code == 5 { &[1, 2, 3, 4] } else { &[] };
+                // A notice first: frames are followed across reads.
+                let mut bytes = vec![b'N', 0, 0, 0, 6, b'x', 0];
+                bytes.extend(auth(code, data));
+                for query in ["sslmode=disable", "", "sslmode=require"] {
+                    let mut w = AuthWatch::new(&cfg(query), false, query.contains("require"));
+                    assert_eq!(
+                        feed_in_steps(&mut w, &bytes, step),
+                        Err(Refusal::Password {
+                            request,
+                            tls: query.contains("require")
+                        }),
+                        "{query} step {step}"
+                    );
+                }
+                let mut w = AuthWatch::new(&cfg("sslmode=verify-full"), false, true);
+                assert_eq!(feed_in_steps(&mut w, &bytes, step), Ok(()));
+            }
         }
-        let mut full = start;
-        full.extend(auth(12, b"v=c2lnbmF0dXJl"));
-        full.extend(auth(0, &[]));
-        // After AuthenticationOk nothing is watched (a row may look like anything).
-        full.extend(auth(10, &[]));
-        full.extend(auth(0, &[]));
-        let mut w = AuthWatch::new(false);
-        assert_eq!(feed_in_steps(&mut w, &full, 5), Ok(()));
-        // trust: AuthenticationOk at once.
-        let mut w = AuthWatch::new(false);
-        assert_eq!(w.feed(&auth(0, &[])), Ok(()));
     }
 
     #[test]
     fn the_ssl_answer_is_one_byte_and_tls_is_watched_inside() {
-        let mut skipped = auth(10, b"SCRAM-SHA-256\0\0");
-        skipped.extend(auth(0, &[]));
+        let c = cfg("");
         // 'N' then plain text: watched.
         let mut bytes = vec![b'N'];
-        bytes.extend(&skipped);
-        assert!(AuthWatch::new(true).feed(&bytes).is_err());
+        bytes.extend(auth(3, &[]));
+        assert!(AuthWatch::new(&c, true, false).feed(&bytes).is_err());
         // 'S' then TLS records: the socket's watch stops.
         let mut bytes = vec![b'S'];
-        bytes.extend(&skipped);
-        assert_eq!(AuthWatch::new(true).feed(&bytes), Ok(()));
+        bytes.extend(auth(3, &[]));
+        assert_eq!(AuthWatch::new(&c, true, false).feed(&bytes), Ok(()));
+    }
+
+    #[test]
+    fn authentication_ok_needs_the_scram_final_message_once_scram_began() {
+        let c = cfg("sslmode=verify-full");
+        let mut start = auth(10, b"SCRAM-SHA-256\0\0");
+        start.extend(auth(11, b"r=abc,s=c2FsdA==,i=4096"));
+        let mut skipped = start.clone();
+        skipped.extend(auth(0, &[]));
+        let mut w = AuthWatch::new(&c, false, true);
+        assert_eq!(w.feed(&skipped), Err(Refusal::ScramUnproven));
+        let mut full = start;
+        full.extend(auth(12, b"v=c2lnbmF0dXJl"));
+        full.extend(auth(0, &[]));
+        // After AuthenticationOk nothing is watched (a row may look like anything).
+        full.extend(auth(3, &[]));
+        let mut w = AuthWatch::new(&cfg("sslmode=disable"), false, false);
+        assert_eq!(feed_in_steps(&mut w, &full, 5), Ok(()));
+        // trust: AuthenticationOk at once.
+        let mut w = AuthWatch::new(&cfg("sslmode=disable"), false, false);
+        assert_eq!(w.feed(&auth(0, &[])), Ok(()));
     }
 
     #[test]
     fn refusals_name_the_cause_and_the_fix_in_one_line() {
-        let c = PgConnectConfig::parse("postgres://u:pw@h/d", None).unwrap();
-        for e in [
-            Refusal::ScramUnproven.error(&c),
-            scram_failed(&c, "SCRAM verification error"),
-            channel_binding_refused(&c),
+        let c = cfg("");
+        for r in [
+            Refusal::Password {
+                request: PasswordRequest::Cleartext,
+                tls: false,
+            },
+            Refusal::Password {
+                request: PasswordRequest::Md5,
+                tls: true,
+            },
+            Refusal::ScramUnproven,
         ] {
+            let e = r.error(&c);
             assert_eq!(e.kind(), Kind::PgAuth);
             let text = e.to_string();
             assert!(!text.contains('\n') && !text.contains("pw"), "{text}");
         }
+        let text = Refusal::Password {
+            request: PasswordRequest::Md5,
+            tls: false,
+        }
+        .error(&c)
+        .to_string();
+        assert!(
+            text.contains("MD5")
+                && text.contains("password_encryption = scram-sha-256")
+                && text.contains("sslmode=verify-full and sslrootcert"),
+            "{text}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! itself: postgres-protocol builds the startup, password and SASL
 //! messages and computes MD5/SCRAM; framing of backend messages is ours
 //! because CopyBothResponse ('W') is not something its parser accepts.
-//! What is accepted is `auth`'s policy; SCRAM is bound to the
+//! Which requests are answered is `auth`'s policy; SCRAM is bound to the
 //! TLS certificate (SCRAM-SHA-256-PLUS) whenever the server offers it, and
 //! AuthenticationOk counts only after the server's SCRAM signature.
 //! Reads go into one `BytesMut` in 256 KiB chunks and many frames are
@@ -20,7 +20,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::auth;
+use super::auth::{self, PasswordRequest};
 use super::pgconfig::{PgConnectConfig, SslMode};
 use super::tls;
 use crate::error::{Error, Kind, Result};
@@ -151,6 +151,7 @@ pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
 /// What TLS gave the connection.
 struct Transport {
     io: Box<dyn Io>,
+    tls: bool,
     /// The `tls-server-end-point` channel binding, when TLS is on and the
     /// certificate's signature names a hash.
     end_point: Option<Vec<u8>>,
@@ -166,6 +167,7 @@ enum Scram {
 
 pub struct ReplicationConn {
     io: Box<dyn Io>,
+    tls: bool,
     end_point: Option<Vec<u8>>,
     buf: BytesMut,
     out: BytesMut,
@@ -256,9 +258,10 @@ pub(super) async fn connect_tcp(cfg: &PgConnectConfig) -> Result<TcpStream> {
 impl ReplicationConn {
     pub async fn connect(cfg: &PgConnectConfig) -> Result<ReplicationConn> {
         let tcp = connect_tcp(cfg).await?;
-        let Transport { io, end_point } = Self::maybe_tls(tcp, cfg).await?;
+        let Transport { io, tls, end_point } = Self::maybe_tls(tcp, cfg).await?;
         let mut conn = ReplicationConn {
             io,
+            tls,
             end_point,
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: BytesMut::with_capacity(1024),
@@ -274,6 +277,7 @@ impl ReplicationConn {
     async fn maybe_tls(mut tcp: TcpStream, cfg: &PgConnectConfig) -> Result<Transport> {
         let plain = |tcp: TcpStream| Transport {
             io: Box::new(tcp),
+            tls: false,
             end_point: None,
         };
         let Some(config) = tls::client_config(cfg)? else {
@@ -308,6 +312,7 @@ impl ReplicationConn {
                     .and_then(|cert| tls::tls_server_end_point(cert));
                 Ok(Transport {
                     io: Box::new(stream),
+                    tls: true,
                     end_point,
                 })
             }
@@ -351,6 +356,8 @@ impl ReplicationConn {
                             }
                         }
                         3 => {
+                            auth::may_send(&self.cfg, PasswordRequest::Cleartext, self.tls)
+                                .map_err(|r| r.error(&self.cfg))?;
                             let pw = self.password()?;
                             self.out.clear();
                             frontend::password_message(pw.as_bytes(), &mut self.out)
@@ -358,6 +365,8 @@ impl ReplicationConn {
                             self.flush_out().await?;
                         }
                         5 => {
+                            auth::may_send(&self.cfg, PasswordRequest::Md5, self.tls)
+                                .map_err(|r| r.error(&self.cfg))?;
                             if b.len() < 4 {
                                 return Err(proto("short MD5 salt"));
                             }

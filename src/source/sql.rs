@@ -1,13 +1,14 @@
 //! The SQL connection (tokio-postgres) with the same TLS modes, session
 //! settings and authentication policy as the replication connection.
 //!
-//! walnats hands tokio-postgres a socket (and, with TLS, a TLS stream)
-//! that reads the server's authentication messages first, through
-//! `auth::AuthWatch`: one the policy refuses ends the connection before
-//! tokio-postgres sees it. TLS is rustls, as on the replication
-//! connection, with the same `tls-server-end-point` channel binding, which
-//! tokio-postgres uses for SCRAM-SHA-256-PLUS; tokio-postgres itself
-//! requires the server's SCRAM final message and checks its signature.
+//! tokio-postgres answers whatever the server asks for, so walnats hands
+//! it a socket (and, with TLS, a TLS stream) that reads the server's
+//! authentication requests first, through `auth::AuthWatch`: a request the
+//! policy refuses ends the connection before tokio-postgres could answer
+//! it. TLS is rustls, as on the replication connection, with the same
+//! `tls-server-end-point` channel binding, which tokio-postgres uses for
+//! SCRAM-SHA-256-PLUS; tokio-postgres itself requires the server's SCRAM
+//! final message and checks its signature.
 
 use std::future::Future;
 use std::io;
@@ -53,14 +54,14 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
     // Every mode but disable sends SSLRequest first.
     let socket = Watched {
         inner: tcp,
-        watch: AuthWatch::new(tls_config.is_some()),
+        watch: AuthWatch::new(cfg, tls_config.is_some(), false),
     };
     let result = match tls_config {
         Some(config) => {
             let tls = Tls {
                 connector: tokio_rustls::TlsConnector::from(config),
                 name: tls::server_name(&cfg.host)?,
-                watch: AuthWatch::new(false),
+                watch: AuthWatch::new(cfg, false, true),
             };
             c.connect_raw(socket, tls).await.map(|(client, conn)| {
                 spawn_connection(conn);
@@ -95,7 +96,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         let fresh = buf.filled().get(before..).unwrap_or_default();
         if let Err(refusal) = this.watch.feed(fresh) {
-            // The message never reaches tokio-postgres.
+            // The request never reaches tokio-postgres.
             buf.set_filled(before);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,

@@ -1,6 +1,6 @@
-//! Impostors for the attack tests: a fake PostgreSQL server that
-//! authenticates the client the way an attacker would and records every
-//! byte the client sends afterwards, and a TLS relay that terminates TLS with
+//! Impostors for the attack tests: a fake PostgreSQL server that asks for
+//! the password the way an attacker would and records every byte the
+//! client sends after the request, and a TLS relay that terminates TLS with
 //! its own certificate and passes the protocol on to a real server.
 //!
 //! With `relay_sql_to`, the fake server passes connections that are not
@@ -23,6 +23,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attack {
+    /// AuthenticationCleartextPassword.
+    Cleartext,
+    /// AuthenticationMD5Password.
+    Md5,
     /// SCRAM up to the client's final message, then AuthenticationOk
     /// without the server's final message (the server never proves that
     /// it knows the password).
@@ -38,8 +42,8 @@ pub struct Attacked {
     pub replication: bool,
     /// The SASL mechanism the client chose, for the SCRAM attacks.
     pub mechanism: Option<String>,
-    /// Every byte the client sent after the AuthenticationOk, until it
-    /// closed the connection.
+    /// Every byte the client sent after the request (for SCRAM: after
+    /// the AuthenticationOk), until it closed the connection.
     pub after_request: Vec<u8>,
     /// The client hung up within 5 s (else it was still waiting, as for a
     /// server it believed).
@@ -229,25 +233,33 @@ async fn serve(
         tokio::io::copy_bidirectional(&mut s, &mut pg).await?;
         return Ok(());
     }
-    s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await?;
-    // SASLInitialResponse: mechanism\0, length, client-first.
-    let (_, body) = read_frame(&mut s).await?;
-    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-    let mechanism = Some(String::from_utf8_lossy(&body[..end]).into_owned());
-    let first = String::from_utf8_lossy(body.get(end + 5..).unwrap_or_default()).into_owned();
-    let nonce = first
-        .split(',')
-        .find_map(|p| p.strip_prefix("r="))
-        .unwrap_or_default()
-        .to_owned();
-    let server_first = format!("r={nonce}fakeservernonce,s=c2FsdHNhbHRzYWx0,i=4096");
-    s.write_all(&auth(11, server_first.as_bytes())).await?;
-    let _client_final = read_frame(&mut s).await?;
-    if attack == Attack::ScramWrongServerSignature {
-        let v = "v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-        s.write_all(&auth(12, v.as_bytes())).await?;
+    let mut mechanism = None;
+    match attack {
+        Attack::Cleartext => s.write_all(&auth(3, &[])).await?,
+        Attack::Md5 => s.write_all(&auth(5, &[1, 2, 3, 4])).await?,
+        Attack::ScramOkWithoutServerFinal | Attack::ScramWrongServerSignature => {
+            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await?;
+            // SASLInitialResponse: mechanism\0, length, client-first.
+            let (_, body) = read_frame(&mut s).await?;
+            let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+            mechanism = Some(String::from_utf8_lossy(&body[..end]).into_owned());
+            let first =
+                String::from_utf8_lossy(body.get(end + 5..).unwrap_or_default()).into_owned();
+            let nonce = first
+                .split(',')
+                .find_map(|p| p.strip_prefix("r="))
+                .unwrap_or_default()
+                .to_owned();
+            let server_first = format!("r={nonce}fakeservernonce,s=c2FsdHNhbHRzYWx0,i=4096");
+            s.write_all(&auth(11, server_first.as_bytes())).await?;
+            let _client_final = read_frame(&mut s).await?;
+            if attack == Attack::ScramWrongServerSignature {
+                let v = "v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+                s.write_all(&auth(12, v.as_bytes())).await?;
+            }
+            s.write_all(&after_ok()).await?;
+        }
     }
-    s.write_all(&after_ok()).await?;
     s.flush().await?;
     // Everything the client says from here until it hangs up.
     let mut after_request = Vec::new();
