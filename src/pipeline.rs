@@ -570,11 +570,12 @@ async fn session(
     wal_watch: &Arc<WalWatch>,
 ) -> Result<Ended> {
     let c = connect_both(cfg).await?;
+    sink::require_jetstream(&c.js).await?;
+    // The lock's secret lives in the checkpoint bucket.
     let store = Arc::new(c.store(cfg).await?);
     hold_slot_lock(&c.sql, &cfg.postgres.slot, &store).await?;
     setup::require_logical_wal(&c.sql).await?;
     setup::ensure_publication(&c.sql, &cfg.postgres).await?;
-    sink::require_jetstream(&c.js).await?;
     let mut st = sink::ensure_stream(&c.js, &c.stream_name, &c.prefix, cfg.nats.replicas).await?;
     if st.created {
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
