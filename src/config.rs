@@ -125,6 +125,8 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
 }
 
 /// The type of each key, so that an environment override is read as what
@@ -189,7 +191,14 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
             ("wal_retained_warn", KeyType::Str),
         ],
     ),
-    ("http", &[("listen", KeyType::Str)]),
+    (
+        "http",
+        &[
+            ("listen", KeyType::Str),
+            ("token", KeyType::Str),
+            ("token_file", KeyType::Str),
+        ],
+    ),
 ];
 
 // ------------------------------------------------------------ typed config
@@ -208,6 +217,9 @@ pub struct Config {
     pub wal_retained_warn: Option<u64>,
     /// `None` when `[http] listen = ""`.
     pub http_listen: Option<SocketAddr>,
+    /// From `http.token`, `http.token_file` or `WALNATS_HTTP_TOKEN`: when
+    /// set, every HTTP endpoint but `/healthz` and `/readyz` asks for it.
+    pub http_token: Option<Secret>,
     /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
     pub env_ignored: Vec<String>,
 }
@@ -738,6 +750,17 @@ impl RawConfig {
             })?),
         };
 
+        let http_token = one_secret(self.http.token, self.http.token_file, "http.token")?;
+        if let Some(t) = &http_token
+            && (t.expose().is_empty() || !t.expose().bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(config_err(
+                "http.token must be printable ASCII without spaces (it travels in an \
+                 Authorization header), and not empty: e.g. 32 random characters from \
+                 `openssl rand -hex 32`; remove it to leave HTTP open",
+            ));
+        }
+
         Ok(Config {
             postgres: PostgresConfig {
                 url,
@@ -772,6 +795,7 @@ impl RawConfig {
             object_store_bucket,
             wal_retained_warn,
             http_listen,
+            http_token,
             env_ignored: Vec::new(),
         })
     }
@@ -1014,6 +1038,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_http_token_comes_from_the_file_the_key_or_the_environment() {
+        assert!(load(MIN, &[]).unwrap().http_token.is_none());
+        let c = load(MIN, &[("WALNATS_HTTP_TOKEN", "from-env")]).unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-env")));
+        let c = load(&format!("{MIN}[http]\ntoken = \"from-key\"\n"), &[]).unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-key")));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let c = load(
+            &format!(
+                "{MIN}[http]\ntoken_file = {:?}\n",
+                file.display().to_string()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-file")));
+        for (env, want) in [
+            (&[("WALNATS_HTTP_TOKEN", "")][..], "http.token"),
+            (&[("WALNATS_HTTP_TOKEN", "has space")][..], "http.token"),
+            (
+                &[
+                    ("WALNATS_HTTP_TOKEN", "a"),
+                    ("WALNATS_HTTP_TOKEN_FILE", "/x"),
+                ][..],
+                "http.token",
+            ),
+        ] {
+            let err = load(MIN, env).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("has space"), "{err}");
+        }
+        assert!(!format!("{c:?}").contains("from-file"));
     }
 
     #[test]
