@@ -21,6 +21,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 use crate::pipeline::connect_both;
 use crate::sink::{self, subject};
+use crate::snapshot::reread;
 use crate::source::{self, ReplicationConn, setup};
 
 struct Checklist {
@@ -457,12 +458,14 @@ pub async fn slot_drop(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `walnats snapshot TABLE...`: checks the tables and writes the request
-/// into the WAL, where the walnats streaming this slot finds it.
+/// `walnats snapshot TABLE...`: checks the tables, stores the request in
+/// the checkpoint bucket under a random nonce and writes the nonce into the
+/// WAL, where the walnats streaming this slot finds it.
 pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
-    let sql = source::connect_sql(&cfg.postgres.connect).await?;
+    let c = crate::pipeline::connect_both(cfg).await?;
+    let sql = &c.sql;
     let slot = &cfg.postgres.slot;
-    if setup::slot_state(&sql, slot).await?.is_none() {
+    if setup::slot_state(sql, slot).await?.is_none() {
         return Err(Error::new(
             Kind::Config,
             format!(
@@ -471,16 +474,31 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
             ),
         ));
     }
+    let Some(store) = c.existing_store(cfg).await? else {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "checkpoint bucket {:?} does not exist: start `walnats run` first",
+                cfg.nats.checkpoint_bucket
+            ),
+        ));
+    };
     let version: u32 = sql
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::int4",
+            &[],
+        )
         .await
         .map_err(|e| crate::event::relation::pg_query_err("reading the server version", e))?
         .get::<_, i32>(0)
         .try_into()
         .unwrap_or(0);
-    let (req, lsn) =
-        crate::snapshot::reread::request(&sql, &cfg.postgres.publication, slot, tables, version)
-            .await?;
+    let req = reread::resolve(sql, &cfg.postgres.publication, slot, tables, version).await?;
+    let body = serde_json::to_vec(&req)
+        .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
+    let nonce = reread::new_nonce()?;
+    store.save_request(&nonce, body.into()).await?;
+    let lsn = reread::announce(sql, &nonce).await?;
     let names: Vec<String> = req
         .tables
         .iter()

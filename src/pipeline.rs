@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::checkpoint::ledger::{Acked, Ledger, Meters};
 use crate::checkpoint::replay::Replay;
 use crate::checkpoint::{self, Checkpoint, Shape, Store, StoredReader};
-use crate::config::{Config, OversizePolicy, SnapshotMode};
+use crate::config::{self, Config, OversizePolicy, SnapshotMode};
 use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
@@ -79,7 +79,7 @@ pub async fn run(
         }
         let delay = if err.kind() == Kind::SlotInUse {
             if !standby {
-                info!(slot = %cfg.postgres.slot, "slot is in use by another walsender; standing by");
+                info!(slot = %cfg.postgres.slot, cause = %err, "slot is in use; standing by");
                 standby = true;
             }
             Duration::from_secs(1)
@@ -122,24 +122,70 @@ pub fn record_inside(end: Lsn) -> Lsn {
 /// snapshot reads before streaming starts): a session-level advisory lock
 /// on the SQL connection, released when the session's connection closes
 /// (or the process dies). A second walnats finds it taken and stands by.
-async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> {
-    let key = format!("walnats slot {slot}");
-    let got: bool = sql
-        .query_one(
-            "SELECT pg_catalog.pg_try_advisory_lock(hashtext($1))",
-            &[&key],
-        )
-        .await
-        .map_err(|e| crate::event::relation::pg_query_err("taking walnats' slot lock", e))?
-        .get(0);
-    if got {
-        Ok(())
-    } else {
-        Err(Error::new(
+///
+/// Any database user may take any advisory lock, and `pg_locks` shows
+/// every held key. So the key includes a secret kept in the checkpoint
+/// bucket, and a holder that is not walnats' own role is an impostor that
+/// saw the key: walnats makes a new secret and locks that instead. Every
+/// walnats of a slot reads the secret before it locks, so they all
+/// contend for the same key (they must run as the same role).
+async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str, store: &Store) -> Result<()> {
+    for _ in 0..3 {
+        let (secret, revision) = store.lock_secret().await?;
+        let key = format!("walnats slot {slot} {secret}");
+        let row = sql
+            .query_one(
+                "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended($1, 0)), \
+                 pg_catalog.hashtextextended($1, 0), current_user::text",
+                &[&key],
+            )
+            .await
+            .map_err(|e| crate::event::relation::pg_query_err("taking walnats' slot lock", e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        let (lock, me): (i64, String) = (row.get(1), row.get(2));
+        let holder = sql
+            .query_opt(
+                "SELECT l.pid, a.usename::text, a.application_name FROM pg_catalog.pg_locks l \
+                 JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                 AND ((l.classid::int8 << 32) | l.objid::int8) = $1 LIMIT 1",
+                &[&lock],
+            )
+            .await
+            .map_err(|e| {
+                crate::event::relation::pg_query_err("looking up who holds walnats' slot lock", e)
+            })?
+            .map(|r| {
+                (
+                    r.get::<_, i32>(0),
+                    r.get::<_, Option<String>>(1),
+                    r.get::<_, Option<String>>(2),
+                )
+            });
+        let (pid, user, app) = holder.unwrap_or((0, None, None));
+        let user = user.unwrap_or_default();
+        if user != me && pid != 0 {
+            warn!(%slot, pid, holder_user = %user, application_name = %app.unwrap_or_default(),
+                "walnats' slot lock is held by a session of another role, not a walnats: it saw the key in \
+                 pg_locks; taking a new secret key (end that session with pg_terminate_backend)");
+            store.rotate_lock_secret(revision).await?;
+            continue;
+        }
+        return Err(Error::new(
             Kind::SlotInUse,
-            format!("slot {slot:?} is held by another walnats (its advisory lock is taken)"),
-        ))
+            format!(
+                "slot {slot:?} is held by another walnats (its lock is taken by pid {pid}, user {user:?}, \
+                 application_name {:?})",
+                app.unwrap_or_default()
+            ),
+        ));
     }
+    Err(Error::new(
+        Kind::SlotInUse,
+        format!("slot {slot:?}: other roles keep taking walnats' lock; retrying"),
+    ))
 }
 
 /// 200 ms doubling to 30 s, with up to 25% jitter so that a fleet does not
@@ -313,8 +359,9 @@ struct Session {
     server_version_num: u32,
     window: Option<Window>,
     windows_opened: u64,
-    /// Tells this process's watermarks from a dead one's.
-    run_id: u64,
+    /// Tells this session's watermarks from a dead one's, and from any a
+    /// database user writes: 128 random bits, never guessable.
+    run_id: String,
 }
 
 /// The resume position must lie in the WAL that exists: a checkpoint past
@@ -520,7 +567,8 @@ async fn session(
     wal_watch: &Arc<WalWatch>,
 ) -> Result<Ended> {
     let c = connect_both(cfg).await?;
-    hold_slot_lock(&c.sql, &cfg.postgres.slot).await?;
+    let store = Arc::new(c.store(cfg).await?);
+    hold_slot_lock(&c.sql, &cfg.postgres.slot, &store).await?;
     setup::require_logical_wal(&c.sql).await?;
     setup::ensure_publication(&c.sql, &cfg.postgres).await?;
     sink::require_jetstream(&c.js).await?;
@@ -528,7 +576,6 @@ async fn session(
     if st.created {
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
-    let store = Arc::new(c.store(cfg).await?);
 
     let slot = &cfg.postgres.slot;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
@@ -649,6 +696,8 @@ async fn session(
     )
     .await?;
     info!(%slot, proto_version = version, "streaming");
+    let keep = shape.message_prefixes.clone();
+    conn.skip_unwanted_messages(Arc::new(move |p| config::publishes_message(&keep, p)));
 
     // Counting starts at the checkpoint: the replayed messages that are
     // already in the stream bring it up to `resume.last_seq`.
@@ -710,10 +759,7 @@ async fn session(
         server_version_num: conn_version,
         window: None,
         windows_opened: 0,
-        run_id: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
+        run_id: reread::new_nonce()?,
     };
     // Stops with the session.
     let _upkeep = upkeep::start(
@@ -920,6 +966,15 @@ impl Session {
                 Kind::PgConnect,
                 "PostgreSQL ended the replication stream",
             )),
+            ReplicationMessage::Skipped { wal_end, bytes } => {
+                // A large logical message nobody asked for, never read
+                // whole: like the small ones, not published or numbered.
+                self.received = self.received.max(wal_end);
+                self.last_data = Instant::now();
+                metrics::counter!(http::MESSAGES_IGNORED).increment(1);
+                debug!(bytes, %wal_end, "skipped a large logical message whose prefix is not in output.message_prefixes");
+                Ok(())
+            }
         }
     }
 
@@ -1078,10 +1133,20 @@ impl Session {
                     return Ok(());
                 }
                 if m.prefix == reread::REQUEST_PREFIX {
-                    self.on_request(&m.content, pos);
+                    self.on_request(&m.content, pos).await?;
                 } else {
                     self.on_watermark(&m.content, m.lsn).await?;
                 }
+            }
+            Message::LogicalMessage(m)
+                if !config::publishes_message(
+                    &self.shape.message_prefixes,
+                    m.prefix.as_bytes(),
+                ) =>
+            {
+                // Any database user can write one: only the prefixes asked
+                // for are published (and numbered, when transactional).
+                metrics::counter!(http::MESSAGES_IGNORED).increment(1);
             }
             Message::LogicalMessage(m) => {
                 let (pos, tx) = if m.transactional {
@@ -1155,24 +1220,40 @@ impl Session {
         .await
     }
 
-    fn on_request(&mut self, content: &[u8], pos: Position) {
-        let req: reread::Request = match serde_json::from_slice(content) {
+    /// A `walnats.snapshot` message: acted on only when it names a request
+    /// that `walnats snapshot` stored in the checkpoint bucket (writing to
+    /// the WAL is open to every database user; the bucket is not), for this
+    /// slot, with tables that still have the names they were asked by.
+    async fn on_request(&mut self, content: &[u8], pos: Position) -> Result<()> {
+        let ignore = |why: &str| {
+            metrics::counter!(http::MESSAGES_IGNORED).increment(1);
+            // Never the content: anyone may have written it.
+            warn!(lsn = %pos.commit_lsn, bytes = content.len(), "walnats.snapshot message ignored: {why}");
+            Ok(())
+        };
+        let Some(nonce) = reread::parse_nonce(content) else {
+            return ignore("it is not a request written by `walnats snapshot`");
+        };
+        let Some(body) = self.store.load_request(nonce).await? else {
+            return ignore("no request with its nonce in the checkpoint bucket");
+        };
+        let req: reread::Request = match serde_json::from_slice(&body) {
             Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "unreadable walnats.snapshot request in the WAL; ignored");
-                return;
-            }
+            Err(_) => return ignore("its request in the checkpoint bucket is unreadable"),
         };
         if req.slot != self.cfg.postgres.slot {
-            return;
+            return Ok(());
         }
-        self.ledger.push(
-            0,
-            Acked::Request {
-                pos,
-                targets: req.tables,
-            },
-        );
+        let mut targets = Vec::new();
+        for t in req.tables.into_iter().take(reread::MAX_TABLES) {
+            if reread::still_names(&self.sql, &t).await? {
+                targets.push(t);
+            } else {
+                warn!(schema = %t.schema, table = %t.table, "snapshot of table not started: it was dropped or renamed since it was requested");
+            }
+        }
+        self.ledger.push(0, Acked::Request { pos, targets });
+        Ok(())
     }
 
     /// Starts the next re-read chunk when none is under way and the queue

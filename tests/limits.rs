@@ -133,7 +133,10 @@ async fn claimed_object(world: &World<'_>, m: &Msg) -> (serde_json::Value, Vec<u
 #[tokio::test]
 async fn with_object_store_an_oversized_row_goes_to_the_bucket_and_a_claim_check_to_the_stream() {
     let world = world_with_small_payload().await;
-    let env = [("WALNATS_LIMITS_ON_OVERSIZE", "object_store")];
+    let env = [
+        ("WALNATS_LIMITS_ON_OVERSIZE", "object_store"),
+        ("WALNATS_OUTPUT_MESSAGE_PREFIXES", "blob"),
+    ];
     let mut w = world.spawn_with(&world.config(), &env);
     world.wait_streaming(&mut w).await;
     world.sql("INSERT INTO big VALUES (1, 'small')").await;

@@ -18,6 +18,7 @@ mod pg_connection;
 mod publishing;
 mod resume;
 mod secrets;
+mod security;
 mod snapshot;
 mod streaming;
 mod tail;

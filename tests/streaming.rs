@@ -19,7 +19,10 @@ async fn changes_carry_contract_subjects_headers_and_bodies(version: PgVersion) 
              CREATE TABLE nokey (v int);",
         )
         .await;
-    let mut w = world.spawn();
+    let mut w = world.spawn_with(
+        &world.config(),
+        &[("WALNATS_OUTPUT_MESSAGE_PREFIXES", "my.prefix,plain")],
+    );
     world.wait_streaming(&mut w).await;
     let big = "x".repeat(10_000);
     // One statement (one transaction) per call: a multi-statement string
@@ -390,7 +393,13 @@ async fn debezium_format_writes_debeziums_envelope_for_c_u_d_t() {
              ALTER TABLE audit REPLICA IDENTITY FULL;",
         )
         .await;
-    let mut w = world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_FORMAT", "debezium")]);
+    let mut w = world.spawn_with(
+        &world.config(),
+        &[
+            ("WALNATS_OUTPUT_FORMAT", "debezium"),
+            ("WALNATS_OUTPUT_MESSAGE_PREFIXES", "p"),
+        ],
+    );
     world.wait_streaming(&mut w).await;
     let big = "x".repeat(10_000);
     let before_ms = std::time::SystemTime::now()
@@ -585,7 +594,13 @@ async fn tx_markers_frame_each_transaction_with_counts_per_table() {
     world
         .sql("CREATE TABLE ta (id int PRIMARY KEY); CREATE TABLE tb (id int PRIMARY KEY)")
         .await;
-    let mut w = world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_TX_MARKERS", "true")]);
+    let mut w = world.spawn_with(
+        &world.config(),
+        &[
+            ("WALNATS_OUTPUT_TX_MARKERS", "true"),
+            ("WALNATS_OUTPUT_MESSAGE_PREFIXES", "p"),
+        ],
+    );
     world.wait_streaming(&mut w).await;
     world
         .sql("BEGIN; INSERT INTO ta VALUES (1), (2); INSERT INTO tb VALUES (3); SELECT pg_logical_emit_message(true, 'p', 'x'); COMMIT;")
@@ -638,7 +653,7 @@ async fn tx_markers_frame_each_transaction_with_counts_per_table() {
 async fn a_message_right_before_a_commit_loses_nothing() {
     let world = World::new(shared(PgVersion::V15)).await;
     world.sql("CREATE TABLE edge (id int PRIMARY KEY)").await;
-    let mut w = world.spawn();
+    let mut w = world.spawn_with(&world.config(), &[("WALNATS_OUTPUT_MESSAGE_PREFIXES", "*")]);
     world.wait_streaming(&mut w).await;
     for i in 0..20 {
         world

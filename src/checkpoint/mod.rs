@@ -55,6 +55,15 @@ pub struct Shape {
     /// Whether an oversized row is a message (object store), none (skip)
     /// or a stop.
     pub on_oversize: OversizePolicy,
+    /// Which `pg_logical_emit_message` prefixes are published (a
+    /// transactional one published takes a `Cdc-Seq`).
+    #[serde(default = "all_messages")]
+    pub message_prefixes: Vec<String>,
+}
+
+/// What walnats published before `output.message_prefixes` existed.
+fn all_messages() -> Vec<String> {
+    vec!["*".to_owned()]
 }
 
 impl Shape {
@@ -66,6 +75,7 @@ impl Shape {
             tx_markers: cfg.output.tx_markers,
             format: cfg.output.format,
             on_oversize: cfg.on_oversize,
+            message_prefixes: cfg.output.message_prefixes.clone(),
         }
     }
 
@@ -102,6 +112,12 @@ impl Shape {
                 self.on_oversize, to.on_oversize
             ));
         }
+        if self.message_prefixes != to.message_prefixes {
+            out.push(format!(
+                "output.message_prefixes {:?} -> {:?}",
+                self.message_prefixes, to.message_prefixes
+            ));
+        }
         out
     }
 }
@@ -113,6 +129,7 @@ impl Checkpoint {
     pub fn shape_or(&self, now: &Shape) -> Shape {
         self.shape.clone().unwrap_or_else(|| Shape {
             tx_markers: self.legacy_tx_markers,
+            message_prefixes: all_messages(),
             ..now.clone()
         })
     }
@@ -258,6 +275,64 @@ impl Store {
             .put(self.key.clone(), Bytes::from(body))
             .await
             .map_err(|e| kv_err("cannot write the checkpoint", e))?;
+        Ok(())
+    }
+
+    /// Where `walnats snapshot` leaves a request for the WAL message that
+    /// names `nonce`: only a holder of NATS credentials can write it, so a
+    /// database user who writes a `walnats.snapshot` message cannot steer
+    /// walnats.
+    fn request_key(&self, nonce: &str) -> String {
+        format!("{}.request.{nonce}", self.key)
+    }
+
+    pub async fn save_request(&self, nonce: &str, body: Bytes) -> Result<()> {
+        self.kv
+            .put(self.request_key(nonce), body)
+            .await
+            .map_err(|e| kv_err("cannot write the snapshot request", e))?;
+        Ok(())
+    }
+
+    /// The request `walnats snapshot` stored under `nonce`, if any.
+    pub async fn load_request(&self, nonce: &str) -> Result<Option<Bytes>> {
+        self.kv
+            .get(self.request_key(nonce))
+            .await
+            .map_err(|e| kv_err("cannot read a snapshot request", e))
+    }
+
+    /// The secret part of walnats' single-writer lock key, and its
+    /// revision: made on first use. Advisory lock keys show in `pg_locks`
+    /// to every database user, so one who saw the key could take it while
+    /// walnats is down; then walnats makes a new secret (see
+    /// [`Store::rotate_lock_secret`]) that only holders of its NATS
+    /// credentials can read.
+    pub async fn lock_secret(&self) -> Result<(String, u64)> {
+        let key = format!("{}.lock", self.key);
+        loop {
+            let entry = self
+                .kv
+                .entry(key.clone())
+                .await
+                .map_err(|e| kv_err("cannot read the lock secret", e))?;
+            if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                return Ok((String::from_utf8_lossy(&e.value).into_owned(), e.revision));
+            }
+            let secret = crate::snapshot::reread::new_nonce()?;
+            // Two walnats starting at once: one creates it, both read it.
+            if let Ok(revision) = self.kv.create(key.clone(), secret.clone().into()).await {
+                return Ok((secret, revision));
+            }
+        }
+    }
+
+    /// Replaces the lock secret at `revision` (if nobody else did already).
+    pub async fn rotate_lock_secret(&self, revision: u64) -> Result<()> {
+        let secret = crate::snapshot::reread::new_nonce()?;
+        let key = format!("{}.lock", self.key);
+        // Lost races are fine: someone else rotated it.
+        let _ = self.kv.update(key, secret.into(), revision).await;
         Ok(())
     }
 
@@ -698,6 +773,7 @@ mod tests {
             tx_markers: false,
             format: OutputFormat::Json,
             on_oversize: OversizePolicy::Fail,
+            message_prefixes: Vec::new(),
         };
         assert!(a.changes(&a).is_empty());
         let b = Shape {
@@ -725,6 +801,7 @@ mod tests {
             tx_markers: false,
             format: OutputFormat::Json,
             on_oversize: OversizePolicy::Fail,
+            message_prefixes: Vec::new(),
         };
         assert!(c.shape_or(&now).tx_markers);
         let back = serde_json::to_string(&Checkpoint {

@@ -113,6 +113,7 @@ struct RawSnapshot {
 struct RawOutput {
     format: Option<String>,
     tx_markers: Option<bool>,
+    message_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,7 +184,11 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
     ("snapshot", &[("mode", KeyType::Str)]),
     (
         "output",
-        &[("format", KeyType::Str), ("tx_markers", KeyType::Bool)],
+        &[
+            ("format", KeyType::Str),
+            ("tx_markers", KeyType::Bool),
+            ("message_prefixes", KeyType::StrList),
+        ],
     ),
     (
         "limits",
@@ -307,6 +312,23 @@ pub enum OutputFormat {
 pub struct OutputConfig {
     pub format: OutputFormat,
     pub tx_markers: bool,
+    /// `pg_logical_emit_message` prefixes published on `_message`
+    /// subjects; `"*"` publishes every one. Empty: none (any database user
+    /// can write such messages, so only those asked for are published).
+    pub message_prefixes: Vec<String>,
+}
+
+impl OutputConfig {
+    /// Whether `_message`s with this prefix are published.
+    pub fn publishes_message(&self, prefix: &[u8]) -> bool {
+        publishes_message(&self.message_prefixes, prefix)
+    }
+}
+
+/// Whether `prefix` is in `list` (`"*"`: every prefix). Exact, byte for
+/// byte: a prefix is an identifier, not a pattern.
+pub fn publishes_message(list: &[String], prefix: &[u8]) -> bool {
+    list.iter().any(|p| p == "*" || p.as_bytes() == prefix)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -764,6 +786,22 @@ impl RawConfig {
                 ));
             }
         };
+        let message_prefixes = self.output.message_prefixes.clone().unwrap_or_default();
+        if message_prefixes.iter().any(|p| p.is_empty()) {
+            return Err(config_err(
+                "output.message_prefixes has an empty entry: list the pg_logical_emit_message prefixes to \
+                 publish, or \"*\" for every one",
+            ));
+        }
+        if let Some(own) = message_prefixes
+            .iter()
+            .find(|p| p.starts_with("walnats.") && p.as_str() != "*")
+        {
+            return Err(config_err(format!(
+                "output.message_prefixes lists {own:?}: prefixes starting with \"walnats.\" are walnats' own \
+                 (heartbeats, snapshot requests, watermarks) and are never published; remove it"
+            )));
+        }
         let on_oversize = match self.limits.on_oversize.as_deref().unwrap_or("fail") {
             "fail" => OversizePolicy::Fail,
             "skip" => OversizePolicy::Skip,
@@ -841,6 +879,7 @@ impl RawConfig {
             output: OutputConfig {
                 format,
                 tx_markers: self.output.tx_markers.unwrap_or(false),
+                message_prefixes,
             },
             on_oversize,
             object_store_bucket,

@@ -39,6 +39,7 @@ pub const OVERSIZE_SKIPPED: &str = "walnats_oversize_skipped_total";
 pub const READY: &str = "walnats_ready";
 pub const OVERSIZE_STORED: &str = "walnats_oversize_stored_total";
 pub const SLOT_WAL_RETAINED: &str = "walnats_slot_wal_retained_bytes";
+pub const MESSAGES_IGNORED: &str = "walnats_messages_ignored_total";
 
 /// Whether a session is streaming right now.
 #[derive(Default)]
@@ -74,6 +75,11 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     metrics::describe_counter!(
         EVENTS_PUBLISHED,
         "change events acknowledged by JetStream, by table and op"
+    );
+    metrics::describe_counter!(
+        MESSAGES_IGNORED,
+        "pg_logical_emit_message messages not published: their prefix is not in output.message_prefixes, \
+         or a walnats control message that was malformed or not authorized"
     );
     metrics::describe_counter!(
         TRANSACTIONS,

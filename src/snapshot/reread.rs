@@ -1,12 +1,15 @@
 //! `walnats snapshot TABLE...`: re-reading tables while `run` streams, with
 //! DBLog's watermarks.
 //!
-//! The request travels through PostgreSQL: the command writes a
-//! non-transactional logical message (prefix `walnats.snapshot`, naming the
-//! slot and the tables) into the WAL, and the walnats streaming that slot
-//! finds it in its own stream, in order, whenever it gets there (also after
-//! a restart: the request is part of the WAL it replays). The queue lives in
-//! the checkpoint.
+//! The request travels through NATS and PostgreSQL: the command stores it
+//! (the slot and the tables) in walnats' checkpoint bucket under a random
+//! nonce, then writes a non-transactional logical message (prefix
+//! `walnats.snapshot`, the nonce alone) into the WAL. The walnats streaming
+//! that slot finds the message in its own stream, in order, whenever it gets
+//! there (also after a restart: the message is part of the WAL it replays),
+//! and acts only on a nonce whose request is in the bucket: any database
+//! user may write logical messages, but only holders of walnats' NATS
+//! credentials can ask for a snapshot. The queue lives in the checkpoint.
 //!
 //! Each chunk (up to 999 rows after the last primary key read):
 //!
@@ -45,7 +48,7 @@ pub fn is_own_message(prefix: &str) -> bool {
     prefix == REQUEST_PREFIX || prefix == WATERMARK_PREFIX
 }
 
-/// What `walnats snapshot` writes into the WAL.
+/// What `walnats snapshot` stores in the checkpoint bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub slot: String,
@@ -93,16 +96,53 @@ pub fn parse_watermark(content: &[u8]) -> Option<Watermark<'_>> {
     }
 }
 
+/// At most this many tables in one request.
+pub const MAX_TABLES: usize = 1000;
+
+/// A nonce: 32 lower-case hex digits (128 random bits).
+pub fn new_nonce() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| {
+        Error::new(
+            Kind::Io,
+            format!("no randomness from the OS for a nonce: {e}"),
+        )
+    })?;
+    let mut s = String::with_capacity(32);
+    for x in b {
+        s.push(char::from(b"0123456789abcdef"[usize::from(x >> 4)]));
+        s.push(char::from(b"0123456789abcdef"[usize::from(x & 15)]));
+    }
+    Ok(s)
+}
+
+/// The nonce a `walnats.snapshot` message carries, if it is one (anything
+/// else, such as a request written by hand, is not).
+pub fn parse_nonce(content: &[u8]) -> Option<&str> {
+    (content.len() == 32
+        && content
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    .then(|| std::str::from_utf8(content).ok())
+    .flatten()
+}
+
 /// Resolves `schema.table` names (or bare names, in `public`) against the
 /// publication; refuses a table that is not published or has no primary
-/// key. Then writes the request into the WAL.
-pub async fn request(
+/// key.
+pub async fn resolve(
     sql: &Client,
     publication: &str,
     slot: &str,
     names: &[String],
     server_version_num: u32,
-) -> Result<(Request, String)> {
+) -> Result<Request> {
+    if names.len() > MAX_TABLES {
+        return Err(Error::new(
+            Kind::Config,
+            format!("at most {MAX_TABLES} tables in one request"),
+        ));
+    }
     let mut tables = Vec::new();
     for name in names {
         let (schema, table) = match name.split_once('.') {
@@ -148,20 +188,40 @@ pub async fn request(
         }
         tables.push(Target { oid, schema, table });
     }
-    let req = Request {
+    Ok(Request {
         slot: slot.to_owned(),
         tables,
-    };
-    let body = serde_json::to_string(&req)
-        .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
+    })
+}
+
+/// Writes the message that points at the request stored under `nonce`
+/// into the WAL; returns its LSN.
+pub async fn announce(sql: &Client, nonce: &str) -> Result<String> {
     let row = sql
         .query_one(
             "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text",
-            &[&REQUEST_PREFIX, &body],
+            &[&REQUEST_PREFIX, &nonce],
         )
         .await
         .map_err(|e| pg_query_err("writing the snapshot request into the WAL", e))?;
-    Ok((req, row.get(0)))
+    Ok(row.get(0))
+}
+
+/// Whether `t` still names the table it was resolved to (an OID can be
+/// reused by another table once the first is dropped).
+pub async fn still_names(sql: &Client, t: &Target) -> Result<bool> {
+    let oid = i64::from(t.oid);
+    let rows = sql
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| pg_query_err("checking a requested table", e))?;
+    Ok(rows
+        .first()
+        .is_some_and(|r| r.get::<_, String>(0) == t.schema && r.get::<_, String>(1) == t.table))
 }
 
 /// Low watermark, the chunk, high watermark: in that order, on `sql`.
@@ -319,4 +379,20 @@ pub fn settle(cp: &mut crate::checkpoint::Checkpoint, last_seq: u64) -> Result<u
     let seq = cp.stream_seq + p.messages;
     apply(cp, &p, seq);
     Ok(extra - p.messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_well_formed_nonce_is_one() {
+        let n = new_nonce().unwrap();
+        assert_eq!(parse_nonce(n.as_bytes()), Some(n.as_str()));
+        assert_ne!(new_nonce().unwrap(), n);
+        assert_eq!(parse_nonce(br#"{"slot":"walnats","tables":[]}"#), None);
+        assert_eq!(parse_nonce(&[b'a'; 31]), None);
+        assert_eq!(parse_nonce(&[b'A'; 32]), None);
+        assert_eq!(parse_nonce(&[b'a'; 1_500_000]), None);
+    }
 }

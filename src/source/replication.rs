@@ -35,6 +35,18 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
 
 const READ_CHUNK: usize = 256 * 1024;
 const MAX_FRAME: usize = 1 << 30;
+/// A frame larger than this is looked at before it is read whole: a
+/// logical message that nobody asked for (any database user can write one
+/// of up to 1 GB) is skipped without ever being held in memory.
+const LOOK_FIRST: usize = 1 << 20;
+/// How far into a logical message its prefix is looked for; a longer one
+/// is nobody's.
+const MAX_PREFIX: usize = 64 * 1024;
+/// The internal tag of a frame skipped by the message filter.
+const SKIPPED: u8 = 0;
+
+/// Which `pg_logical_emit_message` prefixes the reader keeps whole.
+pub type MessageFilter = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 /// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -56,6 +68,9 @@ pub enum ReplicationMessage {
     },
     /// The server ended the COPY stream.
     CopyDone,
+    /// A large logical message with a prefix the filter refuses, skipped
+    /// unread; `wal_end` as in its XLogData header.
+    Skipped { wal_end: Lsn, bytes: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +165,28 @@ pub struct ReplicationConn {
     server_version_num: u32,
     cfg: PgConnectConfig,
     params: Vec<(String, String)>,
+    /// Large logical messages whose prefix this refuses are skipped.
+    keep_message: Option<MessageFilter>,
+    /// Bytes of a skipped frame still to be read and dropped.
+    discard: usize,
+}
+
+/// For the first bytes of a CopyData body (its kind byte on): whether it is
+/// an XLogData carrying a logical message whose prefix `keep` refuses;
+/// `None` until enough bytes are there to tell.
+fn unwanted_message(body: &[u8], keep: &dyn Fn(&[u8]) -> bool) -> Option<bool> {
+    // 'w', wal_start, wal_end, send_time; then pgoutput's 'M', flags, lsn.
+    const PREFIX_AT: usize = 1 + 24 + 1 + 1 + 8;
+    let head = body.get(..PREFIX_AT)?;
+    if head.first() != Some(&b'w') || head.get(25) != Some(&b'M') {
+        return Some(false);
+    }
+    let rest = body.get(PREFIX_AT..).unwrap_or_default();
+    match rest.iter().take(MAX_PREFIX).position(|&b| b == 0) {
+        Some(n) => Some(!keep(rest.get(..n).unwrap_or_default())),
+        None if rest.len() >= MAX_PREFIX => Some(true),
+        None => None,
+    }
 }
 
 /// One backend message: its tag and body (without the length).
@@ -236,6 +273,8 @@ impl ReplicationConn {
             server_version_num: 0,
             cfg: cfg.clone(),
             params: Vec::new(),
+            keep_message: None,
+            discard: 0,
         };
         conn.startup().await?;
         conn.verify_session()?;
@@ -452,6 +491,12 @@ impl ReplicationConn {
         })
     }
 
+    /// From now on a logical message larger than 1 MiB whose prefix `keep`
+    /// refuses is skipped as it arrives, never held whole.
+    pub fn skip_unwanted_messages(&mut self, keep: MessageFilter) {
+        self.keep_message = Some(keep);
+    }
+
     pub fn server_version_num(&self) -> u32 {
         self.server_version_num
     }
@@ -475,6 +520,28 @@ impl ReplicationConn {
             return Err(proto(format!("frame length {len} out of range")));
         }
         if self.buf.len() < 1 + len {
+            if tag == b'd'
+                && len > LOOK_FIRST
+                && let Some(keep) = &self.keep_message
+            {
+                match unwanted_message(self.buf.get(5..).unwrap_or_default(), keep.as_ref()) {
+                    // Wait for the prefix before making room for the frame.
+                    None => return Ok(None),
+                    Some(true) => {
+                        // Its wal_end and size, for the session.
+                        let mut body = BytesMut::with_capacity(16);
+                        body.put_slice(self.buf.get(14..22).unwrap_or_default());
+                        body.put_u64(len as u64);
+                        self.discard = 1 + len - self.buf.len();
+                        self.buf.clear();
+                        return Ok(Some(Frame {
+                            tag: SKIPPED,
+                            body: body.freeze(),
+                        }));
+                    }
+                    Some(false) => {}
+                }
+            }
             self.buf.reserve(1 + len - self.buf.len());
             return Ok(None);
         }
@@ -486,7 +553,14 @@ impl ReplicationConn {
     /// Cancel-safe: bytes read are kept in `buf` across cancellations.
     async fn read_frame(&mut self) -> Result<Frame> {
         loop {
-            if let Some(f) = self.take_frame()? {
+            if self.discard > 0 {
+                let n = self.discard.min(self.buf.len());
+                self.buf.advance(n);
+                self.discard -= n;
+            }
+            if self.discard == 0
+                && let Some(f) = self.take_frame()?
+            {
                 return Ok(f);
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
@@ -693,6 +767,12 @@ impl ReplicationConn {
                 // A logical walsender that shuts down ends the COPY with
                 // CopyDone, or straight away with CommandComplete.
                 b'c' | b'C' | b'Z' => return Ok(ReplicationMessage::CopyDone),
+                SKIPPED => {
+                    let mut b = f.body;
+                    let wal_end = Lsn::from_u64(get_u64(&mut b)?);
+                    let bytes = usize::try_from(get_u64(&mut b)?).unwrap_or(usize::MAX);
+                    return Ok(ReplicationMessage::Skipped { wal_end, bytes });
+                }
                 b'N' | b'S' => {}
                 b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
                 other => {
@@ -781,5 +861,38 @@ mod tests {
         assert_eq!(e.message, "must be superuser");
         let truncated = parse_error(Bytes::from_static(b"C4250"));
         assert_eq!(truncated.code, "");
+    }
+
+    fn message_frame(prefix: &[u8], content: usize) -> Vec<u8> {
+        let mut b = vec![b'w'];
+        b.extend_from_slice(&[0; 24]);
+        b.push(b'M');
+        b.push(0);
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(prefix);
+        b.push(0);
+        b.extend_from_slice(&(content as u32).to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_message_nobody_asked_for_is_told_from_its_first_bytes() {
+        let keep = |p: &[u8]| p == b"wanted";
+        let wanted = message_frame(b"wanted", 10);
+        assert_eq!(unwanted_message(&wanted, &keep), Some(false));
+        let other = message_frame(b"other", 10);
+        assert_eq!(unwanted_message(&other, &keep), Some(true));
+        // Not enough bytes yet to see the prefix's end.
+        assert_eq!(unwanted_message(&other[..30], &keep), None);
+        assert_eq!(unwanted_message(&other[..38], &keep), None);
+        // A row change is never skipped.
+        let mut insert = other.clone();
+        insert[25] = b'I';
+        assert_eq!(unwanted_message(&insert, &keep), Some(false));
+        // A prefix without an end within 64 KiB is nobody's.
+        let mut long = message_frame(b"", 0);
+        long.truncate(35);
+        long.extend(std::iter::repeat_n(b'x', MAX_PREFIX));
+        assert_eq!(unwanted_message(&long, &keep), Some(true));
     }
 }
