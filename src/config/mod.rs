@@ -793,14 +793,11 @@ impl RawConfig {
                  publish, or \"*\" for every one",
             ));
         }
-        if let Some(own) = message_prefixes
-            .iter()
-            .find(|p| p.starts_with("walnats.") && p.as_str() != "*")
-        {
-            return Err(config_err(format!(
-                "output.message_prefixes lists {own:?}: prefixes starting with \"walnats.\" are walnats' own \
-                 (heartbeats, snapshot requests, watermarks) and are never published; remove it"
-            )));
+        if message_prefixes.iter().any(|p| p.starts_with("walnats.")) {
+            return Err(config_err(
+                "output.message_prefixes lists a prefix starting with \"walnats.\": those are walnats' own \
+                 (heartbeats, snapshot requests, watermarks) and are never published; remove it",
+            ));
         }
         let on_oversize = match self.limits.on_oversize.as_deref().unwrap_or("fail") {
             "fail" => OversizePolicy::Fail,
