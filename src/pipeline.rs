@@ -278,6 +278,9 @@ pub async fn connect_nats_only(
 
 type WriteFuture = Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>;
 
+/// Keys a re-read window remembers before it gives up on its chunk.
+const MAX_WINDOW_KEYS: usize = 100_000;
+
 /// The re-read chunk between its watermarks.
 struct Window {
     id: String,
@@ -1192,6 +1195,7 @@ impl Session {
         let rel = Arc::clone(self.cache.get(oid)?);
         if let Some(w) = self.window.as_mut()
             && w.open
+            && !w.unknown
             && w.oid == oid.0
         {
             let old = old.as_ref().map(|o| match o {
@@ -1207,6 +1211,15 @@ impl Session {
             }
             if op == Op::Delete && old.is_none() {
                 w.unknown = true;
+            }
+            // A window held open long (a transaction in progress at its
+            // low watermark that does not end) must not grow without
+            // bound: past this many keys the chunk is read again instead.
+            if w.changed.len() > MAX_WINDOW_KEYS {
+                w.unknown = true;
+            }
+            if w.unknown {
+                w.changed = Default::default();
             }
         }
         let (pos, tx) = self.next_pos(op.as_str(), Some(&rel))?;

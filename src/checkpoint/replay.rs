@@ -29,17 +29,6 @@ pub struct Stored {
     pub msg_id: Option<String>,
 }
 
-/// Where a replayed message goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
-    /// At or before the checkpoint: gone without a trace.
-    Drop,
-    /// In the stream already, at this sequence (compared, or deleted there).
-    Stored(u64),
-    /// New: publish it.
-    Publish,
-}
-
 #[derive(Debug, Clone)]
 pub struct Replay {
     /// Changes at or before this were published in an earlier session.
@@ -121,16 +110,6 @@ impl Replay {
     /// published before.
     pub fn is_begun(&self, commit: Lsn) -> bool {
         self.is_through(Position::new(commit, 0)) || self.begun == Some(commit)
-    }
-
-    /// Decides a replayed message's fate without comparing: `Drop` when
-    /// `through` covers it, otherwise whether the range still has room.
-    pub fn fate(&self, pos: Option<Position>) -> Fate {
-        match pos {
-            Some(p) if self.is_through(p) => Fate::Drop,
-            _ if self.proven() => Fate::Publish,
-            _ => Fate::Stored(self.next),
-        }
     }
 
     /// The replayed message (`subject`, `msg_id`) takes the range's next
@@ -220,15 +199,16 @@ mod tests {
         let r = Replay::new(Some(pos(100, 3)), None, Lsn::ZERO, 7, 7);
         assert!(r.proven());
         assert_eq!(r.pending(), 0);
-        assert_eq!(r.fate(Some(pos(100, 3))), Fate::Drop);
-        assert_eq!(r.fate(Some(pos(100, 4))), Fate::Publish);
-        assert_eq!(r.fate(None), Fate::Publish);
+        assert!(r.is_through(pos(100, 3)));
+        assert!(!r.is_through(pos(100, 4)));
+        assert_eq!(r.next_seq(), None);
     }
 
     #[test]
     fn every_message_of_the_range_is_compared_in_order() {
         let mut r = Replay::new(Some(pos(100, 0)), None, Lsn::ZERO, 10, 12);
-        assert_eq!(r.fate(Some(pos(100, 1))), Fate::Stored(11));
+        assert!(!r.is_through(pos(100, 1)));
+        assert_eq!(r.next_seq(), Some(11));
         let a = stored(11, "p.s.t.insert", Some("db:s:0/64:1"));
         assert_eq!(
             r.check("p.s.t.insert", "db:s:0/64:1", Some(&a)).ok(),
@@ -242,7 +222,7 @@ mod tests {
         );
         assert!(r.proven());
         assert_eq!(r.counts(), (2, 0));
-        assert_eq!(r.fate(Some(pos(100, 3))), Fate::Publish);
+        assert_eq!(r.next_seq(), None);
     }
 
     #[test]

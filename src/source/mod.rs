@@ -1,8 +1,10 @@
 //! The PostgreSQL side: the replication connection (startup, auth, TLS,
-//! CopyBoth framing, keepalives, standby status), the SQL connection, and
-//! publication/slot state, heartbeats and the slot's retained WAL. It never decodes pgoutput and never decides
-//! what may be confirmed.
+//! CopyBoth framing, keepalives, standby status), the SQL connection, the
+//! authentication policy both follow, and publication/slot state,
+//! heartbeats and the slot's retained WAL. It never decodes pgoutput and
+//! never decides what may be confirmed.
 
+pub mod auth;
 pub mod pgconfig;
 pub mod replication;
 pub mod setup;

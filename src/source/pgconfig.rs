@@ -4,6 +4,14 @@
 //! &application_name=...&connect_timeout=...`. Unknown query parameters are
 //! refused (a typo in `sslmode` must not silently mean "no TLS"). The
 //! password is a [`Secret`] and never appears in errors or logs.
+//!
+//! The sslmode is settled here, once: without one, `sslrootcert` means
+//! `verify-full` (a CA given is a CA meant to be checked) and no
+//! `sslrootcert` means `prefer`; `require` with `sslrootcert` checks the
+//! chain as `verify-ca` does (as libpq does); `verify-ca` without
+//! `sslrootcert` is refused, since any certificate a public CA issued for
+//! any name would pass it; and so are `disable` and `prefer` with
+//! `sslrootcert`, which would ignore it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +26,26 @@ pub enum SslMode {
     Require,
     VerifyCa,
     VerifyFull,
+}
+
+impl SslMode {
+    /// As written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// TLS is on and the server's certificate is checked against a CA:
+    /// only then may a password (or its MD5 equivalent) be sent, because
+    /// only then is the server known to be the one meant.
+    pub fn verifies_server(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +101,7 @@ impl PgConnectConfig {
             .then(|| pct_decode(u.username()))
             .transpose()?;
         let mut url_password = u.password().map(pct_decode).transpose()?;
-        let mut sslmode = SslMode::Prefer;
+        let mut sslmode = None;
         let mut sslrootcert = None;
         let mut application_name = "walnats".to_owned();
         let mut connect_timeout = Duration::from_secs(10);
@@ -85,7 +113,7 @@ impl PgConnectConfig {
             let v = v.into_owned();
             match k.as_ref() {
                 "sslmode" => {
-                    sslmode = match v.as_str() {
+                    sslmode = Some(match v.as_str() {
                         "disable" => SslMode::Disable,
                         "allow" | "prefer" => SslMode::Prefer,
                         "require" => SslMode::Require,
@@ -96,7 +124,7 @@ impl PgConnectConfig {
                                 "sslmode is unknown: use disable, prefer, require, verify-ca or verify-full",
                             ));
                         }
-                    }
+                    })
                 }
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(v)),
                 "application_name" => application_name = v,
@@ -127,6 +155,26 @@ impl PgConnectConfig {
             ));
         }
         let user = user.unwrap_or_else(|| "postgres".to_owned());
+        let sslmode = match (sslmode, &sslrootcert) {
+            (None, Some(_)) => SslMode::VerifyFull,
+            (None, None) => SslMode::Prefer,
+            (Some(SslMode::Require), Some(_)) => SslMode::VerifyCa,
+            (Some(SslMode::VerifyCa), None) => {
+                return Err(bad(
+                    "sslmode=verify-ca needs sslrootcert (the CA that signed the server's certificate): \
+                     checked against the public CAs, any certificate issued for any name would pass; \
+                     set sslrootcert, or use sslmode=verify-full",
+                ));
+            }
+            (Some(mode @ (SslMode::Disable | SslMode::Prefer)), Some(_)) => {
+                return Err(bad(format!(
+                    "sslmode={} never checks the server's certificate, so sslrootcert would be ignored: \
+                     use sslmode=verify-full (or leave sslmode out), or drop sslrootcert",
+                    mode.as_str()
+                )));
+            }
+            (Some(mode), _) => mode,
+        };
         Ok(PgConnectConfig {
             dbname: dbname.unwrap_or_else(|| user.clone()),
             host,
@@ -174,6 +222,30 @@ mod tests {
         assert_eq!(d.password.as_ref().map(Secret::expose), Some("s"));
         let ip6 = PgConnectConfig::parse("postgres://u@[::1]:5/d", None).unwrap();
         assert_eq!(ip6.host, "::1");
+    }
+
+    #[test]
+    fn a_root_certificate_means_verification() {
+        let mode = |q: &str| {
+            PgConnectConfig::parse(&format!("postgres://u@h/d?{q}"), None).map(|c| c.sslmode)
+        };
+        assert_eq!(mode("").unwrap(), SslMode::Prefer);
+        assert_eq!(mode("sslrootcert=/ca.pem").unwrap(), SslMode::VerifyFull);
+        assert_eq!(
+            mode("sslmode=require&sslrootcert=/ca.pem").unwrap(),
+            SslMode::VerifyCa
+        );
+        assert_eq!(mode("sslmode=require").unwrap(), SslMode::Require);
+        for contradiction in ["sslmode=prefer", "sslmode=disable"] {
+            let e = mode(&format!("{contradiction}&sslrootcert=/ca.pem")).unwrap_err();
+            assert_eq!(e.kind(), Kind::Config);
+        }
+        assert_eq!(mode("sslmode=verify-full").unwrap(), SslMode::VerifyFull);
+        let e = mode("sslmode=verify-ca").unwrap_err();
+        assert_eq!(e.kind(), Kind::Config);
+        assert!(e.to_string().contains("sslrootcert"), "{e}");
+        assert!(!SslMode::Require.verifies_server());
+        assert!(SslMode::VerifyCa.verifies_server());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! itself: postgres-protocol builds the startup, password and SASL
 //! messages and computes MD5/SCRAM; framing of backend messages is ours
 //! because CopyBothResponse ('W') is not something its parser accepts.
+//! Which requests are answered is `auth`'s policy; SCRAM is bound to the
+//! TLS certificate (SCRAM-SHA-256-PLUS) whenever the server offers it, and
+//! AuthenticationOk counts only after the server's SCRAM signature.
 //! Reads go into one `BytesMut` in 256 KiB chunks and many frames are
 //! drained per read; an XLogData payload is a zero-copy slice of it.
 //! Every frame length is checked before use: bad bytes are errors.
@@ -17,6 +20,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::auth::{self, PasswordRequest};
 use super::pgconfig::{PgConnectConfig, SslMode};
 use super::tls;
 use crate::error::{Error, Kind, Result};
@@ -148,6 +152,7 @@ pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
         "42704" => (Kind::PgSetup, "the replication slot or publication does not exist".to_owned()),
         "53300" => (Kind::PgConnect, "PostgreSQL has no free connection or walsender slot (max_connections / max_wal_senders)".to_owned()),
         "57P01" | "57P02" | "57P03" => (Kind::PgConnect, "PostgreSQL is shutting down or starting up".to_owned()),
+        "08P01" if e.message.contains("channel binding") => return auth::channel_binding_refused(cfg),
         c if c.starts_with("08") => (Kind::PgConnect, "PostgreSQL connection failure".to_owned()),
         "55000" if e.message.contains("wal_level") => (
             Kind::PgSetup,
@@ -158,8 +163,27 @@ pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
     Error::with_source(kind, what, e)
 }
 
+/// What TLS gave the connection.
+struct Transport {
+    io: Box<dyn Io>,
+    tls: bool,
+    /// The `tls-server-end-point` channel binding, when TLS is on and the
+    /// certificate's signature names a hash.
+    end_point: Option<Vec<u8>>,
+}
+
+/// Where SCRAM stands: AuthenticationOk counts only once the server's
+/// signature has been verified.
+enum Scram {
+    NotStarted,
+    Started(Box<ScramSha256>),
+    Verified,
+}
+
 pub struct ReplicationConn {
     io: Box<dyn Io>,
+    tls: bool,
+    end_point: Option<Vec<u8>>,
     buf: BytesMut,
     out: BytesMut,
     server_version_num: u32,
@@ -238,36 +262,44 @@ fn get_i64(b: &mut Bytes) -> Result<i64> {
     Ok(b.get_i64())
 }
 
+/// TCP to the server, within `connect_timeout`; both connections start so.
+pub(super) async fn connect_tcp(cfg: &PgConnectConfig) -> Result<TcpStream> {
+    let tcp = tokio::time::timeout(
+        cfg.connect_timeout,
+        TcpStream::connect((cfg.host.as_str(), cfg.port)),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            Kind::PgConnect,
+            format!(
+                "PostgreSQL at {}:{} did not answer within {:?}",
+                cfg.host, cfg.port, cfg.connect_timeout
+            ),
+        )
+    })?
+    .map_err(|e| {
+        Error::with_source(
+            Kind::PgConnect,
+            format!(
+                "cannot connect to PostgreSQL at {}:{}: is it running and listening there?",
+                cfg.host, cfg.port
+            ),
+            e,
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
 impl ReplicationConn {
     pub async fn connect(cfg: &PgConnectConfig) -> Result<ReplicationConn> {
-        let tcp = tokio::time::timeout(
-            cfg.connect_timeout,
-            TcpStream::connect((cfg.host.as_str(), cfg.port)),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                Kind::PgConnect,
-                format!(
-                    "PostgreSQL at {}:{} did not answer within {:?}",
-                    cfg.host, cfg.port, cfg.connect_timeout
-                ),
-            )
-        })?
-        .map_err(|e| {
-            Error::with_source(
-                Kind::PgConnect,
-                format!(
-                    "cannot connect to PostgreSQL at {}:{}: is it running and listening there?",
-                    cfg.host, cfg.port
-                ),
-                e,
-            )
-        })?;
-        let _ = tcp.set_nodelay(true);
-        let io = Self::maybe_tls(tcp, cfg).await?;
+        let tcp = connect_tcp(cfg).await?;
+        let Transport { io, tls, end_point } = Self::maybe_tls(tcp, cfg).await?;
         let mut conn = ReplicationConn {
             io,
+            tls,
+            end_point,
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: BytesMut::with_capacity(1024),
             server_version_num: 0,
@@ -281,9 +313,14 @@ impl ReplicationConn {
         Ok(conn)
     }
 
-    async fn maybe_tls(mut tcp: TcpStream, cfg: &PgConnectConfig) -> Result<Box<dyn Io>> {
+    async fn maybe_tls(mut tcp: TcpStream, cfg: &PgConnectConfig) -> Result<Transport> {
+        let plain = |tcp: TcpStream| Transport {
+            io: Box::new(tcp),
+            tls: false,
+            end_point: None,
+        };
         let Some(config) = tls::client_config(cfg)? else {
-            return Ok(Box::new(tcp));
+            return Ok(plain(tcp));
         };
         // SSLRequest: length 8, code 80877103.
         tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
@@ -300,15 +337,25 @@ impl ReplicationConn {
                     Error::with_source(
                         Kind::PgSetup,
                         format!(
-                            "TLS with PostgreSQL at {} failed (sslmode {:?}): check sslrootcert and that the certificate names the host",
-                            cfg.host, cfg.sslmode
+                            "TLS with PostgreSQL at {} failed (sslmode={}): check sslrootcert and that the certificate names the host",
+                            cfg.host, cfg.sslmode.as_str()
                         ),
                         e,
                     )
                 })?;
-                Ok(Box::new(stream))
+                let end_point = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|cert| tls::tls_server_end_point(cert));
+                Ok(Transport {
+                    io: Box::new(stream),
+                    tls: true,
+                    end_point,
+                })
             }
-            b'N' if cfg.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
+            b'N' if cfg.sslmode == SslMode::Prefer => Ok(plain(tcp)),
             b'N' => Err(Error::new(
                 Kind::PgSetup,
                 format!(
@@ -332,7 +379,7 @@ impl ReplicationConn {
         frontend::startup_message(params.iter().copied(), &mut self.out)
             .map_err(|e| io_err("encoding startup", e))?;
         self.flush_out().await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram = Scram::NotStarted;
         loop {
             let f = self.read_frame().await?;
             match f.tag {
@@ -342,8 +389,14 @@ impl ReplicationConn {
                         return Err(proto("short authentication message"));
                     }
                     match b.get_i32() {
-                        0 => {}
+                        0 => {
+                            if matches!(scram, Scram::Started(_)) {
+                                return Err(auth::Refusal::ScramUnproven.error(&self.cfg));
+                            }
+                        }
                         3 => {
+                            auth::may_send(&self.cfg, PasswordRequest::Cleartext, self.tls)
+                                .map_err(|r| r.error(&self.cfg))?;
                             let pw = self.password()?;
                             self.out.clear();
                             frontend::password_message(pw.as_bytes(), &mut self.out)
@@ -351,6 +404,8 @@ impl ReplicationConn {
                             self.flush_out().await?;
                         }
                         5 => {
+                            auth::may_send(&self.cfg, PasswordRequest::Md5, self.tls)
+                                .map_err(|r| r.error(&self.cfg))?;
                             if b.len() < 4 {
                                 return Err(proto("short MD5 salt"));
                             }
@@ -371,47 +426,34 @@ impl ReplicationConn {
                             while b.first().is_some_and(|&c| c != 0) {
                                 mechs.push(cstr(&mut b)?);
                             }
-                            if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
-                                return Err(Error::new(
-                                    Kind::PgAuth,
-                                    format!(
-                                        "PostgreSQL offers SASL mechanisms {mechs:?}; walnats supports SCRAM-SHA-256"
-                                    ),
-                                ));
-                            }
-                            let s = ScramSha256::new(
-                                self.password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
+                            let (mechanism, binding) = self.choose_sasl(&mechs)?;
+                            let s = ScramSha256::new(self.password()?.as_bytes(), binding);
                             self.out.clear();
-                            frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
-                                s.message(),
-                                &mut self.out,
-                            )
-                            .map_err(|e| io_err("encoding SASL", e))?;
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)
+                                .map_err(|e| io_err("encoding SASL", e))?;
                             self.flush_out().await?;
-                            scram = Some(s);
+                            scram = Scram::Started(Box::new(s));
                         }
                         11 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| proto("SASL continue without SASL start"))?;
-                            s.update(&b).map_err(|e| {
-                                Error::with_source(Kind::PgAuth, "SCRAM exchange failed", e)
-                            })?;
+                            let Scram::Started(s) = &mut scram else {
+                                return Err(proto("SASL continue without SASL start"));
+                            };
+                            s.update(&b)
+                                .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
                             self.out.clear();
                             frontend::sasl_response(s.message(), &mut self.out)
                                 .map_err(|e| io_err("encoding SASL", e))?;
                             self.flush_out().await?;
                         }
                         12 => {
-                            let mut s = scram
-                                .take()
-                                .ok_or_else(|| proto("SASL final without SASL start"))?;
-                            s.finish(&b).map_err(|e| {
-                                Error::with_source(Kind::PgAuth, "the server's SCRAM signature is wrong: is this the right server?", e)
-                            })?;
+                            let Scram::Started(mut s) =
+                                std::mem::replace(&mut scram, Scram::NotStarted)
+                            else {
+                                return Err(proto("SASL final without SASL start"));
+                            };
+                            s.finish(&b)
+                                .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
+                            scram = Scram::Verified;
                         }
                         other => {
                             return Err(Error::new(
@@ -442,6 +484,30 @@ impl ReplicationConn {
                     )));
                 }
             }
+        }
+    }
+
+    /// SCRAM-SHA-256-PLUS, bound to the certificate, when the server offers
+    /// it over TLS; else SCRAM-SHA-256, telling the server (over TLS) that
+    /// walnats could bind, so that a server that can bind too sees a
+    /// downgrade.
+    fn choose_sasl(&self, mechs: &[String]) -> Result<(&'static str, ChannelBinding)> {
+        let offers = |m: &str| mechs.iter().any(|x| x == m);
+        match &self.end_point {
+            Some(hash) if offers("SCRAM-SHA-256-PLUS") => Ok((
+                "SCRAM-SHA-256-PLUS",
+                ChannelBinding::tls_server_end_point(hash.clone()),
+            )),
+            Some(_) if offers("SCRAM-SHA-256") => {
+                Ok(("SCRAM-SHA-256", ChannelBinding::unrequested()))
+            }
+            None if offers("SCRAM-SHA-256") => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
+            _ => Err(Error::new(
+                Kind::PgAuth,
+                format!(
+                    "PostgreSQL offers SASL mechanisms {mechs:?}; walnats supports SCRAM-SHA-256, and SCRAM-SHA-256-PLUS over TLS"
+                ),
+            )),
         }
     }
 

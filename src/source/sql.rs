@@ -1,10 +1,28 @@
-//! The SQL connection (tokio-postgres) with the same TLS modes and session
-//! settings as the replication connection.
+//! The SQL connection (tokio-postgres) with the same TLS modes, session
+//! settings and authentication policy as the replication connection.
+//!
+//! tokio-postgres answers whatever the server asks for, so walnats hands
+//! it a socket (and, with TLS, a TLS stream) that reads the server's
+//! authentication requests first, through `auth::AuthWatch`: a request the
+//! policy refuses ends the connection before tokio-postgres could answer
+//! it. TLS is rustls, as on the replication connection, with the same
+//! `tls-server-end-point` channel binding, which tokio-postgres uses for
+//! SCRAM-SHA-256-PLUS; tokio-postgres itself requires the server's SCRAM
+//! final message and checks its signature.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_postgres::config::SslMode as TpSslMode;
+use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
+use super::auth::{self, AuthWatch, Refusal};
 use super::pgconfig::{PgConnectConfig, SslMode};
-use super::replication::SESSION_SETTINGS;
+use super::replication::{SESSION_SETTINGS, connect_tcp};
 use super::tls;
 use crate::error::{Error, Kind, Result};
 
@@ -29,16 +47,29 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
         SslMode::Prefer => TpSslMode::Prefer,
         _ => TpSslMode::Require,
     });
-    let result = match tls::client_config(cfg)? {
-        Some(tls_config) => {
-            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
-            c.connect(connector).await.map(|(client, conn)| {
+    let tls_config = tls::client_config(cfg)?;
+    let tcp = connect_tcp(cfg).await?;
+    // As tokio-postgres did when it opened the socket itself.
+    let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
+    // Every mode but disable sends SSLRequest first.
+    let socket = Watched {
+        inner: tcp,
+        watch: AuthWatch::new(cfg, tls_config.is_some(), false),
+    };
+    let result = match tls_config {
+        Some(config) => {
+            let tls = Tls {
+                connector: tokio_rustls::TlsConnector::from(config),
+                name: tls::server_name(&cfg.host)?,
+                watch: AuthWatch::new(cfg, false, true),
+            };
+            c.connect_raw(socket, tls).await.map(|(client, conn)| {
                 spawn_connection(conn);
                 client
             })
         }
         None => c
-            .connect(tokio_postgres::NoTls)
+            .connect_raw(socket, tokio_postgres::NoTls)
             .await
             .map(|(client, conn)| {
                 spawn_connection(conn);
@@ -46,6 +77,90 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
             }),
     };
     result.map_err(|e| map_connect_error(e, cfg))
+}
+
+/// A stream whose incoming bytes pass `watch` before the reader sees them.
+struct Watched<S> {
+    inner: S,
+    watch: AuthWatch,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let fresh = buf.filled().get(before..).unwrap_or_default();
+        if let Err(refusal) = this.watch.feed(fresh) {
+            // The request never reaches tokio-postgres.
+            buf.set_filled(before);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                refusal,
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type TlsOverTcp = tokio_rustls::client::TlsStream<Watched<TcpStream>>;
+
+impl TlsStream for Watched<TlsOverTcp> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.inner
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| tls::tls_server_end_point(cert))
+            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+    }
+}
+
+/// The TLS handshake tokio-postgres asks for after the server's 'S'; what
+/// comes out of TLS is watched in turn.
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+    watch: AuthWatch,
+}
+
+impl TlsConnect<Watched<TcpStream>> for Tls {
+    type Stream = Watched<TlsOverTcp>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>>;
+
+    fn connect(self, stream: Watched<TcpStream>) -> Self::Future {
+        Box::pin(async move {
+            let inner = self.connector.connect(self.name, stream).await?;
+            Ok(Watched {
+                inner,
+                watch: self.watch,
+            })
+        })
+    }
 }
 
 fn spawn_connection<F>(conn: F)
@@ -67,7 +182,26 @@ where
     ));
 }
 
+/// The policy's refusal, if that is what ended the connection.
+fn refusal(e: &tokio_postgres::Error) -> Option<Refusal> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let inner = s
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<Refusal>());
+        if let Some(r) = inner.or_else(|| s.downcast_ref::<Refusal>()) {
+            return Some(*r);
+        }
+        source = s.source();
+    }
+    None
+}
+
 fn map_connect_error(e: tokio_postgres::Error, cfg: &PgConnectConfig) -> Error {
+    if let Some(r) = refusal(&e) {
+        return r.error(cfg);
+    }
     if let Some(db) = e.as_db_error() {
         let se = super::replication::ServerError {
             code: db.code().code().to_owned(),
@@ -78,6 +212,16 @@ fn map_connect_error(e: tokio_postgres::Error, cfg: &PgConnectConfig) -> Error {
         return super::replication::server_error(se, cfg);
     }
     let text = e.to_string();
+    // tokio-postgres checks the server's SCRAM messages; one that fails
+    // says the server does not know the password. (Its Display leaves the
+    // cause out.)
+    if text.starts_with("authentication error")
+        && let Some(why) = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .filter(|why| why.contains("SCRAM"))
+    {
+        return auth::scram_failed(cfg, &why);
+    }
     let kind = if text.contains("password") {
         Kind::PgAuth
     } else {

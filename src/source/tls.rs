@@ -1,9 +1,13 @@
-//! TLS to PostgreSQL with rustls, for each `sslmode`.
+//! TLS to PostgreSQL with rustls, for each `sslmode`, and the
+//! `tls-server-end-point` channel binding of a connection.
 //!
-//! `require` encrypts without checking the certificate (as libpq does),
-//! `verify-ca` checks the chain against `sslrootcert` (or the webpki roots)
-//! but not the host name, `verify-full` checks both. The ring provider is
-//! named explicitly: nothing depends on a process-wide default.
+//! `prefer` and `require` encrypt without checking the certificate (as
+//! libpq does; `pgconfig` turns `require` with `sslrootcert` into
+//! `verify-ca`), `verify-ca` checks the chain against `sslrootcert` but not
+//! the host name, `verify-full` checks both (against `sslrootcert`, or the
+//! webpki roots). What an unchecked certificate may be trusted with is
+//! `auth`'s decision, not this module's. The ring provider is named
+//! explicitly: nothing depends on a process-wide default.
 
 use std::sync::Arc;
 
@@ -196,4 +200,66 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>> {
             e,
         )
     })
+}
+
+/// The `tls-server-end-point` channel binding (RFC 5929) of the server's
+/// certificate: its hash with the hash function of its signature
+/// algorithm, SHA-256 for MD5 and SHA-1. `None` when the algorithm names
+/// no hash (Ed25519) or is unknown: SCRAM then goes without channel
+/// binding, as PostgreSQL itself cannot bind such a certificate.
+pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    use x509_cert::der::oid::db::rfc5912::{
+        ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, ID_SHA_1, ID_SHA_256,
+        ID_SHA_384, ID_SHA_512, SHA_1_WITH_RSA_ENCRYPTION, SHA_256_WITH_RSA_ENCRYPTION,
+        SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
+    };
+    let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
+    match cert.signature_algorithm.oid {
+        ID_SHA_1
+        | ID_SHA_256
+        | SHA_1_WITH_RSA_ENCRYPTION
+        | SHA_256_WITH_RSA_ENCRYPTION
+        | ECDSA_WITH_SHA_256 => Some(sha2::Sha256::digest(cert_der).to_vec()),
+        ID_SHA_384 | SHA_384_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_384 => {
+            Some(sha2::Sha384::digest(cert_der).to_vec())
+        }
+        ID_SHA_512 | SHA_512_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_512 => {
+            Some(sha2::Sha512::digest(cert_der).to_vec())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_point_hash_follows_the_signature_algorithm() {
+        use sha2::Digest;
+        for (alg, len) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, 32),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, 48),
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let hash = tls_server_end_point(cert.der()).unwrap();
+            assert_eq!(hash.len(), len);
+            if len == 32 {
+                assert_eq!(hash, sha2::Sha256::digest(cert.der()).to_vec());
+            }
+        }
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(tls_server_end_point(cert.der()), None);
+        assert_eq!(tls_server_end_point(b"not a certificate"), None);
+    }
 }
