@@ -5,8 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{NatsServer, PgVersion, WalnatsProc};
-use crate::support::{World, shared, walnats_bin};
+use crate::harness::{NatsServer, PgVersion, WalnatsProc, wait_until};
+use crate::support::{STREAM, World, read_stream, shared, walnats_bin};
 
 const PG_PASSWORD: &str = "pg-s3cret-pw";
 const TOKEN: &str = "nats-s3cret-token";
@@ -88,4 +88,139 @@ async fn no_output_of_any_command_contains_a_secret() {
             "`{what}` printed the NATS token:\n{out}"
         );
     }
+}
+
+/// A config mistake names the key, the line and what was expected, and
+/// never echoes the value: a secret on the wrong line would show.
+#[test]
+fn config_errors_name_the_key_and_line_never_the_value() {
+    const PW: &str = "pw-s3cret-in-a-mistake";
+    let head = "[postgres]\nurl = \"postgres://walnats@127.0.0.1:1/app\"\n";
+    let cases: Vec<(String, &[&str])> = vec![
+        // A TOML syntax error on the password's line: an unterminated string.
+        (
+            format!("{head}password = \"{PW}\n"),
+            &["line 3", "postgres.password"],
+        ),
+        // Unquoted.
+        (
+            format!("{head}password = {PW}\n"),
+            &["line 3", "postgres.password"],
+        ),
+        // Something after the value.
+        (
+            format!("{head}password = \"{PW}\" {PW}\n"),
+            &["line 3", "postgres.password"],
+        ),
+        // A whole number where a string belongs.
+        (
+            format!("{head}password = 12345678\n"),
+            &["line 3", "postgres.password", "a string"],
+        ),
+        (
+            format!("{head}[nats]\nuser = \"u\"\npassword = 12345678.5\n"),
+            &["line 5", "nats.password", "a string"],
+        ),
+        (
+            format!("{head}[nats]\ntoken = [\"{PW}\"]\n"),
+            &["line 4", "nats.token", "a string"],
+        ),
+        (
+            format!("{head}[http]\ntoken = {{ t = \"{PW}\" }}\n"),
+            &["line 4", "http.token", "a string"],
+        ),
+        (
+            "[postgres]\nurl = 12345678\n".to_owned(),
+            &["line 2", "postgres.url", "a string"],
+        ),
+    ];
+    for (config, wants) in cases {
+        let (code, out) = run(&["check"], &config);
+        assert_eq!(code, 2, "{config}\n{out}");
+        for secret in [PW, "12345678"] {
+            assert!(
+                !out.contains(secret),
+                "the error echoes the value:\n{config}\n{out}"
+            );
+        }
+        for want in wants {
+            assert!(out.contains(want), "{want:?} missing:\n{config}\n{out}");
+        }
+    }
+}
+
+/// Credentials in nats.url reach neither the log (async-nats logs the
+/// server address at debug) nor any output, and still authenticate.
+#[tokio::test]
+async fn a_password_in_the_nats_url_never_shows_even_at_debug() {
+    const NATS_PW: &str = "nats-url-s3cret-pw";
+    let mut world = World::new(shared(PgVersion::V15)).await;
+    world.nats = NatsServer::start_with(Some(&format!(
+        "authorization {{ user: \"walnats\", password: \"{NATS_PW}\" }}\n"
+    )))
+    .await;
+    world.sql("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let url = world
+        .nats
+        .url()
+        .replace("nats://", &format!("nats://walnats:{NATS_PW}@"));
+    let config = world.config().replace(&world.nats.url(), &url);
+    assert!(config.contains(NATS_PW));
+    let mut outputs = Vec::new();
+    for args in [&["check"][..], &["status"][..]] {
+        let (_, out) = run(args, &config);
+        outputs.push((args.join(" "), out));
+    }
+    let mut w = WalnatsProc::spawn(
+        walnats_bin(),
+        &["run"],
+        &config,
+        &[("WALNATS_LOG", "debug")],
+    );
+    for (what, out) in &outputs {
+        assert!(
+            !out.contains(NATS_PW),
+            "`{what}` printed the NATS password:\n{out}"
+        );
+    }
+    world.wait_streaming(&mut w).await;
+    world.sql("INSERT INTO t VALUES (1)").await;
+    // The URL's credentials authenticated: the change is in the stream.
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::with_user_and_password("walnats".into(), NATS_PW.into())
+            .connect(world.nats.url())
+            .await
+            .unwrap(),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the insert in the stream",
+        || async {
+            read_stream(&js, STREAM)
+                .await
+                .iter()
+                .any(|m| m.subject.ends_with(".t.insert"))
+        },
+    )
+    .await;
+    w.sigterm();
+    assert!(
+        w.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        w.output()
+    );
+    let out = w.output();
+    assert!(
+        !out.contains(NATS_PW),
+        "`run` printed the NATS password:\n{out}"
+    );
+    // The same password in the URL and in nats.password: one place only.
+    let both = config.replace(
+        "[nats]\n",
+        &format!("[nats]\nuser = \"walnats\"\npassword = \"{NATS_PW}\"\n"),
+    );
+    let (code, out) = run(&["check"], &both);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("nats.url"), "{out}");
+    assert!(!out.contains(NATS_PW), "{out}");
 }

@@ -119,10 +119,10 @@ impl PgConnectConfig {
                         "require" => SslMode::Require,
                         "verify-ca" => SslMode::VerifyCa,
                         "verify-full" => SslMode::VerifyFull,
-                        other => {
-                            return Err(bad(format!(
-                                "sslmode={other} is unknown: use disable, prefer, require, verify-ca or verify-full"
-                            )));
+                        _ => {
+                            return Err(bad(
+                                "sslmode is unknown: use disable, prefer, require, verify-ca or verify-full",
+                            ));
                         }
                     })
                 }

@@ -3,8 +3,15 @@
 //! Owns the metric names and the readiness flag. It only reads: a request
 //! never changes what walnats streams. `/readyz` is 200 only while a session
 //! streams with both PostgreSQL and NATS connected; `/status` gathers the
-//! same figures as `walnats status --json` (it opens its own connections,
-//! so keep scrapes of it infrequent; `/metrics` is cheap).
+//! same figures as `walnats status --json`, from a cache that one refresh
+//! at a time fills (`status`). Whoever reaches the port is untrusted: the
+//! accept loop caps connections and times them out (`server`), `http.token`
+//! guards all but the probes (`auth`), and no answer names a host, a user
+//! or a database.
+
+mod auth;
+mod server;
+mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -133,7 +140,7 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
-    cfg: Arc<Config>,
+    status: Arc<status::StatusCache>,
 }
 
 /// Binds `addr` and serves in a background task; fails at once when the
@@ -151,22 +158,43 @@ pub async fn serve(
             e,
         )
     })?;
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/status", get(status))
+        .route("/status", get(status_handler))
         .with_state(AppState {
             metrics,
             health,
-            cfg,
+            status: Arc::new(status::StatusCache::new(Arc::clone(&cfg))),
         });
-    tracing::info!(%addr, "HTTP listening (/metrics, /healthz, /readyz, /status)");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    // On the whole router, so that a path added later (and the 404 of an
+    // unknown one) is guarded too.
+    if let Some(token) = &cfg.http_token {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            auth::Token::new(token),
+            auth::require,
+        ));
+    }
+    let auth = if cfg.http_token.is_some() {
+        "bearer token (http.token) on all but /healthz and /readyz"
+    } else {
+        "none"
+    };
+    tracing::info!(%addr, auth, "HTTP listening (/metrics, /healthz, /readyz, /status)");
+    if cfg.http_token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "http.listen is not a loopback address and http.token is not set: whoever reaches \
+             it reads /metrics and /status (table names, slot, stream); set http.token, or \
+             restrict who reaches the port"
+        );
+    }
+    // (Named tasks need tokio_unstable; the span names it in logs.)
+    tokio::spawn(tracing::Instrument::instrument(
+        server::accept_loop(listener, app),
+        tracing::info_span!("http", %addr),
+    ));
     Ok(())
 }
 
@@ -189,12 +217,20 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn status(State(s): State<AppState>) -> Response {
-    match crate::admin::gather_status(&s.cfg).await {
-        Ok(st) => axum::Json(st).into_response(),
-        Err(e) => (
+async fn status_handler(State(s): State<AppState>) -> Response {
+    match s.status.get().await {
+        status::Answer::Ok(json) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        // What failed and where is in the log; the client learns the kind.
+        status::Answer::Unavailable(kind) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"error": e.to_string(), "kind": e.kind().name()})),
+            axum::Json(serde_json::json!({
+                "error": "the status cannot be gathered now: see walnats' log",
+                "kind": kind.name(),
+            })),
         )
             .into_response(),
     }

@@ -6,6 +6,8 @@
 //! line naming the key and the fix. Secrets are wrapped in [`Secret`] so
 //! that no `Debug` or `Display` can print them.
 
+mod file;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -126,6 +128,8 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
 }
 
 /// The type of each key, so that an environment override is read as what
@@ -194,7 +198,14 @@ const KEYS: &[(&str, &[(&str, KeyType)])] = &[
             ("wal_retained_warn", KeyType::Str),
         ],
     ),
-    ("http", &[("listen", KeyType::Str)]),
+    (
+        "http",
+        &[
+            ("listen", KeyType::Str),
+            ("token", KeyType::Str),
+            ("token_file", KeyType::Str),
+        ],
+    ),
 ];
 
 // ------------------------------------------------------------ typed config
@@ -213,6 +224,9 @@ pub struct Config {
     pub wal_retained_warn: Option<u64>,
     /// `None` when `[http] listen = ""`.
     pub http_listen: Option<SocketAddr>,
+    /// From `http.token`, `http.token_file` or `WALNATS_HTTP_TOKEN`: when
+    /// set, every HTTP endpoint but `/healthz` and `/readyz` asks for it.
+    pub http_token: Option<Secret>,
     /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
     pub env_ignored: Vec<String>,
 }
@@ -351,19 +365,21 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-            config_err(format!(
-                "{origin}: {}",
-                e.to_string().lines().collect::<Vec<_>>().join(" ")
-            ))
-        })?;
+        let mut table = file::parse(text, origin)?;
         let env_ignored = apply_env(&mut table, env)?;
+        // The file's types are checked by now and the environment's are
+        // made to fit: what is left is a number out of range. serde's own
+        // message would repeat the value.
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
+                let ty = KEYS.iter().find_map(|(section, keys)| {
+                    let key = path.strip_prefix(section)?.strip_prefix('.')?;
+                    keys.iter().find(|(k, _)| *k == key).map(|(_, ty)| *ty)
+                });
+                let what = ty.map_or("see config/walnats.example.toml", file::expected);
                 config_err(format!(
-                    "{origin}: key {path}: {}; see config/walnats.example.toml for every key",
-                    e.inner().message()
+                    "{origin}: {path} must be {what}, in range (the value is not shown: it may be a secret)"
                 ))
             })?;
         let mut config = raw.validate()?;
@@ -454,6 +470,61 @@ fn one_secret(inline: Option<Secret>, file: Option<PathBuf>, key: &str) -> Resul
     }
 }
 
+/// Checks `nats.url` and takes credentials out of it: async-nats would
+/// ignore them and logs the server's URL at debug. `user:password@` becomes
+/// user and password, `token@` a token, as other NATS clients read them.
+fn split_nats_credentials(urls: &Secret) -> Result<(Secret, Option<NatsAuth>)> {
+    let not_a_url = || {
+        config_err("nats.url is not a NATS URL: use nats://host:4222 (several separated by commas)")
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|d| d.into_owned())
+            .map_err(|_| {
+                config_err("nats.url: its credentials are not valid percent-encoded UTF-8")
+            })
+    };
+    let mut auth: Option<NatsAuth> = None;
+    let mut clean = Vec::new();
+    for part in urls.expose().split(',') {
+        let part = part.trim();
+        let with_scheme = if part.contains("://") {
+            part.to_owned()
+        } else {
+            format!("nats://{part}")
+        };
+        let mut u = url::Url::parse(&with_scheme).map_err(|_| not_a_url())?;
+        if !matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") || u.host().is_none() {
+            return Err(not_a_url());
+        }
+        if u.username().is_empty() && u.password().is_none() {
+            clean.push(part.to_owned());
+            continue;
+        }
+        let user = decode(u.username())?;
+        let here = match u.password() {
+            Some(p) => NatsAuth::UserPassword {
+                user,
+                password: Secret::new(decode(p)?),
+            },
+            None => NatsAuth::Token(Secret::new(user)),
+        };
+        if auth.as_ref().is_some_and(|a| *a != here) {
+            return Err(config_err(
+                "nats.url: its URLs carry different credentials: give them once, as nats.user + \
+                 nats.password (or nats.token), and leave them out of the URLs",
+            ));
+        }
+        auth = Some(here);
+        if u.set_username("").is_err() || u.set_password(None).is_err() {
+            return Err(not_a_url());
+        }
+        clean.push(u.to_string());
+    }
+    Ok((Secret::new(clean.join(",")), auth))
+}
+
 /// A replication slot name: PostgreSQL allows lower-case letters, digits and
 /// underscores, at most 63 bytes.
 fn valid_slot_name(s: &str) -> bool {
@@ -536,10 +607,10 @@ fn parse_table_selector(s: &str) -> Result<TableSelector> {
     // Quoted identifiers are not supported here: names with dots would be
     // ambiguous; such tables are selected through a publication made by hand.
     let err = || {
-        config_err(format!(
-            "postgres.tables: {s:?} is not \"schema.table\" or \"schema.*\"; \
-             for names with dots or quotes create the publication yourself and leave tables empty"
-        ))
+        config_err(
+            "postgres.tables: an entry is not \"schema.table\" or \"schema.*\"; \
+             for names with dots or quotes create the publication yourself and leave tables empty",
+        )
     };
     let (schema, table) = s.split_once('.').ok_or_else(err)?;
     if schema.is_empty() || table.is_empty() || table.contains('.') || schema == "*" {
@@ -567,9 +638,9 @@ impl RawConfig {
         }
         let slot = pg.slot.unwrap_or_else(|| "walnats".to_owned());
         if !valid_slot_name(&slot) {
-            return Err(config_err(format!(
-                "postgres.slot {slot:?} is not a valid slot name: use lower-case letters, digits and _ (at most 63)"
-            )));
+            return Err(config_err(
+                "postgres.slot is not a valid slot name: use lower-case letters, digits and _ (at most 63)",
+            ));
         }
         let publication = pg.publication.unwrap_or_else(|| "walnats".to_owned());
         if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
@@ -605,37 +676,20 @@ impl RawConfig {
         let nats_url = n
             .url
             .unwrap_or_else(|| Secret::new("nats://127.0.0.1:4222"));
-        for part in nats_url.expose().split(',') {
-            let part = part.trim();
-            let with_scheme = if part.contains("://") {
-                part.to_owned()
-            } else {
-                format!("nats://{part}")
-            };
-            match url::Url::parse(&with_scheme) {
-                Ok(u)
-                    if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss")
-                        && u.host().is_some() => {}
-                _ => {
-                    return Err(config_err(
-                        "nats.url is not a NATS URL: use nats://host:4222 (several separated by commas)",
-                    ));
-                }
-            }
-        }
+        let (nats_url, url_auth) = split_nats_credentials(&nats_url)?;
         if let Some(s) = &n.stream
             && !valid_stream_name(s)
         {
-            return Err(config_err(format!(
-                "nats.stream {s:?} is not a valid stream name: no spaces, dots, '*', '>', '/' or '\\'"
-            )));
+            return Err(config_err(
+                "nats.stream is not a valid stream name: no spaces, dots, '*', '>', '/' or '\\'",
+            ));
         }
         if let Some(p) = &n.subject_prefix
             && !valid_subject_prefix(p)
         {
-            return Err(config_err(format!(
-                "nats.subject_prefix {p:?} is not a subject of literal tokens: no wildcards, spaces or empty tokens"
-            )));
+            return Err(config_err(
+                "nats.subject_prefix is not a subject of literal tokens: no wildcards, spaces or empty tokens",
+            ));
         }
         let replicas = n.replicas.unwrap_or(1);
         if !(1..=5).contains(&replicas) {
@@ -661,10 +715,10 @@ impl RawConfig {
             "auto" => FastIngest::Auto,
             "on" => FastIngest::On,
             "off" => FastIngest::Off,
-            other => {
-                return Err(config_err(format!(
-                    "nats.fast_ingest {other:?} is unknown: use \"auto\", \"on\" or \"off\""
-                )));
+            _ => {
+                return Err(config_err(
+                    "nats.fast_ingest is unknown: use \"auto\", \"on\" or \"off\"",
+                ));
             }
         };
         let token = one_secret(n.token, n.token_file, "nats.token")?;
@@ -689,6 +743,15 @@ impl RawConfig {
                 ));
             }
         }
+        if let Some(auth) = url_auth {
+            if !methods.is_empty() {
+                return Err(config_err(
+                    "nats.url holds credentials (user:password@ or token@) and another NATS auth method \
+                     is set: keep one, preferably nats.user + nats.password_file (or nats.token_file)",
+                ));
+            }
+            methods.push(auth);
+        }
         if methods.len() > 1 {
             return Err(config_err(
                 "more than one NATS auth method is set (creds_file, nkey, token, user+password): keep one",
@@ -708,19 +771,19 @@ impl RawConfig {
         let snapshot = match self.snapshot.mode.as_deref().unwrap_or("initial") {
             "initial" => SnapshotMode::Initial,
             "never" => SnapshotMode::Never,
-            other => {
-                return Err(config_err(format!(
-                    "snapshot.mode {other:?} is unknown: use \"initial\" or \"never\""
-                )));
+            _ => {
+                return Err(config_err(
+                    "snapshot.mode is unknown: use \"initial\" or \"never\"",
+                ));
             }
         };
         let format = match self.output.format.as_deref().unwrap_or("json") {
             "json" => OutputFormat::Json,
             "debezium" => OutputFormat::Debezium,
-            other => {
-                return Err(config_err(format!(
-                    "output.format {other:?} is unknown: use \"json\" or \"debezium\""
-                )));
+            _ => {
+                return Err(config_err(
+                    "output.format is unknown: use \"json\" or \"debezium\"",
+                ));
             }
         };
         let message_prefixes = self.output.message_prefixes.clone().unwrap_or_default();
@@ -730,23 +793,20 @@ impl RawConfig {
                  publish, or \"*\" for every one",
             ));
         }
-        if let Some(own) = message_prefixes
-            .iter()
-            .find(|p| p.starts_with("walnats.") && p.as_str() != "*")
-        {
-            return Err(config_err(format!(
-                "output.message_prefixes lists {own:?}: prefixes starting with \"walnats.\" are walnats' own \
-                 (heartbeats, snapshot requests, watermarks) and are never published; remove it"
-            )));
+        if message_prefixes.iter().any(|p| p.starts_with("walnats.")) {
+            return Err(config_err(
+                "output.message_prefixes lists a prefix starting with \"walnats.\": those are walnats' own \
+                 (heartbeats, snapshot requests, watermarks) and are never published; remove it",
+            ));
         }
         let on_oversize = match self.limits.on_oversize.as_deref().unwrap_or("fail") {
             "fail" => OversizePolicy::Fail,
             "skip" => OversizePolicy::Skip,
             "object_store" => OversizePolicy::ObjectStore,
-            other => {
-                return Err(config_err(format!(
-                    "limits.on_oversize {other:?} is unknown: use \"fail\", \"skip\" or \"object_store\""
-                )));
+            _ => {
+                return Err(config_err(
+                    "limits.on_oversize is unknown: use \"fail\", \"skip\" or \"object_store\"",
+                ));
             }
         };
         let object_store_bucket = self
@@ -770,11 +830,22 @@ impl RawConfig {
         let http_listen = match self.http.listen.as_deref().unwrap_or("127.0.0.1:9750") {
             "" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|_| {
-                config_err(format!(
-                    "http.listen {s:?} is not an address:port like 127.0.0.1:9750 (\"\" turns HTTP off)"
-                ))
+                config_err(
+                    "http.listen is not an address:port like 127.0.0.1:9750 (\"\" turns HTTP off)",
+                )
             })?),
         };
+
+        let http_token = one_secret(self.http.token, self.http.token_file, "http.token")?;
+        if let Some(t) = &http_token
+            && (t.expose().is_empty() || !t.expose().bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(config_err(
+                "http.token must be printable ASCII without spaces (it travels in an \
+                 Authorization header), and not empty: e.g. 32 random characters from \
+                 `openssl rand -hex 32`; remove it to leave HTTP open",
+            ));
+        }
 
         Ok(Config {
             postgres: PostgresConfig {
@@ -811,6 +882,7 @@ impl RawConfig {
             object_store_bucket,
             wal_retained_warn,
             http_listen,
+            http_token,
             env_ignored: Vec::new(),
         })
     }
@@ -1041,7 +1113,7 @@ mod tests {
 
     #[test]
     fn the_example_config_loads_and_documents_every_key() {
-        let text = include_str!("../config/walnats.example.toml");
+        let text = include_str!("../../config/walnats.example.toml");
         let c = load(text, &[]).unwrap();
         assert_eq!(c.postgres.heartbeat_interval, Some(Duration::from_secs(30)));
         for (section, keys) in KEYS {
@@ -1052,6 +1124,77 @@ mod tests {
                     "{section}.{key} is not in config/walnats.example.toml"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_http_token_comes_from_the_file_the_key_or_the_environment() {
+        assert!(load(MIN, &[]).unwrap().http_token.is_none());
+        let c = load(MIN, &[("WALNATS_HTTP_TOKEN", "from-env")]).unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-env")));
+        let c = load(&format!("{MIN}[http]\ntoken = \"from-key\"\n"), &[]).unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-key")));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let c = load(
+            &format!(
+                "{MIN}[http]\ntoken_file = {:?}\n",
+                file.display().to_string()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.http_token, Some(Secret::new("from-file")));
+        for (env, want) in [
+            (&[("WALNATS_HTTP_TOKEN", "")][..], "http.token"),
+            (&[("WALNATS_HTTP_TOKEN", "has space")][..], "http.token"),
+            (
+                &[
+                    ("WALNATS_HTTP_TOKEN", "a"),
+                    ("WALNATS_HTTP_TOKEN_FILE", "/x"),
+                ][..],
+                "http.token",
+            ),
+        ] {
+            let err = load(MIN, env).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("has space"), "{err}");
+        }
+        assert!(!format!("{c:?}").contains("from-file"));
+    }
+
+    #[test]
+    fn credentials_leave_the_nats_url_for_connect_options() {
+        let c = load(
+            MIN,
+            &[(
+                "WALNATS_NATS_URL",
+                "nats://bob:p%40ss@a:4222, nats://bob:p%40ss@b:4222,c:4222",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.nats.url.expose(), "nats://a:4222,nats://b:4222,c:4222");
+        assert_eq!(
+            c.nats.auth,
+            NatsAuth::UserPassword {
+                user: "bob".into(),
+                password: Secret::new("p@ss")
+            }
+        );
+        let c = load(MIN, &[("WALNATS_NATS_URL", "tls://t0k3n@a:4222")]).unwrap();
+        assert_eq!(c.nats.url.expose(), "tls://a:4222");
+        assert_eq!(c.nats.auth, NatsAuth::Token(Secret::new("t0k3n")));
+        for env in [
+            &[("WALNATS_NATS_URL", "nats://u:pw-one@a,nats://u:pw-two@b")][..],
+            &[
+                ("WALNATS_NATS_URL", "nats://u:pw-one@a"),
+                ("WALNATS_NATS_TOKEN", "pw-two"),
+            ][..],
+        ] {
+            let err = load(MIN, env).unwrap_err().to_string();
+            assert!(err.contains("nats.url"), "{err}");
+            assert!(!err.contains("pw-one") && !err.contains("pw-two"), "{err}");
         }
     }
 
