@@ -472,7 +472,10 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
         ));
     }
     let version: u32 = sql
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::int4",
+            &[],
+        )
         .await
         .map_err(|e| crate::event::relation::pg_query_err("reading the server version", e))?
         .get::<_, i32>(0)

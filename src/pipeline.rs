@@ -126,7 +126,7 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str) -> Result<()> 
     let key = format!("walnats slot {slot}");
     let got: bool = sql
         .query_one(
-            "SELECT pg_catalog.pg_try_advisory_lock(hashtext($1))",
+            "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext($1))",
             &[&key],
         )
         .await

@@ -89,7 +89,7 @@ pub async fn plan(
     };
     let q = format!(
         "SELECT n.nspname::text, c.relname::text, c.relreplident::text, {attnames}, {rowfilter}, \
-                (pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::int8) \
+                (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int8) \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname \
          WHERE c.oid = $1::int8::oid AND pt.pubname = $2"
@@ -125,7 +125,7 @@ pub async fn plan(
                         WHEN 'd' THEN a.attnum = ANY(pk.indkey::int2[]) \
                         WHEN 'i' THEN a.attnum = ANY(ri.indkey::int2[]) \
                         ELSE false END, false), \
-                    COALESCE(array_position(pk.indkey::int2[], a.attnum) - array_lower(pk.indkey::int2[], 1) + 1, 0)::int4, \
+                    COALESCE(pg_catalog.array_position(pk.indkey::int2[], a.attnum) - pg_catalog.array_lower(pk.indkey::int2[], 1) + 1, 0)::int4, \
                     pg_catalog.format_type(a.atttypid, a.atttypmod) \
              FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
              LEFT JOIN pg_catalog.pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
@@ -256,7 +256,10 @@ pub async fn read_chunk(
                     .zip(&plan.pk)
                     .map(|(v, (_, ty))| format!("{}::{ty}", literal(v)))
                     .collect();
-                format!(" AND ({order}) > ({})", lits.join(", "))
+                format!(
+                    " AND ({order}) OPERATOR(pg_catalog.>) ({})",
+                    lits.join(", ")
+                )
             }
             Cursor::Start => String::new(),
             other => {
@@ -285,7 +288,9 @@ pub async fn read_chunk(
         let end = start + PAGES_PER_CHUNK;
         (
             format!(
-                "SELECT {} FROM {} WHERE {filter} AND ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid",
+                "SELECT {} FROM {} WHERE {filter} \
+                 AND ctid OPERATOR(pg_catalog.>=) '({start},0)'::pg_catalog.tid \
+                 AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid",
                 plan.select, plan.qualified
             ),
             Some(end),

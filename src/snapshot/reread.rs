@@ -196,7 +196,7 @@ pub async fn read_window(
     while !running.is_empty() {
         let row = sql
             .query_one(
-                "SELECT count(*) FROM unnest($1::text[]) x \
+                "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::text[]) x \
                  WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
                 &[&running],
             )

@@ -1,10 +1,10 @@
 //! The SQL connection (tokio-postgres) with the same TLS modes and session
-//! settings as the replication connection.
+//! settings as the replication connection, checked once connected.
 
 use tokio_postgres::config::SslMode as TpSslMode;
 
 use super::pgconfig::{PgConnectConfig, SslMode};
-use super::replication::SESSION_SETTINGS;
+use super::replication::{SEARCH_PATH, SESSION_SETTINGS};
 use super::tls;
 use crate::error::{Error, Kind, Result};
 
@@ -45,7 +45,35 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
                 client
             }),
     };
-    result.map_err(|e| map_connect_error(e, cfg))
+    let client = result.map_err(|e| map_connect_error(e, cfg))?;
+    verify_session(&client).await?;
+    Ok(client)
+}
+
+/// The setting that keeps other roles' code from running as walnats' role
+/// must be in force: something between walnats and PostgreSQL (a pooler)
+/// may drop or reset the startup packet's options.
+async fn verify_session(client: &tokio_postgres::Client) -> Result<()> {
+    let rows = client
+        .simple_query("SELECT pg_catalog.current_setting('search_path')")
+        .await
+        .map_err(|e| crate::event::relation::pg_query_err("reading the session settings", e))?;
+    let row = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    let search_path = row.and_then(|r| r.get(0)).unwrap_or("");
+    if search_path.replace(' ', "") == SEARCH_PATH {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::PgSetup,
+        format!(
+            "PostgreSQL reports search_path = {search_path:?} although walnats asked for {SEARCH_PATH:?} in the \
+             startup packet: something between walnats and PostgreSQL (a pooler?) changes session settings; \
+             connect directly"
+        ),
+    ))
 }
 
 fn spawn_connection<F>(conn: F)

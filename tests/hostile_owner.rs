@@ -1,0 +1,215 @@
+//! A table owner's code never runs as walnats' role.
+//!
+//! The attacker is an unprivileged role that owns a published table;
+//! walnats runs as a REPLICATION role (not a superuser) that may read a
+//! secret table. The attacker's function, reached through a domain CHECK on
+//! the primary key, a row-level security policy, or an overload of a
+//! function walnats might call without its schema, copies the secret into
+//! the attacker's table (inside the snapshot's read-only transaction, into
+//! a logical message, which walnats would publish) and leaves a WARNING in
+//! the server log. Each test checks that none of those traces exists after
+//! the initial snapshot and after `walnats snapshot TABLE`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use crate::harness::{PgVersion, WalnatsProc};
+use crate::support::{Msg, PREFIX, World, shared};
+
+/// One world with its two roles, the secret and the attacker's function.
+struct Hostile<'a> {
+    world: World<'a>,
+    /// walnats' role: LOGIN REPLICATION, SELECT on `public.secret`.
+    role: String,
+    attacker: String,
+    secret: String,
+}
+
+impl<'a> Hostile<'a> {
+    async fn new(version: PgVersion) -> Hostile<'a> {
+        let world = World::new(shared(version)).await;
+        let role = format!("w_{}", world.db);
+        let attacker = format!("a_{}", world.db);
+        let secret = format!("secret-of-{}", world.db);
+        world
+            .sql(&format!(
+                "CREATE ROLE {role} LOGIN REPLICATION;
+                 CREATE ROLE {attacker} LOGIN;
+                 CREATE TABLE public.secret (s text);
+                 INSERT INTO public.secret VALUES ('{secret}');
+                 GRANT SELECT ON public.secret TO {role};
+                 CREATE SCHEMA evil AUTHORIZATION {attacker};
+                 CREATE SCHEMA stash AUTHORIZATION {attacker};
+                 SET ROLE {attacker};
+                 GRANT USAGE ON SCHEMA evil, stash TO PUBLIC;
+                 CREATE TABLE stash.loot (s text, who text);
+                 GRANT INSERT ON stash.loot TO PUBLIC;
+                 CREATE FUNCTION stash.steal() RETURNS boolean LANGUAGE plpgsql AS $f$
+                 BEGIN
+                   IF pg_catalog.has_table_privilege('public.secret', 'SELECT') THEN
+                     RAISE WARNING 'attacker code ran as % in %.', current_user, pg_catalog.current_database();
+                     BEGIN
+                       INSERT INTO stash.loot SELECT s, current_user FROM public.secret;
+                     EXCEPTION WHEN read_only_sql_transaction THEN
+                       PERFORM pg_catalog.pg_logical_emit_message(false, 'loot', s) FROM public.secret;
+                     END;
+                   END IF;
+                   RETURN true;
+                 END $f$;
+                 RESET ROLE;"
+            ))
+            .await;
+        Hostile {
+            world,
+            role,
+            attacker,
+            secret,
+        }
+    }
+
+    /// As the attacker.
+    async fn as_attacker(&self, sql: &str) {
+        self.world
+            .sql(&format!("SET ROLE {}; {sql}; RESET ROLE;", self.attacker))
+            .await;
+    }
+
+    /// walnats' config: its own role, the snapshot mode given.
+    fn config(&self, initial: bool) -> String {
+        let cfg = self.world.config().replace(
+            "postgres://postgres@",
+            &format!("postgres://{}@", self.role),
+        );
+        if initial {
+            cfg.replace("mode = \"never\"", "mode = \"initial\"")
+        } else {
+            cfg
+        }
+    }
+
+    /// Fails when the attacker's function ran as walnats' role: the secret
+    /// in the attacker's table, its WARNING in the server log, or the
+    /// secret in the stream.
+    async fn assert_no_trace(&self, during: &str) {
+        let client = self.world.client().await;
+        let loot: i64 = client
+            .query_one(
+                "SELECT count(*) FROM stash.loot WHERE who = $1",
+                &[&self.role.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            loot, 0,
+            "{during}: the attacker's code ran as walnats' role and copied the secret into its table {loot} time(s)"
+        );
+        let marker = format!("attacker code ran as {} in {}.", self.role, self.world.db);
+        assert!(
+            !self.world.pg.log_text().contains(&marker),
+            "{during}: the attacker's code ran as walnats' role; the server log says {marker:?}"
+        );
+        let leaked: Vec<String> = self
+            .world
+            .read_stream()
+            .await
+            .iter()
+            .filter(|m| String::from_utf8_lossy(&m.payload).contains(&self.secret))
+            .map(|m| m.subject.clone())
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "{during}: the attacker's code ran as walnats' role and put the secret into the stream: {leaked:?}"
+        );
+    }
+}
+
+fn log_count(world: &World<'_>, needle: &str) -> usize {
+    std::fs::read_to_string(&world.log)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// Waits (up to 3 minutes) until walnats' log holds `needle` `n` times;
+/// fails at once, with the log, if `w` exits.
+async fn wait_log(world: &World<'_>, w: &mut WalnatsProc, needle: &str, n: usize) {
+    for _ in 0..1800 {
+        if log_count(world, needle) >= n {
+            return;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{needle:?} never appeared {n} time(s):\n{}", w.output());
+}
+
+/// The `id`s of the reads of `schema.table` in the stream, sorted.
+fn read_ids(msgs: &[Msg], table: &str) -> Vec<i64> {
+    let subject = format!("{PREFIX}.{table}.read");
+    let mut ids: Vec<i64> = msgs
+        .iter()
+        .filter(|m| m.subject == subject)
+        .map(|m| m.json()["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// On a database where everyone may create in `public` (the default before
+/// PostgreSQL 15, granted here to model one), the attacker puts overloads
+/// of `array_position` and `unnest` there that match walnats' arguments
+/// exactly, so an unqualified call would pick them. The initial snapshot,
+/// streaming, `walnats snapshot` and its wait for a transaction in
+/// progress at the low watermark never call them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_overloads_in_public_run_no_attacker_code_pg15() {
+    let h = Hostile::new(PgVersion::V15).await;
+    h.world
+        .sql(&format!(
+            "GRANT CREATE ON SCHEMA public TO PUBLIC;
+             CREATE TABLE public.items (id int PRIMARY KEY, v text);
+             INSERT INTO public.items SELECT g, 'item ' || g FROM generate_series(1, 50) g;
+             GRANT SELECT ON public.items TO {};
+             CREATE PUBLICATION walnats FOR TABLE public.items",
+            h.role
+        ))
+        .await;
+    h.as_attacker(
+        "CREATE FUNCTION public.array_position(a int2[], e int2) RETURNS int LANGUAGE plpgsql AS $f$
+         BEGIN PERFORM stash.steal(); RETURN pg_catalog.array_position(a, e); END $f$;
+         CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $f$
+         BEGIN PERFORM stash.steal(); RETURN QUERY SELECT pg_catalog.unnest(a); END $f$;
+         CREATE FUNCTION public.unnest(a int8[]) RETURNS SETOF int8 LANGUAGE plpgsql AS $f$
+         BEGIN PERFORM stash.steal(); RETURN QUERY SELECT pg_catalog.unnest(a); END $f$",
+    )
+    .await;
+    let cfg = h.config(true);
+    let mut w = h.world.spawn_with(&cfg, &[]);
+    wait_log(&h.world, &mut w, "snapshot complete", 1).await;
+    h.world.wait_streaming(&mut w).await;
+    h.world
+        .sql("INSERT INTO public.items VALUES (51, 'streamed')")
+        .await;
+    h.world.wait_changes(51, &w).await;
+    h.assert_no_trace("the initial snapshot and streaming")
+        .await;
+
+    // A transaction in progress at the low watermark makes the re-read
+    // wait for it.
+    let holder = h.world.client().await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO public.items VALUES (52, 'held')")
+        .await
+        .unwrap();
+    let (code, out, err) = crate::cli::run(&["snapshot", "public.items"], &cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    wait_log(&h.world, &mut w, "snapshot of table complete", 2).await;
+    h.assert_no_trace("walnats snapshot public.items").await;
+    let reads = read_ids(&h.world.read_stream().await, "public.items");
+    assert_eq!(reads.len(), 50 + 51, "{reads:?}");
+    w.sigterm();
+}
