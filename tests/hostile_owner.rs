@@ -213,3 +213,112 @@ async fn search_path_overloads_in_public_run_no_attacker_code_pg15() {
     assert_eq!(reads.len(), 50 + 51, "{reads:?}");
     w.sigterm();
 }
+
+/// Rows of the attacker's table: more than two snapshot chunks, so that
+/// reads resume after a key twice.
+const ROWS: i64 = 2500;
+
+/// The attacker's primary key is of a domain whose CHECK calls its
+/// function: walnats' key cursor never casts to the domain, and the table
+/// is still read whole, in key order, chunk after chunk.
+async fn domain_check_on_the_key(version: PgVersion) {
+    let h = Hostile::new(version).await;
+    h.as_attacker(&format!(
+        "CREATE DOMAIN evil.key AS int CHECK (VALUE IS NOT NULL AND stash.steal());
+         CREATE TABLE evil.t (id evil.key PRIMARY KEY, v text);
+         INSERT INTO evil.t SELECT g, 'row ' || g FROM generate_series(1, {ROWS}) g;
+         GRANT SELECT ON evil.t TO PUBLIC"
+    ))
+    .await;
+    h.world
+        .sql("CREATE PUBLICATION walnats FOR TABLES IN SCHEMA evil")
+        .await;
+    let cfg = h.config(true);
+    let mut w = h.world.spawn_with(&cfg, &[]);
+    wait_log(&h.world, &mut w, "snapshot complete", 1).await;
+    h.assert_no_trace("the initial snapshot").await;
+    let want: Vec<i64> = (1..=ROWS).collect();
+    assert_eq!(
+        read_ids(&h.world.read_stream().await, "evil.t"),
+        want,
+        "the initial snapshot did not read every row once"
+    );
+    h.world.wait_streaming(&mut w).await;
+
+    let (code, out, err) = crate::cli::run(&["snapshot", "evil.t"], &cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_log(&h.world, &mut w, "snapshot of table complete", 2).await;
+    h.assert_no_trace("walnats snapshot evil.t").await;
+    let twice: Vec<i64> = (1..=ROWS).flat_map(|i| [i, i]).collect();
+    assert_eq!(
+        read_ids(&h.world.read_stream().await, "evil.t"),
+        twice,
+        "the re-read did not read every row once more"
+    );
+    w.sigterm();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_check_on_the_key_runs_no_attacker_code_in_snapshots_pg15() {
+    domain_check_on_the_key(PgVersion::V15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_check_on_the_key_runs_no_attacker_code_in_snapshots_pg18() {
+    domain_check_on_the_key(PgVersion::V18).await;
+}
+
+/// The attacker's key is a composite type with the domain inside: a cursor
+/// value cast to it would run the CHECK, so walnats does not read the
+/// table by key. The initial snapshot reads it whole by heap pages, and
+/// `walnats snapshot` refuses it, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_a_type_with_a_domain_inside_is_read_by_pages_and_not_re_read_pg15() {
+    let h = Hostile::new(PgVersion::V15).await;
+    h.as_attacker(&format!(
+        "CREATE DOMAIN evil.key AS int CHECK (VALUE IS NOT NULL AND stash.steal());
+         CREATE TYPE evil.pair AS (a int, b evil.key);
+         CREATE TABLE evil.t (id evil.pair PRIMARY KEY, v text);
+         INSERT INTO evil.t SELECT ROW(g, g)::evil.pair, 'row ' || g FROM generate_series(1, {ROWS}) g;
+         GRANT SELECT ON evil.t TO PUBLIC"
+    ))
+    .await;
+    h.world
+        .sql("CREATE PUBLICATION walnats FOR TABLES IN SCHEMA evil")
+        .await;
+    let cfg = h.config(true);
+    let mut w = h.world.spawn_with(&cfg, &[]);
+    wait_log(&h.world, &mut w, "snapshot complete", 1).await;
+    h.assert_no_trace("the initial snapshot").await;
+    let subject = format!("{PREFIX}.evil.t.read");
+    let mut rows: Vec<String> = h
+        .world
+        .read_stream()
+        .await
+        .iter()
+        .filter(|m| m.subject == subject)
+        .map(|m| m.json()["after"]["v"].as_str().unwrap().to_owned())
+        .collect();
+    rows.sort_unstable();
+    let mut want: Vec<String> = (1..=ROWS).map(|g| format!("row {g}")).collect();
+    want.sort_unstable();
+    assert_eq!(
+        rows, want,
+        "the initial snapshot did not read every row once"
+    );
+    let log = w.output();
+    assert!(
+        log.contains("by heap pages, not by primary key") && log.contains("evil.pair"),
+        "{log}"
+    );
+    h.world.wait_streaming(&mut w).await;
+
+    let (code, out, err) = crate::cli::run(&["snapshot", "evil.t"], &cfg, &[]);
+    assert_ne!(code, 0, "walnats snapshot accepted the table:\n{out}{err}");
+    assert!(
+        err.contains("cannot be re-read") && err.contains("evil.pair"),
+        "{err}"
+    );
+    h.assert_no_trace("walnats snapshot evil.t").await;
+    w.sigterm();
+}

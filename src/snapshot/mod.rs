@@ -250,6 +250,12 @@ impl Snapshotter<'_> {
                     info!(schema = %t.schema, table = %t.table, estimated_rows = t.estimate,
                         by = if plan.has_primary_key() { "primary key" } else { "heap pages" },
                         "snapshot of table");
+                    if let Some(why) = &plan.unkeyed {
+                        warn!(schema = %t.schema, table = %t.table,
+                            "snapshot reads the table by heap pages, not by primary key: {why}; \
+                             a restart during its read may then read a row changed meanwhile twice or not at all \
+                             (its change follows in the stream), and `walnats snapshot` cannot re-read it");
+                    }
                     rel = Some((i, self.cache.update(&plan.relation).await?));
                 }
                 Read::Gone(i) => {

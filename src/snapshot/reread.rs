@@ -136,6 +136,16 @@ pub async fn request(
                 ),
             ));
         };
+        if let Some(why) = &plan.unkeyed {
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "table {schema}.{table} cannot be re-read: an on-demand snapshot reads in primary key chunks \
+                     while the stream runs, and {why}; drop the slot and let a new initial snapshot read it by \
+                     heap pages (`walnats slot drop --yes`)"
+                ),
+            ));
+        }
         if !plan.has_primary_key() {
             return Err(Error::new(
                 Kind::Config,
