@@ -1193,10 +1193,11 @@ impl Session {
         .await?;
         let why = match &plan {
             None => Some("it is gone or no longer published".to_owned()),
-            Some(p) => match &p.unkeyed {
-                Some(why) => Some(why.clone()),
-                None if !p.has_primary_key() => Some("it has no primary key".to_owned()),
-                None => None,
+            Some(p) => match (p.row_security_refusal(), &p.unkeyed) {
+                (Some(e), _) => Some(e.to_string()),
+                (None, Some(why)) => Some(why.clone()),
+                (None, None) if !p.has_primary_key() => Some("it has no primary key".to_owned()),
+                (None, None) => None,
             },
         };
         let plan = match (plan, why) {

@@ -123,6 +123,16 @@ impl<'a> Hostile<'a> {
             "{during}: the attacker's code ran as walnats' role and put the secret into the stream: {leaked:?}"
         );
     }
+
+    async fn oid(&self, table: &str) -> i64 {
+        self.world
+            .client()
+            .await
+            .query_one(&format!("SELECT '{table}'::regclass::oid::int8"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
 }
 
 fn log_count(world: &World<'_>, needle: &str) -> usize {
@@ -321,4 +331,95 @@ async fn a_key_of_a_type_with_a_domain_inside_is_read_by_pages_and_not_re_read_p
     );
     h.assert_no_trace("walnats snapshot evil.t").await;
     w.sigterm();
+}
+
+/// The attacker's table has row-level security, with a policy that calls
+/// its function and applies to walnats' role.
+async fn rls_table(h: &Hostile<'_>) {
+    h.as_attacker(
+        "CREATE TABLE evil.t (id int PRIMARY KEY, v text);
+         INSERT INTO evil.t SELECT g, 'row ' || g FROM generate_series(1, 100) g;
+         GRANT SELECT ON evil.t TO PUBLIC;
+         ALTER TABLE evil.t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY everyone ON evil.t USING (stash.steal())",
+    )
+    .await;
+    h.world
+        .sql("CREATE PUBLICATION walnats FOR TABLES IN SCHEMA evil")
+        .await;
+}
+
+fn assert_names_rls_and_fix(text: &str) {
+    assert!(
+        text.contains("\"evil\".\"t\"")
+            && text.contains("row-level security")
+            && text.contains("BYPASSRLS"),
+        "the refusal does not name the table, row-level security and the fix:\n{text}"
+    );
+}
+
+/// A policy is never run: the initial snapshot stops with one line naming
+/// the table and the fix; `walnats snapshot` refuses the table, and a
+/// request already in the WAL is abandoned with the same reason while
+/// streaming goes on.
+async fn rls_policy(version: PgVersion) {
+    // The initial snapshot.
+    let h = Hostile::new(version).await;
+    rls_table(&h).await;
+    let mut w = h.world.spawn_with(&h.config(true), &[]);
+    for _ in 0..600 {
+        if !w.is_running() || log_count(&h.world, "snapshot complete") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.assert_no_trace("the initial snapshot").await;
+    let status = w.wait_exit(Duration::from_secs(30));
+    let out = w.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert_names_rls_and_fix(&out);
+
+    // `walnats snapshot`, and a request that is already in the WAL.
+    let h = Hostile::new(version).await;
+    rls_table(&h).await;
+    let cfg = h.config(false);
+    let mut w = h.world.spawn_with(&cfg, &[]);
+    h.world.wait_streaming(&mut w).await;
+    let (code, out, err) = crate::cli::run(&["snapshot", "evil.t"], &cfg, &[]);
+    let request = serde_json::json!({
+        "slot": h.world.slot(),
+        "tables": [{"oid": h.oid("evil.t").await, "schema": "evil", "table": "t"}],
+    });
+    h.world
+        .sql(&format!(
+            "SELECT pg_logical_emit_message(false, 'walnats.snapshot', '{request}')"
+        ))
+        .await;
+    for _ in 0..1800 {
+        if log_count(&h.world, "snapshot of table abandoned") > 0
+            || log_count(&h.world, "snapshot of table complete") > 0
+        {
+            break;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.assert_no_trace("walnats snapshot evil.t").await;
+    assert_ne!(code, 0, "walnats snapshot accepted the table:\n{out}{err}");
+    assert_names_rls_and_fix(&err);
+    let log = w.output();
+    assert!(log.contains("snapshot of table abandoned"), "{log}");
+    assert_names_rls_and_fix(&log);
+    assert!(w.is_running(), "walnats stopped streaming:\n{log}");
+    w.sigterm();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_level_security_policy_runs_no_attacker_code_in_snapshots_pg15() {
+    rls_policy(PgVersion::V15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_level_security_policy_runs_no_attacker_code_in_snapshots_pg18() {
+    rls_policy(PgVersion::V18).await;
 }

@@ -8,8 +8,11 @@
 //!
 //! A table's owner may be anyone; what walnats reads runs as walnats' role,
 //! so it must run none of the owner's code. The session has `search_path =
-//! pg_catalog, pg_temp` (`source::replication`), and here: every function
-//! and operator is `pg_catalog`'s, named so; the key cursor compares in the key's type under its domains, never casting to a
+//! pg_catalog, pg_temp` and `row_security = off` (`source::replication`),
+//! and here: every function and operator is `pg_catalog`'s, named so; a
+//! table whose row-level security applies to walnats' role is refused (it
+//! cannot be read without running its policies or hiding rows); the key
+//! cursor compares in the key's type under its domains, never casting to a
 //! domain (whose CHECK would run); and a key is read in key order only when
 //! that type and its btree operator class are built into PostgreSQL (or
 //! the type is an enum), so that ordering and comparing call no code that
@@ -78,6 +81,9 @@ pub struct TablePlan {
     /// Heap pages when the snapshot started (tables without a primary key
     /// are read by page ranges).
     pub pages: u64,
+    /// Row-level security applies to walnats' role (`current_user`, named
+    /// here): the table cannot be read.
+    row_security: Option<String>,
 }
 
 /// A primary key column the cursor compares.
@@ -96,6 +102,22 @@ impl TablePlan {
     /// re-read can work).
     pub fn has_primary_key(&self) -> bool {
         !self.pk.is_empty()
+    }
+
+    /// The refusal when row-level security applies to walnats' role.
+    pub fn row_security_refusal(&self) -> Option<Error> {
+        let role = self.row_security.as_ref()?;
+        Some(Error::new(
+            Kind::PgSetup,
+            format!(
+                "table {} has row-level security that applies to walnats' role {role:?}: walnats reads with \
+                 row_security = off, so that no policy (code of the table's owner) runs as walnats and no row is \
+                 hidden from the stream; ALTER ROLE {} BYPASSRLS, or make the role the table's owner (without \
+                 FORCE ROW LEVEL SECURITY), or take the table out of the publication",
+                self.qualified,
+                quote_ident(role)
+            ),
+        ))
     }
 }
 
@@ -118,7 +140,8 @@ pub async fn plan(
     };
     let q = format!(
         "SELECT n.nspname::text, c.relname::text, c.relreplident::text, {attnames}, {rowfilter}, \
-                (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int8) \
+                (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int8), \
+                CASE WHEN pg_catalog.row_security_active(c.oid) THEN current_user::text END \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname \
          WHERE c.oid = $1::int8::oid AND pt.pubname = $2"
@@ -136,6 +159,7 @@ pub async fn plan(
     let published: Option<Vec<String>> = t.get(3);
     let row_filter: Option<String> = t.get(4);
     let pages = u64::try_from(t.get::<_, i64>(5)).unwrap_or(0);
+    let row_security: Option<String> = t.get(6);
     let replica_identity = ident
         .bytes()
         .next()
@@ -215,6 +239,7 @@ pub async fn plan(
         unkeyed,
         row_filter,
         pages,
+        row_security,
     }))
 }
 
@@ -516,6 +541,19 @@ pub async fn read_chunk(
 }
 
 fn read_err(plan: &TablePlan, e: tokio_postgres::Error) -> Error {
+    if e.code().map(|c| c.code()) == Some("42501") {
+        // No SELECT, or row-level security that appeared after the plan.
+        return Error::new(
+            Kind::PgSetup,
+            format!(
+                "PostgreSQL refused to read {} for the snapshot ({}): walnats' role needs SELECT on every \
+                 published table, and reads with row_security = off, so a table whose row-level security applies \
+                 to it needs the role to have BYPASSRLS or to own it",
+                plan.qualified,
+                crate::event::relation::pg_error_text(&e)
+            ),
+        );
+    }
     pg_query_err(&format!("reading {} for the snapshot", plan.qualified), e)
 }
 
@@ -561,6 +599,7 @@ mod tests {
             unkeyed: unkeyed.map(str::to_owned),
             row_filter: None,
             pages: 10,
+            row_security: None,
         }
     }
 

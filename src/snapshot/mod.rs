@@ -486,7 +486,13 @@ async fn read_tables(
 ) {
     for (i, t) in todo {
         let plan = match catalog::plan(&sql, &publication, t.oid, server_version_num).await {
-            Ok(Some(p)) => p,
+            Ok(Some(p)) => match p.row_security_refusal() {
+                Some(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                None => p,
+            },
             Ok(None) => {
                 if tx.send(Ok(Read::Gone(i))).await.is_err() {
                     return;

@@ -136,6 +136,9 @@ pub async fn request(
                 ),
             ));
         };
+        if let Some(e) = plan.row_security_refusal() {
+            return Err(e);
+        }
         if let Some(why) = &plan.unkeyed {
             return Err(Error::new(
                 Kind::Config,

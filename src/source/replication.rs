@@ -24,11 +24,12 @@ use crate::lsn::Lsn;
 
 /// The session settings of every connection walnats opens, sent in the
 /// startup packet, which wins over database and role defaults. The first
-/// make value output independent of those defaults. The last keeps code
+/// make value output independent of those defaults. The last two keep code
 /// that other roles wrote from running as walnats' role: no function,
 /// operator or type is found through a schema someone else can create in
 /// (only `pg_catalog`; `pg_temp` named last so that it is not searched
-/// first).
+/// first), and no row-level security policy runs (a table whose policies
+/// apply to walnats' role is refused instead, see `snapshot::catalog`).
 pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("DateStyle", "ISO"),
     ("IntervalStyle", "postgres"),
@@ -37,6 +38,7 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
     ("client_encoding", "UTF8"),
     ("search_path", SEARCH_PATH),
+    ("row_security", "off"),
 ];
 
 /// `search_path` in every session (no spaces: the SQL connection passes it

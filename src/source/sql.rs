@@ -50,28 +50,31 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
     Ok(client)
 }
 
-/// The setting that keeps other roles' code from running as walnats' role
-/// must be in force: something between walnats and PostgreSQL (a pooler)
-/// may drop or reset the startup packet's options.
+/// The settings that keep other roles' code from running as walnats'
+/// role must be in force: something between walnats and PostgreSQL (a
+/// pooler) may drop or reset the startup packet's options.
 async fn verify_session(client: &tokio_postgres::Client) -> Result<()> {
     let rows = client
-        .simple_query("SELECT pg_catalog.current_setting('search_path')")
+        .simple_query(
+            "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('row_security')",
+        )
         .await
         .map_err(|e| crate::event::relation::pg_query_err("reading the session settings", e))?;
     let row = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
         _ => None,
     });
-    let search_path = row.and_then(|r| r.get(0)).unwrap_or("");
-    if search_path.replace(' ', "") == SEARCH_PATH {
+    let get = |i: usize| row.and_then(|r| r.get(i)).unwrap_or("");
+    let (search_path, row_security) = (get(0), get(1));
+    if search_path.replace(' ', "") == SEARCH_PATH && row_security == "off" {
         return Ok(());
     }
     Err(Error::new(
         Kind::PgSetup,
         format!(
-            "PostgreSQL reports search_path = {search_path:?} although walnats asked for {SEARCH_PATH:?} in the \
-             startup packet: something between walnats and PostgreSQL (a pooler?) changes session settings; \
-             connect directly"
+            "PostgreSQL reports search_path = {search_path:?} and row_security = {row_security:?} although walnats \
+             asked for {SEARCH_PATH:?} and \"off\" in the startup packet: something between walnats and PostgreSQL \
+             (a pooler?) changes session settings; connect directly"
         ),
     ))
 }
