@@ -80,12 +80,21 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
     }
     match sql
         .query_one(
-            "SELECT rolreplication OR rolsuper, current_user::text FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            "SELECT rolreplication OR rolsuper, current_user::text, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
             &[],
         )
         .await
     {
-        Ok(r) if r.get::<_, bool>(0) => c.pass("role has the REPLICATION privilege"),
+        Ok(r) if r.get::<_, bool>(0) => {
+            c.pass("role has the REPLICATION privilege");
+            if r.get::<_, bool>(2) {
+                c.note(&format!(
+                    "role {:?} is a superuser: walnats never needs one; give it a role of its own with \
+                     REPLICATION and SELECT on the published tables (README, The PostgreSQL role)",
+                    r.get::<_, String>(1)
+                ));
+            }
+        }
         Ok(r) => {
             let user: String = r.get(1);
             c.fail(

@@ -1286,14 +1286,19 @@ impl Session {
             self.server_version_num,
         )
         .await?;
-        let plan = match plan {
-            Some(p) if p.has_primary_key() => p,
-            other => {
-                let why = if other.is_some() {
-                    "it has no primary key"
-                } else {
-                    "it is gone or no longer published"
-                };
+        let why = match &plan {
+            None => Some("it is gone or no longer published".to_owned()),
+            Some(p) => match (p.row_security_refusal(), &p.unkeyed) {
+                (Some(e), _) => Some(e.to_string()),
+                (None, Some(why)) => Some(why.clone()),
+                (None, None) if !p.has_primary_key() => Some("it has no primary key".to_owned()),
+                (None, None) => None,
+            },
+        };
+        let plan = match (plan, why) {
+            (Some(p), None) => p,
+            (_, why) => {
+                let why = why.unwrap_or_default();
                 warn!(schema = %r.target.schema, table = %r.target.table, "snapshot of table abandoned: {why}");
                 self.ledger.acked_mut().rereads.remove(0);
                 return Ok(());

@@ -98,6 +98,11 @@ async fn check_passes_on_a_ready_setup_and_reports_every_failure_at_once() {
     world.sql("ALTER TABLE keyless REPLICA IDENTITY FULL").await;
     let (code, out, _) = run(&["check"], &config, &[]);
     assert_eq!(code, 0, "{out}");
+    // The harness connects as the superuser: a note, not a failure.
+    assert!(
+        out.contains("[info] role \"postgres\" is a superuser: walnats never needs one"),
+        "{out}"
+    );
     // NATS gone and PostgreSQL ok: both reported.
     let (code, out, _) = run(
         &["check"],

@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod exactly_once;
 mod examples;
+mod hostile_owner;
 mod http;
 mod limits;
 mod memory;

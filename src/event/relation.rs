@@ -183,7 +183,8 @@ impl TypeResolver {
             .client
             .query(
                 "SELECT u.ord, pg_catalog.format_type(u.typ::oid, u.typmod) \
-                 FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS u(typ, typmod, ord) ORDER BY u.ord",
+                 FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[])) \
+                      WITH ORDINALITY AS u(typ, typmod, ord) ORDER BY u.ord",
                 &[&oids, &mods],
             )
             .await

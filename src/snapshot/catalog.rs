@@ -5,6 +5,19 @@
 //! Rows are read with the simple query protocol, so every value arrives as
 //! the text its type's output function prints: the same bytes pgoutput's
 //! text mode sends for a streamed change, under the same session settings.
+//!
+//! A table's owner may be anyone; what walnats reads runs as walnats' role,
+//! so it must run none of the owner's code. The session has `search_path =
+//! pg_catalog, pg_temp` and `row_security = off` (`source::replication`),
+//! and here: every function and operator is `pg_catalog`'s, named so; a
+//! table whose row-level security applies to walnats' role is refused (it
+//! cannot be read without running its policies or hiding rows); the key
+//! cursor compares in the key's type under its domains, never casting to a
+//! domain (whose CHECK would run); and a key is read in key order only when
+//! that type and its btree operator class are built into PostgreSQL (or
+//! the type is an enum), so that ordering and comparing call no code that
+//! a role other than the bootstrap superuser wrote. Any other table is read
+//! by heap pages, as one without a primary key.
 
 use futures::StreamExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -57,22 +70,60 @@ pub struct TablePlan {
     qualified: String,
     /// Published columns, then the primary key columns again (the cursor).
     select: String,
-    /// Primary key columns in index order: (quoted name, type as SQL).
-    pk: Vec<(String, String)>,
-    /// The same, unquoted.
+    /// Primary key columns in index order, when the table is read by key.
+    pk: Vec<KeyColumn>,
+    /// The same names, unquoted.
     pub pk_names: Vec<String>,
+    /// Why a table with a primary key is read by heap pages all the same.
+    pub unkeyed: Option<String>,
     /// The publication's row filter (PostgreSQL 15+), if any.
     row_filter: Option<String>,
     /// Heap pages when the snapshot started (tables without a primary key
     /// are read by page ranges).
     pub pages: u64,
+    /// Row-level security applies to walnats' role (`current_user`, named
+    /// here): the table cannot be read.
+    row_security: Option<String>,
+}
+
+/// A primary key column the cursor compares.
+#[derive(Debug, Clone)]
+struct KeyColumn {
+    /// The quoted name.
+    name: String,
+    /// The type a cursor value is cast to: the column's type under its
+    /// domains, schema-qualified (`"pg_catalog"."int4"`: a qualified name
+    /// also keeps `bit` and `char` from meaning `bit(1)` and `char(1)`).
+    cast: String,
 }
 
 impl TablePlan {
+    /// Whether the table is read in primary key order (the only way a
+    /// re-read can work).
     pub fn has_primary_key(&self) -> bool {
         !self.pk.is_empty()
     }
+
+    /// The refusal when row-level security applies to walnats' role.
+    pub fn row_security_refusal(&self) -> Option<Error> {
+        let role = self.row_security.as_ref()?;
+        Some(Error::new(
+            Kind::PgSetup,
+            format!(
+                "table {} has row-level security that applies to walnats' role {role:?}: walnats reads with \
+                 row_security = off, so that no policy (code of the table's owner) runs as walnats and no row is \
+                 hidden from the stream; ALTER ROLE {} BYPASSRLS, or make the role the table's owner (without \
+                 FORCE ROW LEVEL SECURITY), or take the table out of the publication",
+                self.qualified,
+                quote_ident(role)
+            ),
+        ))
+    }
 }
+
+/// The first OID `initdb` does not hand out: objects below it are built into
+/// PostgreSQL (owned by the bootstrap superuser).
+const FIRST_NORMAL_OID: i64 = 16_384;
 
 /// The plan for one table, or `None` when it is gone or no longer published.
 pub async fn plan(
@@ -89,7 +140,8 @@ pub async fn plan(
     };
     let q = format!(
         "SELECT n.nspname::text, c.relname::text, c.relreplident::text, {attnames}, {rowfilter}, \
-                (pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::int8) \
+                (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int8), \
+                CASE WHEN pg_catalog.row_security_active(c.oid) THEN current_user::text END \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname \
          WHERE c.oid = $1::int8::oid AND pt.pubname = $2"
@@ -107,6 +159,7 @@ pub async fn plan(
     let published: Option<Vec<String>> = t.get(3);
     let row_filter: Option<String> = t.get(4);
     let pages = u64::try_from(t.get::<_, i64>(5)).unwrap_or(0);
+    let row_security: Option<String> = t.get(6);
     let replica_identity = ident
         .bytes()
         .next()
@@ -116,7 +169,6 @@ pub async fn plan(
     // Columns as pgoutput sends them: not dropped, not generated, in the
     // publication's column list if it has one; the key flag from the
     // replica identity.
-    // `indkey` is an int2vector, whose subscripts start at 0.
     let cols = sql
         .query(
             "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, \
@@ -124,9 +176,7 @@ pub async fn plan(
                         WHEN 'f' THEN true \
                         WHEN 'd' THEN a.attnum = ANY(pk.indkey::int2[]) \
                         WHEN 'i' THEN a.attnum = ANY(ri.indkey::int2[]) \
-                        ELSE false END, false), \
-                    COALESCE(array_position(pk.indkey::int2[], a.attnum) - array_lower(pk.indkey::int2[], 1) + 1, 0)::int4, \
-                    pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                        ELSE false END, false) \
              FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
              LEFT JOIN pg_catalog.pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
              LEFT JOIN pg_catalog.pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
@@ -138,15 +188,9 @@ pub async fn plan(
         .map_err(|e| pg_query_err("reading a published table's columns", e))?;
     let mut columns = Vec::new();
     let mut select = Vec::new();
-    let mut pk: Vec<(i32, String, String)> = Vec::new();
     for c in &cols {
         let name: String = c.get(0);
         let type_oid = u32::try_from(c.get::<_, i64>(1)).unwrap_or(0);
-        let pk_pos: i32 = c.get(4);
-        let type_sql: String = c.get(5);
-        if pk_pos > 0 {
-            pk.push((pk_pos, name.clone(), type_sql));
-        }
         if published.as_ref().is_some_and(|p| !p.contains(&name)) {
             continue;
         }
@@ -160,13 +204,19 @@ pub async fn plan(
             type_modifier: c.get(2),
         });
     }
-    pk.sort_by_key(|(pos, _, _)| *pos);
-    let pk_names: Vec<String> = pk.iter().map(|(_, n, _)| n.clone()).collect();
-    let pk: Vec<(String, String)> = pk
+    let (pk, unkeyed) = match primary_key(sql, oid, server_version_num).await? {
+        Keys::Usable(pk) => (pk, None),
+        Keys::Unusable(why) => (Vec::new(), Some(why)),
+    };
+    let pk_names: Vec<String> = pk.iter().map(|(n, _)| n.clone()).collect();
+    let pk: Vec<KeyColumn> = pk
         .into_iter()
-        .map(|(_, n, t)| (quote_ident(&n), t))
+        .map(|(n, cast)| KeyColumn {
+            name: quote_ident(&n),
+            cast,
+        })
         .collect();
-    select.extend(pk.iter().map(|(n, _)| n.clone()));
+    select.extend(pk.iter().map(|k| k.name.clone()));
     let select = if select.is_empty() {
         // A table with no published column still has rows.
         "NULL".to_owned()
@@ -186,9 +236,110 @@ pub async fn plan(
         select,
         pk,
         pk_names,
+        unkeyed,
         row_filter,
         pages,
+        row_security,
     }))
+}
+
+/// A primary key the cursor can use: (name, cast) per column in index
+/// order, empty without a primary key; or why it cannot be used.
+enum Keys {
+    Usable(Vec<(String, String)>),
+    Unusable(String),
+}
+
+/// The primary key's columns, each with its type under any domains and its
+/// btree operator class (a primary key's is always its type's default
+/// one). `indkey` and `indclass` are vectors whose subscripts start at 0;
+/// INCLUDE columns (PostgreSQL 11+) follow the key columns.
+async fn primary_key(sql: &Client, oid: u32, server_version_num: u32) -> Result<Keys> {
+    let nkeys = if server_version_num >= 110_000 {
+        "i.indnkeyatts"
+    } else {
+        "i.indnatts"
+    };
+    let q = format!(
+        "WITH RECURSIVE k AS ( \
+             SELECT s.n, a.attname, a.atttypid, i.indclass[s.n] AS opclass \
+             FROM pg_catalog.pg_index i \
+             CROSS JOIN LATERAL pg_catalog.generate_series(0, {nkeys} - 1) AS s(n) \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.n] \
+             WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
+         ), base AS ( \
+             SELECT k.n, k.atttypid AS typ, 0 AS depth FROM k \
+             UNION ALL \
+             SELECT base.n, t.typbasetype, base.depth + 1 \
+             FROM base JOIN pg_catalog.pg_type t ON t.oid = base.typ \
+             WHERE t.typtype = 'd' AND base.depth < 64 \
+         ) \
+         SELECT k.attname::text, t.oid::int8, t.typtype::text, tn.nspname::text, t.typname::text, \
+                k.opclass::int8, pg_catalog.format_type(k.atttypid, NULL) \
+         FROM k JOIN base ON base.n = k.n \
+         JOIN pg_catalog.pg_type t ON t.oid = base.typ AND t.typtype <> 'd' \
+         JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace \
+         ORDER BY k.n"
+    );
+    let rows = sql
+        .query(&q, &[&i64::from(oid)])
+        .await
+        .map_err(|e| pg_query_err("reading a published table's primary key", e))?;
+    let mut keys = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let name: String = r.get(0);
+        let shown: String = r.get(6);
+        let key = KeyType {
+            type_oid: r.get(1),
+            enum_type: r.get::<_, String>(2) == "e",
+            opclass: r.get(5),
+        };
+        if let Some(why) = key.unusable() {
+            return Ok(Keys::Unusable(format!(
+                "its primary key column {name:?} is of type {shown}, {why}"
+            )));
+        }
+        let (schema, typname): (String, String) = (r.get(3), r.get(4));
+        keys.push((
+            name,
+            format!("{}.{}", quote_ident(&schema), quote_ident(&typname)),
+        ));
+    }
+    Ok(Keys::Usable(keys))
+}
+
+/// What decides whether a key column can be compared without running code
+/// that another role wrote.
+struct KeyType {
+    /// The type under any domains.
+    type_oid: i64,
+    enum_type: bool,
+    /// Its btree operator class.
+    opclass: i64,
+}
+
+impl KeyType {
+    /// Why the cursor cannot compare this column, if it cannot. A type built
+    /// into PostgreSQL has built-in input and comparison functions, and so
+    /// has an enum (its labels' order is data); anything else (an
+    /// extension's type, a composite, a range, an array of a domain) may
+    /// call its creator's code when a cursor value is cast to it or
+    /// compared (a domain's CHECK inside it, an extension's operator class).
+    fn unusable(&self) -> Option<&'static str> {
+        if self.type_oid >= FIRST_NORMAL_OID && !self.enum_type {
+            return Some(
+                "which (under its domains) is neither built into PostgreSQL nor an enum: casting and comparing \
+                 it could run code that its creator wrote",
+            );
+        }
+        if self.opclass >= FIRST_NORMAL_OID {
+            return Some(
+                "whose btree operator class is not built into PostgreSQL: ordering by it would run code that \
+                 its creator wrote",
+            );
+        }
+        None
+    }
 }
 
 /// A SQL string literal that means the same whatever
@@ -231,32 +382,36 @@ pub struct Chunk {
 /// tuples fit on an 8 KiB page, so three pages stay under a batch.
 const PAGES_PER_CHUNK: u64 = 3;
 
-/// Reads the rows after `after`: at most `limit` in primary key order (and
-/// no more than `max_bytes` of values), or the next page range.
-pub async fn read_chunk(
-    sql: &Client,
-    plan: &TablePlan,
-    after: &Cursor,
-    limit: usize,
-    max_bytes: usize,
-) -> Result<Chunk> {
-    let ncols = plan.relation.columns.len();
+/// The SELECT of one chunk, and the page it ends before when the table is
+/// read by heap pages.
+fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String, Option<u64>)> {
     let filter = plan
         .row_filter
         .as_ref()
         .map(|f| format!("({f})"))
         .unwrap_or_else(|| "true".to_owned());
     let (query, page_end) = if plan.has_primary_key() {
-        let names: Vec<&str> = plan.pk.iter().map(|(n, _)| n.as_str()).collect();
-        let order = names.join(", ");
+        // Sorting and the cursor use the same operators, pg_catalog's for
+        // the key's type under its domains: the cursor value is cast to
+        // that type, never to a domain (whose CHECK would run).
+        let names: Vec<&str> = plan.pk.iter().map(|k| k.name.as_str()).collect();
+        let order: Vec<String> = names
+            .iter()
+            .map(|n| format!("{n} USING OPERATOR(pg_catalog.<)"))
+            .collect();
+        let order = order.join(", ");
         let from = match after {
             Cursor::Key { values } if values.len() == plan.pk.len() => {
                 let lits: Vec<String> = values
                     .iter()
                     .zip(&plan.pk)
-                    .map(|(v, (_, ty))| format!("{}::{ty}", literal(v)))
+                    .map(|(v, k)| format!("{}::{}", literal(v), k.cast))
                     .collect();
-                format!(" AND ({order}) > ({})", lits.join(", "))
+                format!(
+                    " AND ({}) OPERATOR(pg_catalog.>) ({})",
+                    names.join(", "),
+                    lits.join(", ")
+                )
             }
             Cursor::Start => String::new(),
             other => {
@@ -280,17 +435,48 @@ pub async fn read_chunk(
     } else {
         let start = match after {
             Cursor::Page { page } => *page,
-            _ => 0,
+            Cursor::Start => 0,
+            Cursor::Key { .. } => {
+                // Read by key before: starting over by page would publish
+                // the rows already read again.
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the snapshot of {} resumes after a primary key, but the table can no longer be read \
+                         by key ({}): run `walnats slot drop --yes` and take a new snapshot",
+                        plan.qualified,
+                        plan.unkeyed
+                            .as_deref()
+                            .unwrap_or("it has no primary key now")
+                    ),
+                ));
+            }
         };
         let end = start + PAGES_PER_CHUNK;
         (
             format!(
-                "SELECT {} FROM {} WHERE {filter} AND ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid",
+                "SELECT {} FROM {} WHERE {filter} \
+                 AND ctid OPERATOR(pg_catalog.>=) '({start},0)'::pg_catalog.tid \
+                 AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid",
                 plan.select, plan.qualified
             ),
             Some(end),
         )
     };
+    Ok((query, page_end))
+}
+
+/// Reads the rows after `after`: at most `limit` in primary key order (and
+/// no more than `max_bytes` of values), or the next page range.
+pub async fn read_chunk(
+    sql: &Client,
+    plan: &TablePlan,
+    after: &Cursor,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Chunk> {
+    let ncols = plan.relation.columns.len();
+    let (query, page_end) = chunk_query(plan, after, limit)?;
     let stream = sql
         .simple_query_raw(&query)
         .await
@@ -355,6 +541,19 @@ pub async fn read_chunk(
 }
 
 fn read_err(plan: &TablePlan, e: tokio_postgres::Error) -> Error {
+    if e.code().map(|c| c.code()) == Some("42501") {
+        // No SELECT, or row-level security that appeared after the plan.
+        return Error::new(
+            Kind::PgSetup,
+            format!(
+                "PostgreSQL refused to read {} for the snapshot ({}): walnats' role needs SELECT on every \
+                 published table, and reads with row_security = off, so a table whose row-level security applies \
+                 to it needs the role to have BYPASSRLS or to own it",
+                plan.qualified,
+                crate::event::relation::pg_error_text(&e)
+            ),
+        );
+    }
     pg_query_err(&format!("reading {} for the snapshot", plan.qualified), e)
 }
 
@@ -366,5 +565,90 @@ mod tests {
     fn literals_survive_quotes_and_backslashes() {
         assert_eq!(literal("a'b\\c"), "E'a''b\\\\c'");
         assert_eq!(literal(""), "E''");
+    }
+
+    /// A table keyed by (a domain over int4, text), as `plan` makes it.
+    fn keyed(unkeyed: Option<&str>) -> TablePlan {
+        let pk = if unkeyed.is_some() {
+            Vec::new()
+        } else {
+            vec![
+                KeyColumn {
+                    name: "\"id\"".into(),
+                    cast: "\"pg_catalog\".\"int4\"".into(),
+                },
+                KeyColumn {
+                    name: "\"k\"".into(),
+                    cast: "\"pg_catalog\".\"text\"".into(),
+                },
+            ]
+        };
+        TablePlan {
+            relation: Relation {
+                xid: None,
+                oid: Oid(1),
+                namespace: "evil".into(),
+                name: "t".into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: Vec::new(),
+            },
+            qualified: "\"evil\".\"t\"".into(),
+            select: "\"v\"".into(),
+            pk,
+            pk_names: vec!["id".into(), "k".into()],
+            unkeyed: unkeyed.map(str::to_owned),
+            row_filter: None,
+            pages: 10,
+            row_security: None,
+        }
+    }
+
+    #[test]
+    fn the_key_cursor_compares_in_the_type_under_the_domain_with_pg_catalog_operators() {
+        let after = Cursor::Key {
+            values: vec!["999".into(), "it's".into()],
+        };
+        let (q, end) = chunk_query(&keyed(None), &after, 999).unwrap();
+        assert_eq!(
+            q,
+            "SELECT \"v\" FROM \"evil\".\"t\" WHERE true \
+             AND (\"id\", \"k\") OPERATOR(pg_catalog.>) (E'999'::\"pg_catalog\".\"int4\", E'it''s'::\"pg_catalog\".\"text\") \
+             ORDER BY \"id\" USING OPERATOR(pg_catalog.<), \"k\" USING OPERATOR(pg_catalog.<) LIMIT 999"
+        );
+        assert_eq!(end, None);
+    }
+
+    #[test]
+    fn a_table_read_by_key_cannot_go_on_by_pages() {
+        let plan = keyed(Some("its key is of type evil.comp"));
+        let (q, end) = chunk_query(&plan, &Cursor::Page { page: 3 }, 999).unwrap();
+        assert!(
+            q.contains("ctid OPERATOR(pg_catalog.>=) '(3,0)'::pg_catalog.tid"),
+            "{q}"
+        );
+        assert_eq!(end, Some(6));
+        let after = Cursor::Key {
+            values: vec!["1".into()],
+        };
+        let e = chunk_query(&plan, &after, 999).unwrap_err();
+        assert_eq!(e.kind(), Kind::Checkpoint);
+        assert!(e.to_string().contains("evil.comp"), "{e}");
+    }
+
+    #[test]
+    fn only_built_in_key_types_and_operator_classes_are_compared() {
+        let key = |type_oid, enum_type, opclass| KeyType {
+            type_oid,
+            enum_type,
+            opclass,
+        };
+        // int4 with int4_ops; an enum with enum_ops.
+        assert!(key(23, false, 1978).unusable().is_none());
+        assert!(key(16_500, true, 3522).unusable().is_none());
+        // A composite or an extension's type (citext), however compared.
+        assert!(key(16_500, false, 2994).unusable().is_some());
+        assert!(key(16_500, false, 16_600).unusable().is_some());
+        // A built-in type ordered by an operator class someone added.
+        assert!(key(114, false, 16_700).unusable().is_some());
     }
 }

@@ -250,6 +250,12 @@ impl Snapshotter<'_> {
                     info!(schema = %t.schema, table = %t.table, estimated_rows = t.estimate,
                         by = if plan.has_primary_key() { "primary key" } else { "heap pages" },
                         "snapshot of table");
+                    if let Some(why) = &plan.unkeyed {
+                        warn!(schema = %t.schema, table = %t.table,
+                            "snapshot reads the table by heap pages, not by primary key: {why}; \
+                             a restart during its read may then read a row changed meanwhile twice or not at all \
+                             (its change follows in the stream), and `walnats snapshot` cannot re-read it");
+                    }
                     rel = Some((i, self.cache.update(&plan.relation).await?));
                 }
                 Read::Gone(i) => {
@@ -480,7 +486,13 @@ async fn read_tables(
 ) {
     for (i, t) in todo {
         let plan = match catalog::plan(&sql, &publication, t.oid, server_version_num).await {
-            Ok(Some(p)) => p,
+            Ok(Some(p)) => match p.row_security_refusal() {
+                Some(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                None => p,
+            },
             Ok(None) => {
                 if tx.send(Ok(Read::Gone(i))).await.is_err() {
                     return;

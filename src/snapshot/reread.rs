@@ -176,6 +176,19 @@ pub async fn resolve(
                 ),
             ));
         };
+        if let Some(e) = plan.row_security_refusal() {
+            return Err(e);
+        }
+        if let Some(why) = &plan.unkeyed {
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "table {schema}.{table} cannot be re-read: an on-demand snapshot reads in primary key chunks \
+                     while the stream runs, and {why}; drop the slot and let a new initial snapshot read it by \
+                     heap pages (`walnats slot drop --yes`)"
+                ),
+            ));
+        }
         if !plan.has_primary_key() {
             return Err(Error::new(
                 Kind::Config,
@@ -256,7 +269,7 @@ pub async fn read_window(
     while !running.is_empty() {
         let row = sql
             .query_one(
-                "SELECT count(*) FROM unnest($1::text[]) x \
+                "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::text[]) x \
                  WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
                 &[&running],
             )

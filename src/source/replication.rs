@@ -26,8 +26,14 @@ use super::tls;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 
-/// The session settings that make value output independent of database
-/// and role defaults (sent in the startup packet, which wins over both).
+/// The session settings of every connection walnats opens, sent in the
+/// startup packet, which wins over database and role defaults. The first
+/// make value output independent of those defaults. The last two keep code
+/// that other roles wrote from running as walnats' role: no function,
+/// operator or type is found through a schema someone else can create in
+/// (only `pg_catalog`; `pg_temp` named last so that it is not searched
+/// first), and no row-level security policy runs (a table whose policies
+/// apply to walnats' role is refused instead, see `snapshot::catalog`).
 pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("DateStyle", "ISO"),
     ("IntervalStyle", "postgres"),
@@ -35,7 +41,13 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
     ("client_encoding", "UTF8"),
+    ("search_path", SEARCH_PATH),
+    ("row_security", "off"),
 ];
+
+/// `search_path` in every session (no spaces: the SQL connection passes it
+/// in the `options` string, which splits at spaces).
+pub const SEARCH_PATH: &str = "pg_catalog,pg_temp";
 
 const READ_CHUNK: usize = 256 * 1024;
 const MAX_FRAME: usize = 1 << 30;
@@ -523,11 +535,13 @@ impl ReplicationConn {
                 .map(|(_, v)| v.as_str())
         };
         type Check = (&'static str, fn(&str) -> bool);
-        let checks: [Check; 4] = [
+        // search_path is reported by PostgreSQL 18 and later only.
+        let checks: [Check; 5] = [
             ("DateStyle", |v| v.starts_with("ISO")),
             ("IntervalStyle", |v| v == "postgres"),
             ("TimeZone", |v| v == "UTC" || v == "Etc/UTC"),
             ("client_encoding", |v| v == "UTF8"),
+            ("search_path", |v| v.replace(' ', "") == SEARCH_PATH),
         ];
         for (name, ok) in checks {
             if let Some(v) = get(name)

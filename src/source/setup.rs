@@ -19,7 +19,7 @@ pub fn quote_ident(s: &str) -> String {
 
 pub async fn database_name(sql: &Client) -> Result<String> {
     let row = sql
-        .query_one("SELECT current_database()::text", &[])
+        .query_one("SELECT pg_catalog.current_database()::text", &[])
         .await
         .map_err(|e| pg_query_err("reading the database name", e))?;
     Ok(row.get(0))
@@ -27,7 +27,7 @@ pub async fn database_name(sql: &Client) -> Result<String> {
 
 pub async fn require_logical_wal(sql: &Client) -> Result<()> {
     let row = sql
-        .query_one("SELECT current_setting('wal_level')", &[])
+        .query_one("SELECT pg_catalog.current_setting('wal_level')", &[])
         .await
         .map_err(|e| pg_query_err("reading wal_level", e))?;
     let level: String = row.get(0);
@@ -215,7 +215,7 @@ pub async fn drop_slot(sql: &Client, slot: &str) -> Result<bool> {
 /// The server's current WAL write position.
 pub async fn current_wal_lsn(sql: &Client) -> Result<Lsn> {
     let row = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
         .await
         .map_err(|e| pg_query_err("reading the WAL position", e))?;
     let s: String = row.get(0);

@@ -1,5 +1,6 @@
 //! The SQL connection (tokio-postgres) with the same TLS modes, session
-//! settings and authentication policy as the replication connection.
+//! settings (checked once connected) and authentication policy as the
+//! replication connection.
 //!
 //! tokio-postgres answers whatever the server asks for, so walnats hands
 //! it a socket (and, with TLS, a TLS stream) that reads the server's
@@ -22,7 +23,7 @@ use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
 use super::auth::{self, AuthWatch, Refusal};
 use super::pgconfig::{PgConnectConfig, SslMode};
-use super::replication::{SESSION_SETTINGS, connect_tcp};
+use super::replication::{SEARCH_PATH, SESSION_SETTINGS, connect_tcp};
 use super::tls;
 use crate::error::{Error, Kind, Result};
 
@@ -76,7 +77,38 @@ pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client
                 client
             }),
     };
-    result.map_err(|e| map_connect_error(e, cfg))
+    let client = result.map_err(|e| map_connect_error(e, cfg))?;
+    verify_session(&client).await?;
+    Ok(client)
+}
+
+/// The settings that keep other roles' code from running as walnats'
+/// role must be in force: something between walnats and PostgreSQL (a
+/// pooler) may drop or reset the startup packet's options.
+async fn verify_session(client: &tokio_postgres::Client) -> Result<()> {
+    let rows = client
+        .simple_query(
+            "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('row_security')",
+        )
+        .await
+        .map_err(|e| crate::event::relation::pg_query_err("reading the session settings", e))?;
+    let row = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    let get = |i: usize| row.and_then(|r| r.get(i)).unwrap_or("");
+    let (search_path, row_security) = (get(0), get(1));
+    if search_path.replace(' ', "") == SEARCH_PATH && row_security == "off" {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::PgSetup,
+        format!(
+            "PostgreSQL reports search_path = {search_path:?} and row_security = {row_security:?} although walnats \
+             asked for {SEARCH_PATH:?} and \"off\" in the startup packet: something between walnats and PostgreSQL \
+             (a pooler?) changes session settings; connect directly"
+        ),
+    ))
 }
 
 /// A stream whose incoming bytes pass `watch` before the reader sees them.

@@ -96,7 +96,7 @@ async fn run(
             _ = beat.tick(), if heartbeat.is_some() => {
                 let sent = sql
                     .execute(
-                        "SELECT pg_logical_emit_message(false, $1, '')",
+                        "SELECT pg_catalog.pg_logical_emit_message(false, $1, '')",
                         &[&HEARTBEAT_PREFIX],
                     )
                     .await;
@@ -144,9 +144,9 @@ async fn run(
 async fn retained_wal(sql: &tokio_postgres::Client, slot: &str) -> Option<u64> {
     let row = sql
         .query_opt(
-            "SELECT ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                      ELSE pg_current_wal_lsn() END) - restart_lsn)::int8 \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT ((CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                      ELSE pg_catalog.pg_current_wal_lsn() END) - restart_lsn)::int8 \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await;

@@ -191,6 +191,12 @@ impl PgServer {
         process::tail(&self.log, 40)
     }
 
+    /// The whole server log so far (shared servers log every test's
+    /// database: look for text that names your own).
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
     pub async fn client(&self, db: &str) -> tokio_postgres::Client {
         let mut last = None;
         for _ in 0..100 {
