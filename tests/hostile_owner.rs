@@ -123,16 +123,6 @@ impl<'a> Hostile<'a> {
             "{during}: the attacker's code ran as walnats' role and put the secret into the stream: {leaked:?}"
         );
     }
-
-    async fn oid(&self, table: &str) -> i64 {
-        self.world
-            .client()
-            .await
-            .query_one(&format!("SELECT '{table}'::regclass::oid::int8"), &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
 }
 
 fn log_count(world: &World<'_>, needle: &str) -> usize {
@@ -379,22 +369,33 @@ async fn rls_policy(version: PgVersion) {
     assert_eq!(status.code(), Some(1), "{out}");
     assert_names_rls_and_fix(&out);
 
-    // `walnats snapshot`, and a request that is already in the WAL.
+    // A request made (by `walnats snapshot`, while walnats was down)
+    // before the policy appeared, then `walnats snapshot` after it.
     let h = Hostile::new(version).await;
-    rls_table(&h).await;
+    h.as_attacker(
+        "CREATE TABLE evil.t (id int PRIMARY KEY, v text);
+         INSERT INTO evil.t SELECT g, 'row ' || g FROM generate_series(1, 100) g;
+         GRANT SELECT ON evil.t TO PUBLIC;",
+    )
+    .await;
+    h.world
+        .sql("CREATE PUBLICATION walnats FOR TABLES IN SCHEMA evil")
+        .await;
     let cfg = h.config(false);
     let mut w = h.world.spawn_with(&cfg, &[]);
     h.world.wait_streaming(&mut w).await;
+    w.sigterm();
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
     let (code, out, err) = crate::cli::run(&["snapshot", "evil.t"], &cfg, &[]);
-    let request = serde_json::json!({
-        "slot": h.world.slot(),
-        "tables": [{"oid": h.oid("evil.t").await, "schema": "evil", "table": "t"}],
-    });
-    h.world
-        .sql(&format!(
-            "SELECT pg_logical_emit_message(false, 'walnats.snapshot', '{request}')"
-        ))
-        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    h.as_attacker(
+        "ALTER TABLE evil.t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY everyone ON evil.t USING (stash.steal())",
+    )
+    .await;
+    let (code, out, err) = crate::cli::run(&["snapshot", "evil.t"], &cfg, &[]);
+    let mut w = h.world.spawn_with(&cfg, &[]);
+    h.world.wait_streaming(&mut w).await;
     for _ in 0..1800 {
         if log_count(&h.world, "snapshot of table abandoned") > 0
             || log_count(&h.world, "snapshot of table complete") > 0
