@@ -230,13 +230,26 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
         return Vec::new();
     }
     let last = info.state.last_sequence;
-    let consumer = s
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // A cluster that just lost its stream leader can time out a consumer
+    // create while it elects another: try again for a while.
+    let mut tries = 0;
+    let consumer = loop {
+        match s
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if tries < 10 => {
+                tries += 1;
+                eprintln!("read_stream: creating the consumer failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("cannot create a consumer on {stream}: {e}"),
+        }
+    };
     let mut messages = consumer.messages().await.unwrap();
     let mut out = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
