@@ -371,20 +371,9 @@ struct Session {
 /// the server's WAL end (edited by hand, or from another cluster restored
 /// under the same name) would confirm the slot past every change to come.
 async fn check_not_past_wal_end(sql: &tokio_postgres::Client, cp: &Checkpoint) -> Result<()> {
-    let row = sql
-        .query_one(
-            "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-             ELSE pg_catalog.pg_current_wal_lsn() END)::text",
-            &[],
-        )
-        .await
-        .map_err(|e| crate::event::relation::pg_query_err("reading the WAL position", e))?;
-    let Some(end) = row.get::<_, Option<String>>(0) else {
+    let Some(end) = setup::wal_end(sql).await? else {
         return Ok(());
     };
-    let end: Lsn = end
-        .parse()
-        .map_err(|e| Error::with_source(Kind::Protocol, "bad LSN from pg_current_wal_lsn()", e))?;
     let furthest = [Some(cp.confirmed), cp.pos.map(|p| p.commit_lsn), cp.open_tx]
         .into_iter()
         .flatten()

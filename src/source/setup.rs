@@ -214,13 +214,34 @@ pub async fn drop_slot(sql: &Client, slot: &str) -> Result<bool> {
 
 /// The server's current WAL write position.
 pub async fn current_wal_lsn(sql: &Client) -> Result<Lsn> {
+    wal_position(sql, "SELECT pg_catalog.pg_current_wal_lsn()::text")
+        .await?
+        .ok_or_else(|| Error::new(Kind::Protocol, "pg_current_wal_lsn() returned NULL"))
+}
+
+/// The end of the WAL that exists here: the write position on a primary,
+/// the last replayed one on a standby (`None` while it has replayed none).
+pub async fn wal_end(sql: &Client) -> Result<Option<Lsn>> {
+    wal_position(
+        sql,
+        "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+         ELSE pg_catalog.pg_current_wal_lsn() END)::text",
+    )
+    .await
+}
+
+async fn wal_position(sql: &Client, query: &str) -> Result<Option<Lsn>> {
     let row = sql
-        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .query_one(query, &[])
         .await
         .map_err(|e| pg_query_err("reading the WAL position", e))?;
-    let s: String = row.get(0);
-    s.parse()
-        .map_err(|e| Error::with_source(Kind::Protocol, "bad LSN from pg_current_wal_lsn()", e))
+    row.get::<_, Option<String>>(0)
+        .map(|s| {
+            s.parse().map_err(|e| {
+                Error::with_source(Kind::Protocol, "bad LSN from pg_current_wal_lsn()", e)
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]
