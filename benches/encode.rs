@@ -14,13 +14,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use walnats::config::OutputFormat;
-use walnats::encode::value::ValueKind;
 use walnats::encode::{Encoder, Source};
 use walnats::event::{Body, ColumnInfo, Event, Op, RelationInfo, TxInfo};
 use walnats::lsn::{Lsn, Position};
 use walnats::pgoutput::{
     Decoder, Insert, Message, Oid, ReplicaIdentity, TupleData, TupleValue, Xid, to_bytes,
 };
+use walnats::value::ValueKind;
 
 const COLUMNS: [(&str, u32, &str); 10] = [
     ("id", 20, "bigint"),

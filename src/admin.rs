@@ -20,9 +20,10 @@ use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 use crate::pipeline::connect_both;
-use crate::sink::{self, subject};
+use crate::sink;
 use crate::snapshot::reread;
 use crate::source::{self, ReplicationConn, setup};
+use crate::subject;
 
 struct Checklist {
     ok: bool,
@@ -498,7 +499,7 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
             &[],
         )
         .await
-        .map_err(|e| crate::event::relation::pg_query_err("reading the server version", e))?
+        .map_err(|e| crate::error::pg_query_err("reading the server version", e))?
         .get::<_, i32>(0)
         .try_into()
         .unwrap_or(0);

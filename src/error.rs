@@ -164,3 +164,27 @@ impl std::error::Error for Error {
             .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
     }
 }
+
+pub fn pg_query_err(what: &str, e: tokio_postgres::Error) -> Error {
+    let kind = if e.is_closed() || e.as_db_error().is_none() {
+        Kind::PgConnect
+    } else {
+        Kind::PgQuery
+    };
+    Error::new(
+        kind,
+        format!("PostgreSQL error while {what}: {}", pg_error_text(&e)),
+    )
+}
+
+/// The server's own words for a SQL error (tokio-postgres only says "db
+/// error"), or the connection failure.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}

@@ -152,8 +152,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run(c) => {
             let cfg = load(&c)?;
             let shutdown = shutdown_signal()?;
-            let health = Arc::new(walnats::http::Health::default());
-            let metrics = walnats::http::install_metrics()?;
+            let health = Arc::new(walnats::metrics::Health::default());
+            let metrics = walnats::metrics::install_metrics()?;
             if let Some(addr) = cfg.http_listen {
                 walnats::http::serve(addr, metrics, Arc::clone(&health), Arc::clone(&cfg)).await?;
             }

@@ -23,8 +23,8 @@ use crate::config::{self, Config, OversizePolicy, SnapshotMode};
 use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
-use crate::http::{self, Health};
 use crate::lsn::{Lsn, Position};
+use crate::metrics::Health;
 use crate::pgoutput::{self, Message};
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
@@ -70,7 +70,7 @@ pub async fn run(
             }
             Err(e) => e,
         };
-        metrics::counter!(http::ERRORS, "kind" => err.kind().name()).increment(1);
+        metrics::counter!(crate::metrics::ERRORS, "kind" => err.kind().name()).increment(1);
         if err.retry() == Retry::Definite {
             return Err(err);
         }
@@ -140,7 +140,7 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str, store: &Store)
                 &[&key],
             )
             .await
-            .map_err(|e| crate::event::relation::pg_query_err("taking walnats' slot lock", e))?;
+            .map_err(|e| crate::error::pg_query_err("taking walnats' slot lock", e))?;
         if row.get::<_, bool>(0) {
             return Ok(());
         }
@@ -154,9 +154,7 @@ async fn hold_slot_lock(sql: &tokio_postgres::Client, slot: &str, store: &Store)
                 &[&lock],
             )
             .await
-            .map_err(|e| {
-                crate::event::relation::pg_query_err("looking up who holds walnats' slot lock", e)
-            })?
+            .map_err(|e| crate::error::pg_query_err("looking up who holds walnats' slot lock", e))?
             .map(|r| {
                 (
                     r.get::<_, i32>(0),
@@ -443,7 +441,7 @@ async fn choose_shape(
     let subjects = &stream.cached_info().config.subjects;
     if !subjects
         .iter()
-        .any(|s| sink::subject::covers_prefix(s, &had.prefix))
+        .any(|s| crate::subject::covers_prefix(s, &had.prefix))
     {
         return Err(Error::new(
             Kind::Checkpoint,
@@ -711,8 +709,8 @@ async fn session(
         Publisher::new(c.js.clone(), resume.state.stream_seq)
     };
     let meters = Meters {
-        latency: metrics::histogram!(http::PUBLISH_LATENCY),
-        transactions: metrics::counter!(http::TRANSACTIONS),
+        latency: metrics::histogram!(crate::metrics::PUBLISH_LATENCY),
+        transactions: metrics::counter!(crate::metrics::TRANSACTIONS),
     };
     let mut s = Session {
         cfg: Arc::clone(cfg),
@@ -919,8 +917,8 @@ impl Session {
         let flush = self.ledger.confirmable();
         let write = self.received.max(flush);
         // Lossy on purpose: a gauge is an f64; LSNs below 2^53 are exact.
-        metrics::gauge!(http::CONFIRMED_FLUSH_LSN).set(flush.as_u64() as f64);
-        metrics::gauge!(http::REPLICATION_LAG)
+        metrics::gauge!(crate::metrics::CONFIRMED_FLUSH_LSN).set(flush.as_u64() as f64);
+        metrics::gauge!(crate::metrics::REPLICATION_LAG)
             .set(self.server_end.max(write).bytes_since(flush) as f64);
         self.health.set_ready(matches!(
             self.nats.connection_state(),
@@ -964,7 +962,7 @@ impl Session {
                 // whole: like the small ones, not published or numbered.
                 self.received = self.received.max(wal_end);
                 self.last_data = Instant::now();
-                metrics::counter!(http::MESSAGES_IGNORED).increment(1);
+                metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
                 debug!(bytes, %wal_end, "skipped a large logical message whose prefix is not in output.message_prefixes");
                 Ok(())
             }
@@ -1139,7 +1137,7 @@ impl Session {
             {
                 // Any database user can write one: only the prefixes asked
                 // for are published (and numbered, when transactional).
-                metrics::counter!(http::MESSAGES_IGNORED).increment(1);
+                metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
             }
             Message::LogicalMessage(m) => {
                 let (pos, tx) = if m.transactional {
@@ -1229,7 +1227,7 @@ impl Session {
     /// slot, with tables that still have the names they were asked by.
     async fn on_request(&mut self, content: &[u8], pos: Position) -> Result<()> {
         let ignore = |why: &str| {
-            metrics::counter!(http::MESSAGES_IGNORED).increment(1);
+            metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
             // Never the content: anyone may have written it.
             warn!(lsn = %pos.commit_lsn, bytes = content.len(), "walnats.snapshot message ignored: {why}");
             Ok(())
@@ -1411,7 +1409,7 @@ impl Session {
             self.emitted_schemas.insert(s.0, s.1);
         }
         let done = reread::apply(self.ledger.acked_mut(), &pending, seq);
-        metrics::counter!(http::SNAPSHOT_ROWS).increment(n);
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(n);
         if let Some(r) = done {
             info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");
         }
@@ -1487,7 +1485,7 @@ impl Session {
                 let table = table
                     .map(|r| format!("{}.{}", r.schema, r.table))
                     .unwrap_or_else(|| "_message".to_owned());
-                metrics::counter!(http::EVENTS_PUBLISHED, "table" => table, "op" => key.1)
+                metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "table" => table, "op" => key.1)
             })
             .clone();
         self.last_counter = Some((key, counter.clone()));
@@ -1520,7 +1518,7 @@ impl Session {
         }
         info!(%subject, size = claim.size, bucket = %claim.bucket, object = %claim.name,
             "oversized message stored in the Object Store; its claim check goes to the stream");
-        metrics::counter!(http::OVERSIZE_STORED, "subject" => subject).increment(1);
+        metrics::counter!(crate::metrics::OVERSIZE_STORED, "subject" => subject).increment(1);
         Ok(out)
     }
 
@@ -1580,7 +1578,7 @@ impl Session {
             match (self.shape.on_oversize, pos) {
                 (OversizePolicy::Skip, Some(p)) => {
                     warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
-                    metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
+                    metrics::counter!(crate::metrics::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
                         .increment(1);
                     let tx = ev.tx.map(|t| t.commit_lsn);
                     self.ledger.push(0, Acked::Dropped { pos: p, tx });

@@ -14,7 +14,7 @@ mod kinds;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use walnats::encode::value::ValueKind;
+use walnats::value::ValueKind;
 
 fuzz_target!(|data: &[u8]| {
     let [e, d, text @ ..] = data else { return };

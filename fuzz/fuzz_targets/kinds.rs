@@ -2,7 +2,7 @@
 //! JSON it should be.
 
 use serde::de::IgnoredAny;
-use walnats::encode::value::ValueKind;
+use walnats::value::ValueKind;
 
 /// json and jsonb text is copied after a shallow check (value.rs says
 /// why), so only JSON-free kinds promise a fully valid JSON output.
@@ -26,7 +26,7 @@ pub fn has_json(kind: &ValueKind) -> bool {
 pub fn write_and_check(kind: &ValueKind, text: &[u8]) -> Option<Vec<u8>> {
     const PREFIX: &[u8] = b"{\"c\":";
     let mut out = PREFIX.to_vec();
-    match walnats::encode::value::write_text_value(kind, text, &mut out) {
+    match walnats::value::write_text_value(kind, text, &mut out) {
         Err(e) => {
             assert_eq!(out, PREFIX, "{e}: the buffer was not restored");
             assert!(!e.type_name().is_empty() && !e.problem().is_empty());

@@ -13,7 +13,7 @@
 mod kinds;
 
 use libfuzzer_sys::fuzz_target;
-use walnats::encode::value::ValueKind;
+use walnats::value::ValueKind;
 
 /// bool, int2/4/8, oid, float4/8, numeric, json, jsonb, bytea, date,
 /// timestamp, timestamptz, text, varchar, uuid, interval, then the arrays

@@ -893,7 +893,7 @@ impl NatsConfig {
     pub fn subject_prefix_for(&self, database: &str) -> String {
         match &self.subject_prefix {
             Some(p) => p.clone(),
-            None => format!("cdc.{}", crate::sink::subject::escape_token(database)),
+            None => format!("cdc.{}", crate::subject::escape_token(database)),
         }
     }
 

@@ -29,9 +29,9 @@ use base64::Engine;
 
 use crate::encode::Source;
 use crate::encode::json::{Unchanged, old_tuple, push_str, write_old, write_tuple};
-use crate::encode::value::ValueKind;
 use crate::error::Result;
 use crate::event::{Body, ColumnInfo, Event, Op};
+use crate::value::ValueKind;
 
 /// What Debezium writes for an unchanged TOAST value that PostgreSQL did
 /// not send (its `unavailable.value.placeholder` default).

@@ -1,12 +1,12 @@
 //! The `format = "json"` body of the contract.
 
-use crate::encode::json_str::{write_json_str, write_json_string};
-use crate::encode::value::write_text_value;
 use crate::encode::{Claim, Source};
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, ColumnInfo, Event, RelationInfo, TxInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, TupleData, TupleValue};
+use crate::value::json_str::{write_json_str, write_json_string};
+use crate::value::write_text_value;
 
 pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
     write_json_string(s.as_bytes(), out).map_err(Error::from)
@@ -530,10 +530,10 @@ mod tests {
         use serde_json::{Value, json};
 
         use super::super::*;
-        use crate::encode::value::ValueKind;
         use crate::event::Op;
         use crate::lsn::Position;
         use crate::pgoutput::{Oid, OldTuple, ReplicaIdentity, Xid};
+        use crate::value::ValueKind;
 
         fn col(name: &str, key: bool) -> ColumnInfo {
             let kind = if name == "id" {

@@ -4,12 +4,8 @@
 //! and "Messages" sections). It never parses pgoutput and never talks to
 //! NATS; it writes bodies straight into reusable buffers.
 
-pub mod array;
-pub mod datetime;
 pub mod debezium;
 pub mod json;
-pub mod json_str;
-pub mod value;
 
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
@@ -19,7 +15,7 @@ use crate::config::OutputFormat;
 use crate::error::Result;
 use crate::event::{Body, Event};
 use crate::lsn::Position;
-use crate::sink::subject::push_escaped;
+use crate::subject::push_escaped;
 
 /// One message ready to publish.
 #[derive(Debug)]

@@ -10,10 +10,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::encode::value::ValueKind;
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind, Result, pg_query_err};
 use crate::pgoutput::{Oid, Relation, ReplicaIdentity};
-use crate::sink::subject::push_escaped;
+use crate::subject::push_escaped;
+use crate::value::ValueKind;
 
 #[derive(Debug)]
 pub struct ColumnInfo {
@@ -208,30 +208,6 @@ impl TypeResolver {
     }
 }
 
-pub fn pg_query_err(what: &str, e: tokio_postgres::Error) -> Error {
-    let kind = if e.is_closed() || e.as_db_error().is_none() {
-        Kind::PgConnect
-    } else {
-        Kind::PgQuery
-    };
-    Error::new(
-        kind,
-        format!("PostgreSQL error while {what}: {}", pg_error_text(&e)),
-    )
-}
-
-/// The server's own words for a SQL error (tokio-postgres only says "db
-/// error"), or the connection failure.
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
-}
-
 /// Relations by OID, replaced whenever a Relation message arrives.
 pub struct RelationCache {
     prefix: String,
@@ -283,7 +259,7 @@ impl RelationCache {
             h.bytes(&col.type_modifier.to_le_bytes());
             h.bytes(&[u8::from(col.key)]);
             let mut json_key = Vec::with_capacity(col.name.len() + 3);
-            crate::encode::json_str::write_json_string(col.name.as_bytes(), &mut json_key)
+            crate::value::json_str::write_json_string(col.name.as_bytes(), &mut json_key)
                 .map_err(Error::from)?;
             json_key.push(b':');
             columns.push(ColumnInfo {

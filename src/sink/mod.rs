@@ -7,7 +7,6 @@
 //! parses pgoutput and never decides what is safe to confirm to PostgreSQL.
 
 pub mod oversize;
-pub mod subject;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,7 +31,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client> {
         .name("walnats")
         // Every subject walnats publishes to is valid by construction: a
         // prefix checked at config load (`config::valid_subject_prefix`)
-        // and tokens escaped to `A-Z a-z 0-9 _ - %` (`sink::subject`), or
+        // and tokens escaped to `A-Z a-z 0-9 _ - %` (`crate::subject`), or
         // inboxes and object-store subjects async-nats makes itself; the
         // check would scan every row's subject and reply again.
         // Subscriptions are still checked.
@@ -142,7 +141,10 @@ pub async fn ensure_stream(
     match js.get_stream(name).await {
         Ok(stream) => {
             let subjects = &stream.cached_info().config.subjects;
-            if !subjects.iter().any(|s| subject::covers_prefix(s, prefix)) {
+            if !subjects
+                .iter()
+                .any(|s| crate::subject::covers_prefix(s, prefix))
+            {
                 return Err(Error::new(
                     Kind::NatsSetup,
                     format!(

@@ -22,8 +22,8 @@
 use futures::StreamExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
-use crate::event::relation::pg_query_err;
 use crate::pgoutput::{Column, Oid, Relation, ReplicaIdentity, TupleData, TupleValue};
 use crate::source::setup::quote_ident;
 
@@ -550,7 +550,7 @@ fn read_err(plan: &TablePlan, e: tokio_postgres::Error) -> Error {
                  published table, and reads with row_security = off, so a table whose row-level security applies \
                  to it needs the role to have BYPASSRLS or to own it",
                 plan.qualified,
-                crate::event::relation::pg_error_text(&e)
+                crate::error::pg_error_text(&e)
             ),
         );
     }

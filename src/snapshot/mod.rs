@@ -38,7 +38,6 @@ use crate::config::{Config, OversizePolicy};
 use crate::encode::{Encoder, OutMsg};
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op, RelationCache};
-use crate::http;
 use crate::lsn::{Lsn, Position};
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{MAX_BATCH, Publisher};
@@ -179,9 +178,9 @@ impl Snapshotter<'_> {
             ),
             None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
         };
-        sql.batch_execute(&begin).await.map_err(|e| {
-            crate::event::relation::pg_query_err("starting the snapshot transaction", e)
-        })?;
+        sql.batch_execute(&begin)
+            .await
+            .map_err(|e| crate::error::pg_query_err("starting the snapshot transaction", e))?;
         let mut snap = cp.snapshot.take().unwrap_or_default();
         if exported.is_none() && snap.planned {
             info!(
@@ -360,8 +359,8 @@ impl Snapshotter<'_> {
             "snapshot chunk published"
         );
         apply(cp, &pending, seq);
-        metrics::counter!(http::SNAPSHOT_ROWS).increment(rows);
-        metrics::counter!(http::EVENTS_PUBLISHED, "table" => format!("{}.{}", rel.schema, rel.table), "op" => "read")
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(rows);
+        metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "table" => format!("{}.{}", rel.schema, rel.table), "op" => "read")
             .increment(rows);
         Ok(())
     }
@@ -429,7 +428,8 @@ pub(crate) async fn encode_reads(
             // claim check can be in the stream.
             let claim = store.put_message(stream, &msg).await?;
             msg = encoder.claim_check(&ev, msg, &claim)?;
-            metrics::counter!(http::OVERSIZE_STORED, "subject" => msg.subject.clone()).increment(1);
+            metrics::counter!(crate::metrics::OVERSIZE_STORED, "subject" => msg.subject.clone())
+                .increment(1);
             size = Publisher::wire_size(&msg);
         }
         if size > max_payload {
@@ -440,7 +440,7 @@ pub(crate) async fn encode_reads(
             );
             if cfg.on_oversize == OversizePolicy::Skip {
                 warn!(subject = %msg.subject, size, "oversized snapshot row skipped (limits.on_oversize = skip)");
-                metrics::counter!(http::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
+                metrics::counter!(crate::metrics::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
                     .increment(1);
                 continue;
             }

@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::catalog::{self, Chunk, Cursor, TablePlan};
+use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
 use crate::event::RelationInfo;
-use crate::event::relation::pg_query_err;
 use crate::pgoutput::{TupleData, TupleValue};
 
 /// The logical message prefix of a request.

@@ -8,8 +8,8 @@
 use tokio_postgres::Client;
 
 use crate::config::{PostgresConfig, TableSelector};
+use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
-use crate::event::relation::pg_query_err;
 use crate::lsn::Lsn;
 
 /// `"ident"` with inner quotes doubled.
@@ -96,7 +96,7 @@ pub async fn ensure_publication(sql: &Client, pg: &PostgresConfig) -> Result<boo
             format!(
                 "cannot create publication {:?} ({}): {hint}",
                 pg.publication,
-                crate::event::relation::pg_error_text(&e)
+                crate::error::pg_error_text(&e)
             ),
         )
     })?;
@@ -205,7 +205,7 @@ pub async fn drop_slot(sql: &Client, slot: &str) -> Result<bool> {
                 kind,
                 format!(
                     "cannot drop slot {slot:?} ({}): stop every walnats streaming from it first",
-                    crate::event::relation::pg_error_text(&e)
+                    crate::error::pg_error_text(&e)
                 ),
             )
         })?;

@@ -91,7 +91,7 @@ async fn verify_session(client: &tokio_postgres::Client) -> Result<()> {
             "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('row_security')",
         )
         .await
-        .map_err(|e| crate::event::relation::pg_query_err("reading the session settings", e))?;
+        .map_err(|e| crate::error::pg_query_err("reading the session settings", e))?;
     let row = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
         _ => None,

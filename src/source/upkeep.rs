@@ -117,7 +117,7 @@ async fn run(
                     continue;
                 };
                 // Lossy on purpose: a gauge is an f64.
-                metrics::gauge!(crate::http::SLOT_WAL_RETAINED).set(retained as f64);
+                metrics::gauge!(crate::metrics::SLOT_WAL_RETAINED).set(retained as f64);
                 let Some(threshold) = warn_above else {
                     continue;
                 };

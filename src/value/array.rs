@@ -18,7 +18,7 @@
 //! an empty unquoted element, `{}` inside an array) is an error, never a
 //! guess. Nothing is allocated unless an element contains a backslash.
 
-use super::value::{ValueError, ValueKind, write_value};
+use super::{ValueError, ValueKind, write_value};
 
 /// PostgreSQL's MAXDIM.
 const MAX_DIMS: usize = 6;
@@ -336,7 +336,7 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::value::write_text_value;
+    use crate::value::write_text_value;
     use proptest::prelude::*;
     use serde_json::{Value, json};
 

@@ -40,11 +40,15 @@
 //!   money, ranges, geometric, composite, …): the printed text as a JSON
 //!   string, after checking it is UTF-8.
 
+pub mod array;
+pub mod datetime;
+pub mod json_str;
+
 use base64::Engine;
 
-use super::array::write_array;
-use super::datetime::{DateKind, write_datetime};
-use super::json_str::{write_json_string_of, write_plain_json_str};
+use array::write_array;
+use datetime::{DateKind, write_datetime};
+use json_str::{write_json_string_of, write_plain_json_str};
 
 /// How a column's values are written; resolved once per relation column.
 #[derive(Debug, Clone, PartialEq, Eq)]

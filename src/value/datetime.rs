@@ -29,8 +29,8 @@
 //! It never guesses: anything else (another DateStyle, a time zone name, an
 //! impossible date) is a [`ValueError`] naming the type, never the value.
 
+use super::ValueError;
 use super::json_str::write_plain_json_str;
-use super::value::ValueError;
 
 /// Which of the three types a text is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

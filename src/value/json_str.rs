@@ -10,7 +10,7 @@
 //! checked and refused, never replaced, since a silently altered value is
 //! data loss. It never allocates beyond growing the caller's buffer.
 
-use super::value::ValueError;
+use super::ValueError;
 
 /// Bytes that JSON requires to be escaped inside a string.
 static NEEDS_ESCAPE: [bool; 256] = {
