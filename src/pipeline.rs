@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::checkpoint::SnapshotState;
 use crate::checkpoint::ledger::{Acked, Ledger, Meters};
 use crate::checkpoint::replay::Replay;
 use crate::checkpoint::{self, Checkpoint, Shape, Store, StoredReader};
@@ -28,7 +29,7 @@ use crate::metrics::Health;
 use crate::pgoutput::{self, Message};
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
-use crate::snapshot::{self, SnapshotState, reread};
+use crate::snapshot::{self, reread};
 use crate::source::upkeep::{self, WalWatch};
 use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
 
@@ -621,7 +622,7 @@ async fn session(
     };
     if resume.state.snapshot.is_some() {
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
-        snapshot::settle(&mut resume.state, resume.last_seq)?;
+        resume.state.settle_snapshot(resume.last_seq)?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
         {
@@ -656,7 +657,7 @@ async fn session(
         conn = ReplicationConn::connect(&c.pg).await?;
     }
     if resume.state.pending_reread.is_some() {
-        reread::settle(&mut resume.state, resume.last_seq)?;
+        resume.state.settle_reread(resume.last_seq)?;
     }
     if resume.skip() == 0 && resume.from_checkpoint && created_at.is_none() {
         // Nothing to prove: record the settings in force before anything
@@ -1385,7 +1386,7 @@ impl Session {
         let n = reads.msgs.len() as u64;
         let last_pos =
             (reads.next_seq > 1).then(|| Position::new(at.commit_lsn, reads.next_seq - 1));
-        let pending = reread::PendingReread {
+        let pending = crate::checkpoint::PendingReread {
             messages: n,
             end: chunk.end,
             last: chunk.last,
@@ -1408,7 +1409,7 @@ impl Session {
         if let Some(s) = reads.schema {
             self.emitted_schemas.insert(s.0, s.1);
         }
-        let done = reread::apply(self.ledger.acked_mut(), &pending, seq);
+        let done = self.ledger.acked_mut().apply_reread(&pending, seq);
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(n);
         if let Some(r) = done {
             info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");

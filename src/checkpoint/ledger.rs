@@ -21,7 +21,6 @@ use tracing::info;
 
 use super::Checkpoint;
 use crate::lsn::{Lsn, Position};
-use crate::snapshot::{self, reread};
 
 /// What an entry turns into once the stream holds its sequence.
 pub enum Acked {
@@ -48,7 +47,7 @@ pub enum Acked {
     /// `pos`): they join the checkpoint's re-read queue in stream order.
     Request {
         pos: Position,
-        targets: Vec<reread::Target>,
+        targets: Vec<crate::checkpoint::Target>,
     },
 }
 
@@ -167,9 +166,9 @@ impl Ledger {
                         continue;
                     }
                     info!(schema = %t.schema, table = %t.table, "snapshot of table requested");
-                    c.rereads.push(reread::Reread {
+                    c.rereads.push(crate::checkpoint::Reread {
                         target: t,
-                        after: snapshot::Cursor::Start,
+                        after: crate::checkpoint::Cursor::Start,
                         rows: 0,
                     });
                 }

@@ -25,158 +25,20 @@
 //! duplicate window forgets.
 
 pub mod ledger;
+pub mod record;
 pub mod replay;
 
-use std::collections::BTreeMap;
+pub use record::{
+    Checkpoint, Cursor, PendingChunk, PendingReread, Reread, Shape, SnapshotState, TableProgress,
+    Target,
+};
 
 use async_nats::jetstream::{self, kv, stream::Stream};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, OutputFormat, OversizePolicy};
 use crate::encode;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::{Lsn, Position};
-
-/// The settings that decide which messages replaying the slot produces,
-/// and so what the stream holds: recorded with every checkpoint, so that a
-/// change made while walnats was down takes effect at a transaction
-/// boundary and never renumbers, loses or repeats a change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shape {
-    /// Which changes pgoutput sends (and so each change's `Cdc-Seq`).
-    pub publication: String,
-    /// Every subject, and so what a replay is compared with.
-    pub prefix: String,
-    /// `_tx` markers are messages of their own.
-    pub tx_markers: bool,
-    /// The body, and so whether a row is over max_payload.
-    pub format: OutputFormat,
-    /// Whether an oversized row is a message (object store), none (skip)
-    /// or a stop.
-    pub on_oversize: OversizePolicy,
-    /// Which `pg_logical_emit_message` prefixes are published (a
-    /// transactional one published takes a `Cdc-Seq`).
-    #[serde(default = "all_messages")]
-    pub message_prefixes: Vec<String>,
-}
-
-/// What walnats published before `output.message_prefixes` existed.
-fn all_messages() -> Vec<String> {
-    vec!["*".to_owned()]
-}
-
-impl Shape {
-    /// The shape `cfg` asks for, with the subject prefix resolved.
-    pub fn of(cfg: &Config, prefix: &str) -> Shape {
-        Shape {
-            publication: cfg.postgres.publication.clone(),
-            prefix: prefix.to_owned(),
-            tx_markers: cfg.output.tx_markers,
-            format: cfg.output.format,
-            on_oversize: cfg.on_oversize,
-            message_prefixes: cfg.output.message_prefixes.clone(),
-        }
-    }
-
-    /// The settings that differ in `to`, as `key: old -> new`.
-    pub fn changes(&self, to: &Shape) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.publication != to.publication {
-            out.push(format!(
-                "postgres.publication {:?} -> {:?}",
-                self.publication, to.publication
-            ));
-        }
-        if self.prefix != to.prefix {
-            out.push(format!(
-                "nats.subject_prefix {:?} -> {:?}",
-                self.prefix, to.prefix
-            ));
-        }
-        if self.tx_markers != to.tx_markers {
-            out.push(format!(
-                "output.tx_markers {} -> {}",
-                self.tx_markers, to.tx_markers
-            ));
-        }
-        if self.format != to.format {
-            out.push(format!(
-                "output.format {:?} -> {:?}",
-                self.format, to.format
-            ));
-        }
-        if self.on_oversize != to.on_oversize {
-            out.push(format!(
-                "limits.on_oversize {:?} -> {:?}",
-                self.on_oversize, to.on_oversize
-            ));
-        }
-        if self.message_prefixes != to.message_prefixes {
-            out.push(format!(
-                "output.message_prefixes {:?} -> {:?}",
-                self.message_prefixes, to.message_prefixes
-            ));
-        }
-        out
-    }
-}
-
-impl Checkpoint {
-    /// The settings the messages after this checkpoint were published
-    /// with; for a checkpoint older than the record of them, `now` with the
-    /// `tx_markers` it did record.
-    pub fn shape_or(&self, now: &Shape) -> Shape {
-        self.shape.clone().unwrap_or_else(|| Shape {
-            tx_markers: self.legacy_tx_markers,
-            message_prefixes: all_messages(),
-            ..now.clone()
-        })
-    }
-}
-
-/// What is published, as of one acknowledged message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Checkpoint {
-    pub version: u32,
-    /// The last change whose publish JetStream acknowledged; every
-    /// position at or before it is in the stream.
-    pub pos: Option<Position>,
-    /// The stream sequence of the last acknowledged message.
-    pub stream_seq: u64,
-    /// The slot may be confirmed up to here: the end LSN of the last
-    /// transaction whose every message is acknowledged, or a keepalive
-    /// position reached while nothing was in flight.
-    pub confirmed: Lsn,
-    /// Relation OID → hash of the column set last published on `_schema`.
-    pub schemas: BTreeMap<u32, u64>,
-    /// The settings the messages after this checkpoint were published
-    /// with. `None` in checkpoints older than this field (their
-    /// `tx_markers` is read from `legacy_tx_markers`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shape: Option<Shape>,
-    /// Before `shape`: whether `_tx` markers were being published.
-    #[serde(default, rename = "tx_markers", skip_serializing)]
-    pub legacy_tx_markers: bool,
-    /// The commit LSN of a transaction with messages in the stream whose
-    /// end is not: it must be finished with the settings it began with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub open_tx: Option<Lsn>,
-    /// The commit LSN of the last transaction whose BEGIN marker is
-    /// acknowledged: a BEGIN precedes its transaction's first position, so
-    /// the position alone cannot say it is out.
-    #[serde(default)]
-    pub begun: Option<Lsn>,
-    /// The initial snapshot, while it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<crate::snapshot::SnapshotState>,
-    /// Tables `walnats snapshot` asked to re-read; the first is in progress.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rereads: Vec<crate::snapshot::reread::Reread>,
-    /// A re-read chunk announced before its batch is published.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending_reread: Option<crate::snapshot::reread::PendingReread>,
-}
 
 /// Where checkpoints live: one key per (stream, database, slot) in a KV
 /// bucket on the same NATS.

@@ -22,6 +22,7 @@
 use futures::StreamExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::checkpoint::Cursor;
 use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
 use crate::pgoutput::{Column, Oid, Relation, ReplicaIdentity, TupleData, TupleValue};
@@ -360,14 +361,6 @@ fn literal(s: &str) -> String {
 
 /// Where a table's read stands: the primary key of the last row read, or
 /// the first heap page not read yet.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "by", rename_all = "snake_case")]
-pub enum Cursor {
-    Start,
-    Key { values: Vec<String> },
-    Page { page: u64 },
-}
-
 /// One chunk of rows and where the next one starts.
 pub struct Chunk {
     pub rows: Vec<TupleData>,

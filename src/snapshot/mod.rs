@@ -30,10 +30,9 @@ pub mod reread;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::checkpoint::{Checkpoint, Store};
+use crate::checkpoint::{Checkpoint, Cursor, PendingChunk, Store, TableProgress};
 use crate::config::{Config, OversizePolicy};
 use crate::encode::{Encoder, OutMsg};
 use crate::error::{Error, Kind, Result};
@@ -43,114 +42,12 @@ use crate::sink::oversize::OversizeStore;
 use crate::sink::{MAX_BATCH, Publisher};
 use crate::source::{self, PgConnectConfig};
 
-pub use catalog::Cursor;
-
 /// Rows per chunk: one atomic batch holds at most 1000 messages, and a
 /// table's first chunk carries its `_schema` message too.
 pub const CHUNK_ROWS: usize = MAX_BATCH - 1;
 
 /// Values per chunk, roughly: bounds memory when rows are wide.
 pub const CHUNK_BYTES: usize = 16 << 20;
-
-/// How far the initial snapshot got: saved in the checkpoint while it runs,
-/// gone once it is complete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct SnapshotState {
-    /// The slot's consistent point: the rows are the state as of here (on
-    /// the first pass). `None` until the slot exists.
-    pub consistent_point: Option<Lsn>,
-    /// Whether `tables` is the list of tables to read.
-    pub planned: bool,
-    pub tables: Vec<TableProgress>,
-    /// The `Cdc-Seq` of the next read.
-    pub next_seq: u32,
-    pub rows: u64,
-    /// The planner's estimate of all rows, for progress reports.
-    pub estimate: u64,
-    /// A chunk that may be in the stream: the checkpoint is written before
-    /// its batch is published.
-    pub pending: Option<PendingChunk>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableProgress {
-    pub oid: u32,
-    pub schema: String,
-    pub table: String,
-    pub after: Cursor,
-    pub done: bool,
-    pub rows: u64,
-    pub estimate: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingChunk {
-    pub table: usize,
-    pub end: Cursor,
-    pub last: bool,
-    /// Messages in the batch: the stream grows by exactly this many if it
-    /// landed.
-    pub messages: u64,
-    pub rows: u64,
-    pub next_seq: u32,
-    /// The `_schema` the batch carries.
-    pub schema: Option<(u32, u64)>,
-}
-
-impl SnapshotState {
-    /// The position shared by every read: one byte before the consistent
-    /// point.
-    fn read_lsn(&self) -> Lsn {
-        let cp = self.consistent_point.unwrap_or(Lsn::ZERO);
-        Lsn::from_u64(cp.as_u64().saturating_sub(1))
-    }
-
-    pub fn tables_done(&self) -> usize {
-        self.tables.iter().filter(|t| t.done).count()
-    }
-}
-
-/// Records a chunk as in the stream.
-fn apply(cp: &mut Checkpoint, p: &PendingChunk, stream_seq: u64) {
-    if let Some(snap) = cp.snapshot.as_mut() {
-        snap.pending = None;
-        if let Some(t) = snap.tables.get_mut(p.table) {
-            t.after = p.end.clone();
-            t.done = p.last;
-            t.rows += p.rows;
-        }
-        snap.rows += p.rows;
-        snap.next_seq = p.next_seq;
-    }
-    cp.stream_seq = stream_seq;
-    if let Some((oid, hash)) = p.schema {
-        cp.schemas.insert(oid, hash);
-    }
-}
-
-/// Decides, from the stream's last sequence, whether the chunk the
-/// checkpoint announced landed, and moves the snapshot state past it if so.
-pub fn settle(cp: &mut Checkpoint, last_seq: u64) -> Result<()> {
-    let Some(snap) = cp.snapshot.as_mut() else {
-        return Ok(());
-    };
-    let extra = last_seq.saturating_sub(cp.stream_seq);
-    match snap.pending.take() {
-        Some(p) if extra == p.messages => {
-            apply(cp, &p, last_seq);
-            Ok(())
-        }
-        _ if extra == 0 => Ok(()),
-        p => Err(Error::new(
-            Kind::Checkpoint,
-            format!(
-                "the stream holds {extra} message(s) after the snapshot's checkpoint, but the chunk it announced \
-                 has {}: another client publishes to the stream's subjects; walnats must be its only writer",
-                p.map_or(0, |p| p.messages)
-            ),
-        )),
-    }
-}
 
 /// What the snapshot reads with and publishes through.
 pub struct Snapshotter<'a> {
@@ -358,7 +255,7 @@ impl Snapshotter<'_> {
             batch_us = t1.elapsed().as_micros() as u64,
             "snapshot chunk published"
         );
-        apply(cp, &pending, seq);
+        cp.apply_chunk(&pending, seq);
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(rows);
         metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "table" => format!("{}.{}", rel.schema, rel.table), "op" => "read")
             .increment(rows);

@@ -32,7 +32,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::catalog::{self, Chunk, Cursor, TablePlan};
+use super::catalog::{self, Chunk, TablePlan};
+use crate::checkpoint::{Cursor, Target};
 use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
 use crate::event::RelationInfo;
@@ -53,33 +54,6 @@ pub fn is_own_message(prefix: &str) -> bool {
 pub struct Request {
     pub slot: String,
     pub tables: Vec<Target>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Target {
-    pub oid: u32,
-    pub schema: String,
-    pub table: String,
-}
-
-/// A table being re-read, in the checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reread {
-    pub target: Target,
-    pub after: Cursor,
-    pub rows: u64,
-}
-
-/// A chunk announced in the checkpoint before its batch goes out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingReread {
-    pub messages: u64,
-    pub end: Cursor,
-    pub last: bool,
-    pub rows: u64,
-    pub schema: Option<(u32, u64)>,
-    /// The position of the last read in the batch.
-    pub last_pos: Option<crate::lsn::Position>,
 }
 
 pub enum Watermark<'a> {
@@ -338,60 +312,6 @@ pub fn without_changed(chunk: &mut Chunk, changed: &HashSet<Vec<String>>) {
     }
     chunk.rows = keep;
     chunk.keys = keys;
-}
-
-/// Records an announced chunk as in the stream: the queue's cursor moves,
-/// and a finished table leaves the queue (returned).
-pub fn apply(
-    cp: &mut crate::checkpoint::Checkpoint,
-    p: &PendingReread,
-    stream_seq: u64,
-) -> Option<Reread> {
-    cp.pending_reread = None;
-    cp.stream_seq = stream_seq;
-    if let Some(pos) = p.last_pos
-        && cp.pos.is_none_or(|q| q < pos)
-    {
-        cp.pos = Some(pos);
-    }
-    if let Some((oid, hash)) = p.schema {
-        cp.schemas.insert(oid, hash);
-    }
-    let r = cp.rereads.first_mut()?;
-    r.after = p.end.clone();
-    r.rows += p.rows;
-    if p.last {
-        Some(cp.rereads.remove(0))
-    } else {
-        None
-    }
-}
-
-/// On resume: whether the chunk the checkpoint announced landed (the
-/// stream grew by exactly its size, or more once streaming went on after
-/// it). Returns how many messages after it the stream holds.
-pub fn settle(cp: &mut crate::checkpoint::Checkpoint, last_seq: u64) -> Result<u64> {
-    let Some(p) = cp.pending_reread.clone() else {
-        return Ok(last_seq.saturating_sub(cp.stream_seq));
-    };
-    let extra = last_seq.saturating_sub(cp.stream_seq);
-    if extra == 0 {
-        cp.pending_reread = None;
-        return Ok(0);
-    }
-    if extra < p.messages {
-        return Err(Error::new(
-            Kind::Checkpoint,
-            format!(
-                "the stream holds {extra} message(s) after the checkpoint, fewer than the {} of the snapshot chunk \
-                 it announced: another client publishes to the stream's subjects; walnats must be its only writer",
-                p.messages
-            ),
-        ));
-    }
-    let seq = cp.stream_seq + p.messages;
-    apply(cp, &p, seq);
-    Ok(extra - p.messages)
 }
 
 #[cfg(test)]

@@ -1,0 +1,351 @@
+//! Every type the checkpoint persists, and the rules that move it past a
+//! batch it announced.
+//!
+//! The checkpoint is JSON in the KV bucket; these types are its schema, so
+//! a field is only ever added (with a default) and never renamed. They live
+//! here, not with the code that fills them (`snapshot`, `pipeline`), so
+//! that the checkpoint depends on nothing that depends on it.
+//!
+//! A snapshot or re-read chunk goes out as one atomic batch that the
+//! checkpoint announces first (write-ahead): on resume, how far the
+//! stream's last sequence is past the checkpoint's tells whether the batch
+//! landed ([`Checkpoint::settle_snapshot`], [`Checkpoint::settle_reread`],
+//! one rule for both). No I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, OutputFormat, OversizePolicy};
+use crate::error::{Error, Kind, Result};
+use crate::lsn::{Lsn, Position};
+
+/// The settings that decide which messages replaying the slot produces,
+/// and so what the stream holds: recorded with every checkpoint, so that a
+/// change made while walnats was down takes effect at a transaction
+/// boundary and never renumbers, loses or repeats a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    /// Which changes pgoutput sends (and so each change's `Cdc-Seq`).
+    pub publication: String,
+    /// Every subject, and so what a replay is compared with.
+    pub prefix: String,
+    /// `_tx` markers are messages of their own.
+    pub tx_markers: bool,
+    /// The body, and so whether a row is over max_payload.
+    pub format: OutputFormat,
+    /// Whether an oversized row is a message (object store), none (skip)
+    /// or a stop.
+    pub on_oversize: OversizePolicy,
+    /// Which `pg_logical_emit_message` prefixes are published (a
+    /// transactional one published takes a `Cdc-Seq`).
+    #[serde(default = "all_messages")]
+    pub message_prefixes: Vec<String>,
+}
+
+/// What walnats published before `output.message_prefixes` existed.
+fn all_messages() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+impl Shape {
+    /// The shape `cfg` asks for, with the subject prefix resolved.
+    pub fn of(cfg: &Config, prefix: &str) -> Shape {
+        Shape {
+            publication: cfg.postgres.publication.clone(),
+            prefix: prefix.to_owned(),
+            tx_markers: cfg.output.tx_markers,
+            format: cfg.output.format,
+            on_oversize: cfg.on_oversize,
+            message_prefixes: cfg.output.message_prefixes.clone(),
+        }
+    }
+
+    /// The settings that differ in `to`, as `key: old -> new`.
+    pub fn changes(&self, to: &Shape) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.publication != to.publication {
+            out.push(format!(
+                "postgres.publication {:?} -> {:?}",
+                self.publication, to.publication
+            ));
+        }
+        if self.prefix != to.prefix {
+            out.push(format!(
+                "nats.subject_prefix {:?} -> {:?}",
+                self.prefix, to.prefix
+            ));
+        }
+        if self.tx_markers != to.tx_markers {
+            out.push(format!(
+                "output.tx_markers {} -> {}",
+                self.tx_markers, to.tx_markers
+            ));
+        }
+        if self.format != to.format {
+            out.push(format!(
+                "output.format {:?} -> {:?}",
+                self.format, to.format
+            ));
+        }
+        if self.on_oversize != to.on_oversize {
+            out.push(format!(
+                "limits.on_oversize {:?} -> {:?}",
+                self.on_oversize, to.on_oversize
+            ));
+        }
+        if self.message_prefixes != to.message_prefixes {
+            out.push(format!(
+                "output.message_prefixes {:?} -> {:?}",
+                self.message_prefixes, to.message_prefixes
+            ));
+        }
+        out
+    }
+}
+
+impl Checkpoint {
+    /// The settings the messages after this checkpoint were published
+    /// with; for a checkpoint older than the record of them, `now` with the
+    /// `tx_markers` it did record.
+    pub fn shape_or(&self, now: &Shape) -> Shape {
+        self.shape.clone().unwrap_or_else(|| Shape {
+            tx_markers: self.legacy_tx_markers,
+            message_prefixes: all_messages(),
+            ..now.clone()
+        })
+    }
+}
+
+/// What is published, as of one acknowledged message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Checkpoint {
+    pub version: u32,
+    /// The last change whose publish JetStream acknowledged; every
+    /// position at or before it is in the stream.
+    pub pos: Option<Position>,
+    /// The stream sequence of the last acknowledged message.
+    pub stream_seq: u64,
+    /// The slot may be confirmed up to here: the end LSN of the last
+    /// transaction whose every message is acknowledged, or a keepalive
+    /// position reached while nothing was in flight.
+    pub confirmed: Lsn,
+    /// Relation OID → hash of the column set last published on `_schema`.
+    pub schemas: BTreeMap<u32, u64>,
+    /// The settings the messages after this checkpoint were published
+    /// with. `None` in checkpoints older than this field (their
+    /// `tx_markers` is read from `legacy_tx_markers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
+    /// Before `shape`: whether `_tx` markers were being published.
+    #[serde(default, rename = "tx_markers", skip_serializing)]
+    pub legacy_tx_markers: bool,
+    /// The commit LSN of a transaction with messages in the stream whose
+    /// end is not: it must be finished with the settings it began with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_tx: Option<Lsn>,
+    /// The commit LSN of the last transaction whose BEGIN marker is
+    /// acknowledged: a BEGIN precedes its transaction's first position, so
+    /// the position alone cannot say it is out.
+    #[serde(default)]
+    pub begun: Option<Lsn>,
+    /// The initial snapshot, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotState>,
+    /// Tables `walnats snapshot` asked to re-read; the first is in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rereads: Vec<Reread>,
+    /// A re-read chunk announced before its batch is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reread: Option<PendingReread>,
+}
+
+/// How far the initial snapshot got: saved in the checkpoint while it runs,
+/// gone once it is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SnapshotState {
+    /// The slot's consistent point: the rows are the state as of here (on
+    /// the first pass). `None` until the slot exists.
+    pub consistent_point: Option<Lsn>,
+    /// Whether `tables` is the list of tables to read.
+    pub planned: bool,
+    pub tables: Vec<TableProgress>,
+    /// The `Cdc-Seq` of the next read.
+    pub next_seq: u32,
+    pub rows: u64,
+    /// The planner's estimate of all rows, for progress reports.
+    pub estimate: u64,
+    /// A chunk that may be in the stream: the checkpoint is written before
+    /// its batch is published.
+    pub pending: Option<PendingChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableProgress {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+    pub after: Cursor,
+    pub done: bool,
+    pub rows: u64,
+    pub estimate: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingChunk {
+    pub table: usize,
+    pub end: Cursor,
+    pub last: bool,
+    /// Messages in the batch: the stream grows by exactly this many if it
+    /// landed.
+    pub messages: u64,
+    pub rows: u64,
+    pub next_seq: u32,
+    /// The `_schema` the batch carries.
+    pub schema: Option<(u32, u64)>,
+}
+
+impl SnapshotState {
+    /// The position shared by every read: one byte before the consistent
+    /// point.
+    pub fn read_lsn(&self) -> Lsn {
+        let cp = self.consistent_point.unwrap_or(Lsn::ZERO);
+        Lsn::from_u64(cp.as_u64().saturating_sub(1))
+    }
+
+    pub fn tables_done(&self) -> usize {
+        self.tables.iter().filter(|t| t.done).count()
+    }
+}
+
+/// Where a table's next chunk starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Cursor {
+    Start,
+    Key { values: Vec<String> },
+    Page { page: u64 },
+}
+
+/// A table `walnats snapshot` asked for: its OID and the names it had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+}
+
+/// A table being re-read, in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reread {
+    pub target: Target,
+    pub after: Cursor,
+    pub rows: u64,
+}
+
+/// A chunk announced in the checkpoint before its batch goes out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReread {
+    pub messages: u64,
+    pub end: Cursor,
+    pub last: bool,
+    pub rows: u64,
+    pub schema: Option<(u32, u64)>,
+    /// The position of the last read in the batch.
+    pub last_pos: Option<Position>,
+}
+
+/// Whether a batch the checkpoint announced (`announced` messages) landed,
+/// given that the stream holds `extra` messages after the checkpoint's
+/// `stream_seq`. `more_may_follow`: walnats may have published after the
+/// batch before the next checkpoint (streaming goes on after a re-read
+/// chunk; nothing follows a snapshot chunk first). Any other count means
+/// another client wrote to the stream.
+fn landed(announced: u64, extra: u64, more_may_follow: bool) -> Result<bool> {
+    match extra {
+        0 => Ok(false),
+        e if e == announced || (more_may_follow && e > announced) => Ok(true),
+        e => Err(Error::new(
+            Kind::Checkpoint,
+            format!(
+                "the stream holds {e} message(s) after the checkpoint, but the snapshot chunk it announced has \
+                 {announced}: another client publishes to the stream's subjects; walnats must be its only writer"
+            ),
+        )),
+    }
+}
+
+impl Checkpoint {
+    /// Records an initial-snapshot chunk as in the stream.
+    pub fn apply_chunk(&mut self, p: &PendingChunk, stream_seq: u64) {
+        if let Some(snap) = self.snapshot.as_mut() {
+            snap.pending = None;
+            if let Some(t) = snap.tables.get_mut(p.table) {
+                t.after = p.end.clone();
+                t.done = p.last;
+                t.rows += p.rows;
+            }
+            snap.rows += p.rows;
+            snap.next_seq = p.next_seq;
+        }
+        self.stream_seq = stream_seq;
+        if let Some((oid, hash)) = p.schema {
+            self.schemas.insert(oid, hash);
+        }
+    }
+
+    /// On resume: whether the snapshot chunk the checkpoint announced
+    /// landed; moves the snapshot state past it if so.
+    pub fn settle_snapshot(&mut self, last_seq: u64) -> Result<()> {
+        let extra = last_seq.saturating_sub(self.stream_seq);
+        let Some(snap) = self.snapshot.as_mut() else {
+            return Ok(());
+        };
+        let pending = snap.pending.take();
+        let announced = pending.as_ref().map_or(0, |p| p.messages);
+        if landed(announced, extra, false)?
+            && let Some(p) = pending
+        {
+            self.apply_chunk(&p, last_seq);
+        }
+        Ok(())
+    }
+
+    /// Records an announced re-read chunk as in the stream: the queue's
+    /// cursor moves, and a finished table leaves the queue (returned).
+    pub fn apply_reread(&mut self, p: &PendingReread, stream_seq: u64) -> Option<Reread> {
+        self.pending_reread = None;
+        self.stream_seq = stream_seq;
+        if let Some(pos) = p.last_pos
+            && self.pos.is_none_or(|q| q < pos)
+        {
+            self.pos = Some(pos);
+        }
+        if let Some((oid, hash)) = p.schema {
+            self.schemas.insert(oid, hash);
+        }
+        let r = self.rereads.first_mut()?;
+        r.after = p.end.clone();
+        r.rows += p.rows;
+        if p.last {
+            Some(self.rereads.remove(0))
+        } else {
+            None
+        }
+    }
+
+    /// On resume: whether the re-read chunk the checkpoint announced landed
+    /// (the stream grew by its size, or more once streaming went on after
+    /// it); records it if so.
+    pub fn settle_reread(&mut self, last_seq: u64) -> Result<()> {
+        let Some(p) = self.pending_reread.take() else {
+            return Ok(());
+        };
+        let extra = last_seq.saturating_sub(self.stream_seq);
+        if landed(p.messages, extra, true)? {
+            let seq = self.stream_seq + p.messages;
+            self.apply_reread(&p, seq);
+        }
+        Ok(())
+    }
+}
