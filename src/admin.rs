@@ -17,9 +17,9 @@ macro_rules! say {
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
+use crate::connect;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
-use crate::pipeline::connect_both;
 use crate::sink;
 use crate::snapshot::reread;
 use crate::source::{self, ReplicationConn, setup};
@@ -318,7 +318,7 @@ struct StreamStatus {
 /// Slot, checkpoint and stream figures, as `status --json` and `/status`
 /// print them.
 pub async fn gather_status(cfg: &Config) -> Result<Status> {
-    let c = connect_both(cfg).await?;
+    let c = connect::both(cfg).await?;
     let slot = setup::slot_state(&c.sql, &cfg.postgres.slot).await?;
     let current = setup::current_wal_lsn(&c.sql).await?;
     let stream = match c.js.get_stream(&c.stream_name).await {
@@ -452,7 +452,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
 
 /// Drops the slot and the checkpoint; the publication and the stream stay.
 pub async fn slot_drop(cfg: &Config) -> Result<()> {
-    let c = connect_both(cfg).await?;
+    let c = connect::both(cfg).await?;
     let dropped = setup::drop_slot(&c.sql, &cfg.postgres.slot).await?;
     if let Some(store) = c.existing_store(cfg).await? {
         store.delete().await?;
@@ -472,7 +472,7 @@ pub async fn slot_drop(cfg: &Config) -> Result<()> {
 /// the checkpoint bucket under a random nonce and writes the nonce into the
 /// WAL, where the walnats streaming this slot finds it.
 pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
-    let c = crate::pipeline::connect_both(cfg).await?;
+    let c = crate::connect::both(cfg).await?;
     let sql = &c.sql;
     let slot = &cfg.postgres.slot;
     if setup::slot_state(sql, slot).await?.is_none() {
@@ -506,7 +506,7 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
     let req = reread::resolve(sql, &cfg.postgres.publication, slot, tables, version).await?;
     let body = serde_json::to_vec(&req)
         .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
-    let nonce = reread::new_nonce()?;
+    let nonce = crate::nonce::new()?;
     store.save_request(&nonce, body.into()).await?;
     let lsn = reread::announce(sql, &nonce).await?;
     let names: Vec<String> = req

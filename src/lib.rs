@@ -9,12 +9,14 @@
 pub mod admin;
 pub mod checkpoint;
 pub mod config;
+pub mod connect;
 pub mod encode;
 pub mod error;
 pub mod event;
 pub mod http;
 pub mod lsn;
 pub mod metrics;
+pub mod nonce;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;

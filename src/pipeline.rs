@@ -21,6 +21,7 @@ use crate::checkpoint::ledger::{Acked, Ledger, Meters};
 use crate::checkpoint::replay::Replay;
 use crate::checkpoint::{self, Checkpoint, Shape, Store, StoredReader};
 use crate::config::{self, Config, OversizePolicy, SnapshotMode};
+use crate::connect::{self, Connected};
 use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
@@ -31,7 +32,7 @@ use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
 use crate::snapshot::{self, reread};
 use crate::source::upkeep::{self, WalWatch};
-use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
+use crate::source::{ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
 pub fn proto_version(server_version_num: u32) -> u32 {
@@ -198,81 +199,6 @@ fn backoff(failures: u32) -> Duration {
         .unwrap_or(0);
     let jitter = base / 4 * u64::from(nanos % 1000) / 1000;
     Duration::from_millis(base + jitter)
-}
-
-/// Everything a session needs from PostgreSQL's SQL side and NATS, set up
-/// and checked; shared by `run`, `check` and `status`.
-pub struct Connected {
-    pub pg: PgConnectConfig,
-    pub sql: Arc<tokio_postgres::Client>,
-    pub db: String,
-    pub prefix: String,
-    pub stream_name: String,
-    pub js: async_nats::jetstream::Context,
-}
-
-impl Connected {
-    /// The checkpoint store of this stream, database and slot; creates the
-    /// bucket when it is missing.
-    pub async fn store(&self, cfg: &Config) -> Result<Store> {
-        Store::open(
-            &self.js,
-            &cfg.nats.checkpoint_bucket,
-            cfg.nats.replicas,
-            &self.stream_name,
-            &self.db,
-            &cfg.postgres.slot,
-        )
-        .await
-    }
-
-    /// As `store`, but `None` when the bucket does not exist: commands that
-    /// only read or delete must not create it.
-    pub async fn existing_store(&self, cfg: &Config) -> Result<Option<Store>> {
-        if self
-            .js
-            .get_key_value(&cfg.nats.checkpoint_bucket)
-            .await
-            .is_err()
-        {
-            return Ok(None);
-        }
-        self.store(cfg).await.map(Some)
-    }
-}
-
-pub async fn connect_both(cfg: &Config) -> Result<Connected> {
-    let pg = cfg.postgres.connect.clone();
-    let sql = Arc::new(source::connect_sql(&pg).await?);
-    let db = setup::database_name(&sql).await?;
-    let nats = sink::connect(&cfg.nats).await?;
-    let js = sink::context(nats, &cfg.nats);
-    Ok(Connected {
-        prefix: cfg.nats.subject_prefix_for(&db),
-        stream_name: cfg.nats.stream_for(&db),
-        pg,
-        sql,
-        db,
-        js,
-    })
-}
-
-/// NATS alone, for commands that only read the stream: the database name
-/// (for default names) comes from PostgreSQL only when the config does not
-/// name both the stream and the prefix.
-pub async fn connect_nats_only(
-    cfg: &Config,
-) -> Result<(async_nats::jetstream::Context, String, String)> {
-    let (prefix, stream) = match (&cfg.nats.subject_prefix, &cfg.nats.stream) {
-        (Some(p), Some(s)) => (p.clone(), s.clone()),
-        _ => {
-            let sql = source::connect_sql(&cfg.postgres.connect).await?;
-            let db = setup::database_name(&sql).await?;
-            (cfg.nats.subject_prefix_for(&db), cfg.nats.stream_for(&db))
-        }
-    };
-    let nats = sink::connect(&cfg.nats).await?;
-    Ok((sink::context(nats, &cfg.nats), prefix, stream))
 }
 
 type WriteFuture = Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>;
@@ -557,7 +483,7 @@ async fn session(
     health: &Arc<Health>,
     wal_watch: &Arc<WalWatch>,
 ) -> Result<Ended> {
-    let c = connect_both(cfg).await?;
+    let c = connect::both(cfg).await?;
     sink::require_jetstream(&c.js).await?;
     // The lock's secret lives in the checkpoint bucket.
     let store = Arc::new(c.store(cfg).await?);
@@ -751,7 +677,7 @@ async fn session(
         server_version_num: conn_version,
         window: None,
         windows_opened: 0,
-        run_id: reread::new_nonce()?,
+        run_id: crate::nonce::new()?,
     };
     // Stops with the session.
     let _upkeep = upkeep::start(

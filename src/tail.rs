@@ -13,8 +13,8 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
 
 use crate::config::Config;
+use crate::connect;
 use crate::error::{Error, Kind, Result};
-use crate::pipeline::connect_nats_only;
 
 /// `FILTER` is relative to the subject prefix: `public.orders.>`,
 /// `*.*.delete`; a shorter filter without a wildcard at the end gets `.>`
@@ -68,7 +68,7 @@ pub async fn tail(
     let since = since
         .map(|s| parse_since(s, time::OffsetDateTime::now_utc()))
         .transpose()?;
-    let (js, prefix, stream_name) = connect_nats_only(cfg).await?;
+    let (js, prefix, stream_name) = connect::nats_only(cfg).await?;
     let stream = js.get_stream(&stream_name).await.map_err(|e| {
         Error::with_source(
             Kind::NatsSetup,

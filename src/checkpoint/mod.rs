@@ -181,7 +181,7 @@ impl Store {
             if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
                 return Ok((String::from_utf8_lossy(&e.value).into_owned(), e.revision));
             }
-            let secret = crate::snapshot::reread::new_nonce()?;
+            let secret = crate::nonce::new()?;
             // Two walnats starting at once: one creates it, both read it.
             if let Ok(revision) = self.kv.create(key.clone(), secret.clone().into()).await {
                 return Ok((secret, revision));
@@ -191,7 +191,7 @@ impl Store {
 
     /// Replaces the lock secret at `revision` (if nobody else did already).
     pub async fn rotate_lock_secret(&self, revision: u64) -> Result<()> {
-        let secret = crate::snapshot::reread::new_nonce()?;
+        let secret = crate::nonce::new()?;
         let key = format!("{}.lock", self.key);
         // Lost races are fine: someone else rotated it.
         let _ = self.kv.update(key, secret.into(), revision).await;

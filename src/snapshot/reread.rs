@@ -73,23 +73,6 @@ pub fn parse_watermark(content: &[u8]) -> Option<Watermark<'_>> {
 /// At most this many tables in one request.
 pub const MAX_TABLES: usize = 1000;
 
-/// A nonce: 32 lower-case hex digits (128 random bits).
-pub fn new_nonce() -> Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|e| {
-        Error::new(
-            Kind::Io,
-            format!("no randomness from the OS for a nonce: {e}"),
-        )
-    })?;
-    let mut s = String::with_capacity(32);
-    for x in b {
-        s.push(char::from(b"0123456789abcdef"[usize::from(x >> 4)]));
-        s.push(char::from(b"0123456789abcdef"[usize::from(x & 15)]));
-    }
-    Ok(s)
-}
-
 /// The nonce a `walnats.snapshot` message carries, if it is one (anything
 /// else, such as a request written by hand, is not).
 pub fn parse_nonce(content: &[u8]) -> Option<&str> {
@@ -320,9 +303,9 @@ mod tests {
 
     #[test]
     fn only_a_well_formed_nonce_is_one() {
-        let n = new_nonce().unwrap();
+        let n = crate::nonce::new().unwrap();
         assert_eq!(parse_nonce(n.as_bytes()), Some(n.as_str()));
-        assert_ne!(new_nonce().unwrap(), n);
+        assert_ne!(crate::nonce::new().unwrap(), n);
         assert_eq!(parse_nonce(br#"{"slot":"walnats","tables":[]}"#), None);
         assert_eq!(parse_nonce(&[b'a'; 31]), None);
         assert_eq!(parse_nonce(&[b'A'; 32]), None);
