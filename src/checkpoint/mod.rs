@@ -544,6 +544,7 @@ impl StoredReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OutputFormat, OversizePolicy};
 
     #[test]
     fn key_tokens_are_kv_safe_and_distinct() {

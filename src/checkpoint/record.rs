@@ -349,3 +349,160 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_progress(stream_seq: u64, messages: u64) -> Checkpoint {
+        Checkpoint {
+            stream_seq,
+            snapshot: Some(SnapshotState {
+                consistent_point: Some(Lsn::from_u64(0x100)),
+                planned: true,
+                tables: vec![TableProgress {
+                    oid: 1,
+                    schema: "public".into(),
+                    table: "t".into(),
+                    after: Cursor::Start,
+                    done: false,
+                    rows: 0,
+                    estimate: 10,
+                }],
+                pending: Some(PendingChunk {
+                    table: 0,
+                    end: Cursor::Key {
+                        values: vec!["7".into()],
+                    },
+                    last: true,
+                    messages,
+                    rows: messages - 1,
+                    next_seq: 9,
+                    schema: Some((1, 42)),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_chunk_that_landed_is_applied() {
+        let mut cp = in_progress(5, 3);
+        cp.settle_snapshot(8).unwrap();
+        let s = cp.snapshot.as_ref().unwrap();
+        assert!(s.pending.is_none());
+        assert!(s.tables[0].done);
+        assert_eq!(s.rows, 2);
+        assert_eq!(s.next_seq, 9);
+        assert_eq!(cp.stream_seq, 8);
+        assert_eq!(cp.schemas.get(&1), Some(&42));
+    }
+
+    #[test]
+    fn a_chunk_that_did_not_land_is_read_again() {
+        let mut cp = in_progress(5, 3);
+        cp.settle_snapshot(5).unwrap();
+        let s = cp.snapshot.as_ref().unwrap();
+        assert!(s.pending.is_none());
+        assert_eq!(s.tables[0].after, Cursor::Start);
+        assert!(!s.tables[0].done);
+        assert_eq!(cp.stream_seq, 5);
+        assert!(cp.schemas.is_empty());
+    }
+
+    #[test]
+    fn part_of_a_chunk_means_another_writer() {
+        let mut cp = in_progress(5, 3);
+        assert!(cp.settle_snapshot(7).is_err());
+        let mut cp = in_progress(5, 3);
+        assert!(cp.settle_snapshot(9).is_err());
+    }
+
+    #[test]
+    fn reads_sort_before_every_streamed_change() {
+        let s = SnapshotState {
+            consistent_point: Some(Lsn::from_u64(0x1000)),
+            ..Default::default()
+        };
+        assert!(
+            Position::new(s.read_lsn(), u32::MAX - 1) < Position::new(Lsn::from_u64(0x1000), 0)
+        );
+    }
+
+    fn rereading(stream_seq: u64, messages: u64) -> Checkpoint {
+        let target = Target {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+        };
+        Checkpoint {
+            stream_seq,
+            rereads: vec![Reread {
+                target,
+                after: Cursor::Start,
+                rows: 0,
+            }],
+            pending_reread: Some(PendingReread {
+                messages,
+                end: Cursor::Key {
+                    values: vec!["7".into()],
+                },
+                last: false,
+                rows: messages,
+                schema: None,
+                last_pos: Some(Position::new(Lsn::from_u64(0x200), messages as u32)),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reread_chunk_landed_when_the_stream_grew_by_it_or_more() {
+        for last_seq in [8, 12] {
+            let mut cp = rereading(5, 3);
+            cp.settle_reread(last_seq).unwrap();
+            assert!(cp.pending_reread.is_none());
+            assert_eq!(cp.stream_seq, 8, "the batch's own end, not the stream's");
+            assert_eq!(cp.rereads[0].rows, 3);
+            assert_eq!(cp.pos, Some(Position::new(Lsn::from_u64(0x200), 3)));
+        }
+    }
+
+    #[test]
+    fn a_reread_chunk_that_did_not_land_is_read_again() {
+        let mut cp = rereading(5, 3);
+        cp.settle_reread(5).unwrap();
+        assert!(cp.pending_reread.is_none());
+        assert_eq!(cp.rereads[0].after, Cursor::Start);
+        assert_eq!(cp.stream_seq, 5);
+    }
+
+    #[test]
+    fn part_of_a_reread_chunk_means_another_writer() {
+        let mut cp = rereading(5, 3);
+        let e = cp.settle_reread(7).unwrap_err();
+        assert!(e.to_string().contains("only writer"), "{e}");
+    }
+
+    #[test]
+    fn a_finished_table_leaves_the_queue() {
+        let mut cp = rereading(5, 3);
+        let mut p = cp.pending_reread.clone().unwrap();
+        p.last = true;
+        let done = cp.apply_reread(&p, 8).unwrap();
+        assert_eq!(done.target.oid, 1);
+        assert!(cp.rereads.is_empty());
+    }
+
+    #[test]
+    fn without_an_announced_chunk_the_snapshot_allows_no_extra_message() {
+        let mut cp = in_progress(5, 3);
+        cp.snapshot.as_mut().unwrap().pending = None;
+        assert!(cp.settle_snapshot(5).is_ok());
+        assert!(cp.settle_snapshot(6).is_err());
+        let mut cp = rereading(5, 3);
+        cp.pending_reread = None;
+        assert!(cp.settle_reread(9).is_ok(), "streaming went on");
+    }
+}

@@ -170,37 +170,26 @@ mod tests {
     use super::*;
     use crate::event::{RelationInfo, TxInfo};
     use crate::lsn::{Lsn, Position};
-    use crate::pgoutput::{Oid, OldTuple, ReplicaIdentity, TupleData, TupleValue, Xid};
+    use crate::pgoutput::{OldTuple, ReplicaIdentity, TupleData, TupleValue, Xid};
 
     fn col(name: &str, kind: ValueKind, key: bool) -> ColumnInfo {
-        ColumnInfo {
-            name: name.to_owned(),
-            json_key: format!("\"{name}\":").into_bytes().into_boxed_slice(),
-            type_oid: 0,
-            type_modifier: -1,
-            type_name: kind.name().to_owned(),
-            kind,
-            key,
-        }
+        crate::event::testing::column(name, kind, key)
     }
 
     fn orders(ri: ReplicaIdentity) -> Arc<RelationInfo> {
-        Arc::new(RelationInfo {
-            oid: Oid(16_384),
-            schema: "public".to_owned(),
-            table: "orders".to_owned(),
-            replica_identity: ri,
-            columns: vec![
+        crate::event::testing::relation(
+            16_384,
+            "public",
+            "orders",
+            ri,
+            vec![
                 col("id", ValueKind::Int, true),
                 col("status", ValueKind::Text, false),
                 col("amount", ValueKind::Numeric, false),
                 col("blob", ValueKind::Bytea, false),
                 col("tags", ValueKind::for_builtin_oid(1009).unwrap(), false),
             ],
-            subject_base: "cdc.app.public.orders.".to_owned(),
-            schema_subject: "cdc.app._schema.public.orders".to_owned(),
-            schema_hash: 0,
-        })
+        )
     }
 
     fn text(s: &str) -> TupleValue<'_> {

@@ -532,7 +532,7 @@ mod tests {
         use super::super::*;
         use crate::event::Op;
         use crate::lsn::Position;
-        use crate::pgoutput::{Oid, OldTuple, ReplicaIdentity, Xid};
+        use crate::pgoutput::{OldTuple, ReplicaIdentity, Xid};
         use crate::value::ValueKind;
 
         fn col(name: &str, key: bool) -> ColumnInfo {
@@ -541,15 +541,7 @@ mod tests {
             } else {
                 ValueKind::Text
             };
-            ColumnInfo {
-                name: name.to_owned(),
-                json_key: format!("\"{name}\":").into_bytes().into_boxed_slice(),
-                type_oid: 0,
-                type_modifier: -1,
-                type_name: kind.name().to_owned(),
-                kind,
-                key,
-            }
+            crate::event::testing::column(name, kind, key)
         }
 
         /// toast.sql's `toasted_several`: an id and three TOASTable text
@@ -557,21 +549,18 @@ mod tests {
         /// column as a key column; by default only the primary key.
         fn toasted_several(ri: ReplicaIdentity) -> Arc<RelationInfo> {
             let full = ri == ReplicaIdentity::Full;
-            Arc::new(RelationInfo {
-                oid: Oid(16_384),
-                schema: "public".to_owned(),
-                table: "toasted_several".to_owned(),
-                replica_identity: ri,
-                columns: vec![
+            crate::event::testing::relation(
+                16_384,
+                "public",
+                "toasted_several",
+                ri,
+                vec![
                     col("id", true),
                     col("toasted_key", full),
                     col("toasted_col1", full),
                     col("toasted_col2", full),
                 ],
-                subject_base: "cdc.app.public.toasted_several.".to_owned(),
-                schema_subject: "cdc.app._schema.public.toasted_several".to_owned(),
-                schema_hash: 0,
-            })
+            )
         }
 
         fn text(s: &str) -> TupleValue<'_> {

@@ -6,6 +6,9 @@
 //! feeds it pgoutput messages, the encoder turns its events into bytes.
 
 pub mod relation;
+#[cfg(test)]
+pub mod testing;
+pub mod transaction;
 
 use bytes::Bytes;
 use std::sync::Arc;
