@@ -6,6 +6,7 @@
 //! the session restarts and resumes from what the stream holds. It never
 //! parses pgoutput and never decides what is safe to confirm to PostgreSQL.
 
+pub mod outbox;
 pub mod oversize;
 
 use std::collections::VecDeque;

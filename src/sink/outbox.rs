@@ -1,0 +1,239 @@
+//! One way out for every message, streamed, snapshot or re-read: encode →
+//! `_schema` first → the oversize policy → the publisher.
+//!
+//! The decisions that must come out the same on every pass over the same
+//! WAL live here once: whether a change needs a `_schema` message before
+//! it (the column set the stream last saw for its relation), and what an
+//! oversized message becomes (`limits.on_oversize`: a stop, nothing, or a
+//! claim check to a body in the Object Store). A replay that decided either
+//! differently would number the stream differently. Which messages are
+//! already in the stream, and what is acknowledged, is not its business
+//! (`checkpoint`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::Publisher;
+use super::oversize::OversizeStore;
+use crate::config::OversizePolicy;
+use crate::encode::{Encoder, OutMsg};
+use crate::error::{Error, Kind, Result};
+use crate::event::{Body, Event, Op, RelationInfo};
+use crate::lsn::{Lsn, Position};
+use crate::pgoutput::TupleData;
+
+/// What becomes of one event.
+pub enum Prepared {
+    /// Publish this (the message, or the claim check of its body).
+    Send(OutMsg),
+    /// Over max_payload and `limits.on_oversize = "skip"`: not published.
+    Skipped,
+}
+
+/// Read events of one chunk, encoded, with the table's `_schema` first when
+/// the stream has not seen this column set.
+pub struct Reads {
+    pub msgs: Vec<OutMsg>,
+    /// The `_schema` the chunk carries.
+    pub schema: Option<(u32, u64)>,
+    /// The `Cdc-Seq` after the chunk's last read.
+    pub next_seq: u32,
+}
+
+pub struct Outbox {
+    pub publisher: Publisher,
+    encoder: Encoder,
+    policy: OversizePolicy,
+    /// Where oversized bodies go with `on_oversize = "object_store"`.
+    oversize: Option<OversizeStore>,
+    stream: String,
+    /// Relation OID → the column set last handed to the publisher on
+    /// `_schema` (the checkpoint's, at the start).
+    schemas: BTreeMap<u32, u64>,
+}
+
+impl Outbox {
+    pub fn new(
+        publisher: Publisher,
+        encoder: Encoder,
+        policy: OversizePolicy,
+        oversize: Option<OversizeStore>,
+        stream: &str,
+        schemas: BTreeMap<u32, u64>,
+    ) -> Outbox {
+        Outbox {
+            publisher,
+            encoder,
+            policy,
+            oversize,
+            stream: stream.to_owned(),
+            schemas,
+        }
+    }
+
+    /// The `_schema` event that must go out before `ev` (a row or a
+    /// truncate of a column set the stream has not seen), and its
+    /// (relation, hash) for the checkpoint; recorded as sent.
+    pub fn schema_first(&mut self, ev: &Event) -> Option<(Event, (u32, u64))> {
+        let rel = match &ev.body {
+            Body::Row { rel, .. } | Body::Truncate { rel, .. } => rel,
+            _ => return None,
+        };
+        if self.schemas.get(&rel.oid.0) == Some(&rel.schema_hash) {
+            return None;
+        }
+        self.schemas.insert(rel.oid.0, rel.schema_hash);
+        let schema = Event {
+            body: Body::Schema {
+                rel: Arc::clone(rel),
+            },
+            ..ev.clone()
+        };
+        Some((schema, (rel.oid.0, rel.schema_hash)))
+    }
+
+    /// Encodes `ev` and applies the oversize policy. `skippable`: the event
+    /// has a position of its own that the policy may drop (a change or a
+    /// read; not a `_schema` or a BEGIN marker, which others depend on).
+    /// `store_bodies`: false while the message is already in the stream (an
+    /// unproven replay), whose body was stored before it was published and
+    /// is not stored again.
+    pub async fn prepare(
+        &mut self,
+        ev: &Event,
+        skippable: bool,
+        store_bodies: bool,
+    ) -> Result<Prepared> {
+        // Encode first: whether a message is over the limit must be decided
+        // the same way when it is replayed.
+        let msg = self.encoder.encode(ev)?;
+        let size = Publisher::wire_size(&msg);
+        let max = self.publisher.max_payload();
+        if size <= max {
+            return Ok(Prepared::Send(msg));
+        }
+        let what = describe(ev, size, max);
+        match self.policy {
+            OversizePolicy::Skip if skippable => {
+                warn!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message skipped (limits.on_oversize = skip)");
+                metrics::counter!(crate::metrics::OVERSIZE_SKIPPED, "subject" => msg.subject)
+                    .increment(1);
+                Ok(Prepared::Skipped)
+            }
+            OversizePolicy::ObjectStore if store_bodies => {
+                // A big put can take longer than JetStream keeps an idle
+                // fast batch open.
+                self.publisher.flush().await?;
+                self.check_in(ev, msg, &what).await.map(Prepared::Send)
+            }
+            OversizePolicy::ObjectStore => Ok(Prepared::Send(msg)),
+            _ => {
+                error!(subject = %msg.subject, size, lsn = %ev.lsn, "oversized message");
+                Err(Error::new(
+                    Kind::Oversize,
+                    format!(
+                        "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \
+                         \"object_store\" or \"skip\" (a _schema or _tx message is never skipped); \
+                         nothing was confirmed past it"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Stores an oversized body in the Object Store and returns the claim
+    /// check to publish in its place. The put is acknowledged before the
+    /// claim is published, so no consumer sees a dangling reference; a
+    /// replay after a crash in between puts the same bytes again.
+    async fn check_in(&mut self, ev: &Event, msg: OutMsg, what: &str) -> Result<OutMsg> {
+        let store = self.oversize.as_ref().ok_or_else(|| {
+            Error::new(
+                Kind::Oversize,
+                format!("{what}, and the Object Store bucket is not open"),
+            )
+        })?;
+        let claim = store.put_message(&self.stream, &msg).await?;
+        let subject = msg.subject.clone();
+        let out = self.encoder.claim_check(ev, msg, &claim)?;
+        let claim_size = Publisher::wire_size(&out);
+        if claim_size > self.publisher.max_payload() {
+            return Err(Error::new(
+                Kind::Oversize,
+                format!(
+                    "{what}, and even its claim check is {claim_size} bytes (its key is that large): \
+                     raise max_payload on the NATS server; nothing was confirmed past it"
+                ),
+            ));
+        }
+        info!(%subject, size = claim.size, bucket = %claim.bucket, object = %claim.name,
+            "oversized message stored in the Object Store; its claim check goes to the stream");
+        metrics::counter!(crate::metrics::OVERSIZE_STORED, "subject" => subject).increment(1);
+        Ok(out)
+    }
+
+    /// `rows` of `rel` as reads at positions (`lsn`, `first_seq`…), with
+    /// `cdc_lsn` in `Cdc-Lsn`: the snapshot's and a re-read's chunk.
+    pub async fn reads(
+        &mut self,
+        rel: &Arc<RelationInfo>,
+        rows: Vec<TupleData>,
+        at: Position,
+        cdc_lsn: Lsn,
+    ) -> Result<Reads> {
+        let mut seq = at.seq;
+        let mut msgs = Vec::with_capacity(rows.len() + 1);
+        let mut schema = None;
+        for row in rows {
+            let ev = Event {
+                pos: Position::new(at.commit_lsn, seq),
+                lsn: cdc_lsn,
+                tx: None,
+                snapshot: true,
+                body: Body::Row {
+                    op: Op::Read,
+                    rel: Arc::clone(rel),
+                    old: None,
+                    new: Some(row),
+                },
+            };
+            seq = seq.checked_add(1).ok_or_else(|| {
+                Error::new(Kind::Protocol, "a snapshot of more than 4 billion rows")
+            })?;
+            if let Some((sev, s)) = self.schema_first(&ev) {
+                schema = Some(s);
+                if let Prepared::Send(m) = self.prepare(&sev, false, true).await? {
+                    msgs.push(m);
+                }
+            }
+            if let Prepared::Send(m) = self.prepare(&ev, true, true).await? {
+                msgs.push(m);
+            }
+        }
+        Ok(Reads {
+            msgs,
+            schema,
+            next_seq: seq,
+        })
+    }
+}
+
+/// Names an oversized message for logs and errors: its op, table and place,
+/// never a value (row values can be secrets).
+fn describe(ev: &Event, size: usize, max: usize) -> String {
+    let table = match &ev.body {
+        Body::Row { rel, .. } | Body::Truncate { rel, .. } | Body::Schema { rel } => {
+            format!(" of {}.{}", rel.schema, rel.table)
+        }
+        _ => String::new(),
+    };
+    format!(
+        "the {} message{table} at position {}:{} (LSN {}) is {size} bytes, over the NATS server's \
+         max_payload of {max}",
+        ev.op_name(),
+        ev.pos.commit_lsn,
+        ev.pos.seq,
+        ev.lsn
+    )
+}
