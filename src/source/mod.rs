@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod pgconfig;
+mod protocol;
 pub mod replication;
 pub mod setup;
 pub mod sql;

@@ -2,18 +2,19 @@
 //!
 //! tokio-postgres has no replication mode, so walnats speaks the protocol
 //! itself: postgres-protocol builds the startup, password and SASL
-//! messages and computes MD5/SCRAM; framing of backend messages is ours
-//! because CopyBothResponse ('W') is not something its parser accepts.
+//! messages and computes MD5/SCRAM; framing and parsing of backend
+//! messages is ours (in `protocol`, without I/O) because CopyBothResponse
+//! ('W') is not something its parser accepts. This file owns the socket:
+//! what is sent when, and which message may come next.
 //! Which requests are answered is `auth`'s policy; SCRAM is bound to the
 //! TLS certificate (SCRAM-SHA-256-PLUS) whenever the server offers it, and
 //! AuthenticationOk counts only after the server's SCRAM signature.
 //! Reads go into one `BytesMut` in 256 KiB chunks and many frames are
 //! drained per read; an XLogData payload is a zero-copy slice of it.
-//! Every frame length is checked before use: bad bytes are errors.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -22,6 +23,11 @@ use tokio::net::TcpStream;
 
 use super::auth::{self, PasswordRequest};
 use super::pgconfig::{PgConnectConfig, SslMode};
+use super::protocol::{
+    self, AuthRequest, CopyData, FrameBuffer, PrimaryKeepalive, SKIPPED, StandbyStatusUpdate,
+    XLogData, proto, unexpected,
+};
+pub use super::protocol::{MessageFilter, ServerError};
 use super::tls;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
@@ -49,23 +55,6 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
 /// in the `options` string, which splits at spaces).
 pub const SEARCH_PATH: &str = "pg_catalog,pg_temp";
 
-const READ_CHUNK: usize = 256 * 1024;
-const MAX_FRAME: usize = 1 << 30;
-/// A frame larger than this is looked at before it is read whole: a
-/// logical message that nobody asked for (any database user can write one
-/// of up to 1 GB) is skipped without ever being held in memory.
-const LOOK_FIRST: usize = 1 << 20;
-/// How far into a logical message its prefix is looked for; a longer one
-/// is nobody's.
-const MAX_PREFIX: usize = 64 * 1024;
-/// The internal tag of a frame skipped by the message filter.
-const SKIPPED: u8 = 0;
-
-/// Which `pg_logical_emit_message` prefixes the reader keeps whole.
-pub type MessageFilter = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
-/// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
-
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -89,6 +78,33 @@ pub enum ReplicationMessage {
     Skipped { wal_end: Lsn, bytes: usize },
 }
 
+impl From<CopyData> for ReplicationMessage {
+    fn from(m: CopyData) -> ReplicationMessage {
+        match m {
+            CopyData::XLogData(XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            }) => ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            },
+            CopyData::Keepalive(PrimaryKeepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            }) => ReplicationMessage::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SystemId {
     pub systemid: String,
@@ -101,35 +117,6 @@ pub struct SystemId {
 pub struct CreatedSlot {
     pub consistent_point: Lsn,
     pub snapshot_name: Option<String>,
-}
-
-/// A server ErrorResponse, with the fields walnats uses.
-#[derive(Debug, Clone, Default)]
-pub struct ServerError {
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-}
-
-/// The detail is never printed: PostgreSQL may put row values there.
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
-        if let Some(h) = &self.hint {
-            write!(f, "; hint: {h}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ServerError {}
-
-fn proto(msg: impl Into<String>) -> Error {
-    Error::new(
-        Kind::Protocol,
-        format!("PostgreSQL replication protocol: {}", msg.into()),
-    )
 }
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
@@ -196,82 +183,11 @@ pub struct ReplicationConn {
     io: Box<dyn Io>,
     tls: bool,
     end_point: Option<Vec<u8>>,
-    buf: BytesMut,
+    frames: FrameBuffer,
     out: BytesMut,
     server_version_num: u32,
     cfg: PgConnectConfig,
     params: Vec<(String, String)>,
-    /// Large logical messages whose prefix this refuses are skipped.
-    keep_message: Option<MessageFilter>,
-    /// Bytes of a skipped frame still to be read and dropped.
-    discard: usize,
-}
-
-/// For the first bytes of a CopyData body (its kind byte on): whether it is
-/// an XLogData carrying a logical message whose prefix `keep` refuses;
-/// `None` until enough bytes are there to tell.
-fn unwanted_message(body: &[u8], keep: &dyn Fn(&[u8]) -> bool) -> Option<bool> {
-    // 'w', wal_start, wal_end, send_time; then pgoutput's 'M', flags, lsn.
-    const PREFIX_AT: usize = 1 + 24 + 1 + 1 + 8;
-    let head = body.get(..PREFIX_AT)?;
-    if head.first() != Some(&b'w') || head.get(25) != Some(&b'M') {
-        return Some(false);
-    }
-    let rest = body.get(PREFIX_AT..).unwrap_or_default();
-    match rest.iter().take(MAX_PREFIX).position(|&b| b == 0) {
-        Some(n) => Some(!keep(rest.get(..n).unwrap_or_default())),
-        None if rest.len() >= MAX_PREFIX => Some(true),
-        None => None,
-    }
-}
-
-/// One backend message: its tag and body (without the length).
-struct Frame {
-    tag: u8,
-    body: Bytes,
-}
-
-fn cstr(b: &mut Bytes) -> Result<String> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or_else(|| proto("unterminated string"))?;
-    let s = b.split_to(end);
-    b.advance(1);
-    String::from_utf8(s.to_vec()).map_err(|_| proto("string is not UTF-8"))
-}
-
-fn parse_error(mut body: Bytes) -> ServerError {
-    let mut e = ServerError::default();
-    while let Some(&field) = body.first() {
-        body.advance(1);
-        if field == 0 {
-            break;
-        }
-        let Ok(v) = cstr(&mut body) else { break };
-        match field {
-            b'C' => e.code = v,
-            b'M' => e.message = v,
-            b'D' => e.detail = Some(v),
-            b'H' => e.hint = Some(v),
-            _ => {}
-        }
-    }
-    e
-}
-
-fn get_u64(b: &mut Bytes) -> Result<u64> {
-    if b.len() < 8 {
-        return Err(proto("message too short"));
-    }
-    Ok(b.get_u64())
-}
-
-fn get_i64(b: &mut Bytes) -> Result<i64> {
-    if b.len() < 8 {
-        return Err(proto("message too short"));
-    }
-    Ok(b.get_i64())
 }
 
 /// TCP to the server, within `connect_timeout`; both connections start so.
@@ -312,13 +228,11 @@ impl ReplicationConn {
             io,
             tls,
             end_point,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            frames: FrameBuffer::new(),
             out: BytesMut::with_capacity(1024),
             server_version_num: 0,
             cfg: cfg.clone(),
             params: Vec::new(),
-            keep_message: None,
-            discard: 0,
         };
         conn.startup().await?;
         conn.verify_session()?;
@@ -334,8 +248,7 @@ impl ReplicationConn {
         let Some(config) = tls::client_config(cfg)? else {
             return Ok(plain(tcp));
         };
-        // SSLRequest: length 8, code 80877103.
-        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        tcp.write_all(&protocol::SSL_REQUEST)
             .await
             .map_err(|e| io_err("sending SSLRequest", e))?;
         let mut answer = [0u8; 1];
@@ -396,106 +309,89 @@ impl ReplicationConn {
             let f = self.read_frame().await?;
             match f.tag {
                 b'R' => {
-                    let mut b = f.body;
-                    if b.len() < 4 {
-                        return Err(proto("short authentication message"));
-                    }
-                    match b.get_i32() {
-                        0 => {
-                            if matches!(scram, Scram::Started(_)) {
-                                return Err(auth::Refusal::ScramUnproven.error(&self.cfg));
-                            }
-                        }
-                        3 => {
-                            auth::may_send(&self.cfg, PasswordRequest::Cleartext, self.tls)
-                                .map_err(|r| r.error(&self.cfg))?;
-                            let pw = self.password()?;
-                            self.out.clear();
-                            frontend::password_message(pw.as_bytes(), &mut self.out)
-                                .map_err(|e| io_err("encoding password", e))?;
-                            self.flush_out().await?;
-                        }
-                        5 => {
-                            auth::may_send(&self.cfg, PasswordRequest::Md5, self.tls)
-                                .map_err(|r| r.error(&self.cfg))?;
-                            if b.len() < 4 {
-                                return Err(proto("short MD5 salt"));
-                            }
-                            let mut salt = [0u8; 4];
-                            b.copy_to_slice(&mut salt);
-                            let hash = md5_hash(
-                                self.cfg.user.as_bytes(),
-                                self.password()?.as_bytes(),
-                                salt,
-                            );
-                            self.out.clear();
-                            frontend::password_message(hash.as_bytes(), &mut self.out)
-                                .map_err(|e| io_err("encoding password", e))?;
-                            self.flush_out().await?;
-                        }
-                        10 => {
-                            let mut mechs = Vec::new();
-                            while b.first().is_some_and(|&c| c != 0) {
-                                mechs.push(cstr(&mut b)?);
-                            }
-                            let (mechanism, binding) = self.choose_sasl(&mechs)?;
-                            let s = ScramSha256::new(self.password()?.as_bytes(), binding);
-                            self.out.clear();
-                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)
-                                .map_err(|e| io_err("encoding SASL", e))?;
-                            self.flush_out().await?;
-                            scram = Scram::Started(Box::new(s));
-                        }
-                        11 => {
-                            let Scram::Started(s) = &mut scram else {
-                                return Err(proto("SASL continue without SASL start"));
-                            };
-                            s.update(&b)
-                                .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
-                            self.out.clear();
-                            frontend::sasl_response(s.message(), &mut self.out)
-                                .map_err(|e| io_err("encoding SASL", e))?;
-                            self.flush_out().await?;
-                        }
-                        12 => {
-                            let Scram::Started(mut s) =
-                                std::mem::replace(&mut scram, Scram::NotStarted)
-                            else {
-                                return Err(proto("SASL final without SASL start"));
-                            };
-                            s.finish(&b)
-                                .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
-                            scram = Scram::Verified;
-                        }
-                        other => {
-                            return Err(Error::new(
-                                Kind::PgAuth,
-                                format!(
-                                    "PostgreSQL asks for authentication method {other}, which walnats does not support (use scram-sha-256, md5, password or trust)"
-                                ),
-                            ));
-                        }
-                    }
+                    let request = protocol::parse_auth(f.body)?;
+                    self.authenticate(request, &mut scram).await?;
                 }
                 b'S' => {
-                    let mut b = f.body;
-                    let name = cstr(&mut b)?;
-                    let value = cstr(&mut b)?;
+                    let (name, value) = protocol::parse_parameter_status(f.body)?;
                     if name == "server_version" {
-                        self.server_version_num = parse_server_version(&value);
+                        self.server_version_num = protocol::parse_server_version(&value);
                     }
                     self.params.push((name, value));
                 }
                 b'K' | b'N' => {}
                 b'Z' => return Ok(()),
-                b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
-                other => {
-                    return Err(proto(format!(
-                        "unexpected message {:?} during startup",
-                        char::from(other)
-                    )));
-                }
+                b'E' => return Err(server_error(protocol::parse_error(f.body), &self.cfg)),
+                other => return Err(unexpected(other, "during startup")),
             }
+        }
+    }
+
+    /// Answers one authentication request, as far as `auth`'s policy lets
+    /// it; `scram` is where SCRAM stands.
+    async fn authenticate(&mut self, request: AuthRequest, scram: &mut Scram) -> Result<()> {
+        match request {
+            AuthRequest::Ok => {
+                if matches!(scram, Scram::Started(_)) {
+                    return Err(auth::Refusal::ScramUnproven.error(&self.cfg));
+                }
+                Ok(())
+            }
+            AuthRequest::Cleartext => {
+                auth::may_send(&self.cfg, PasswordRequest::Cleartext, self.tls)
+                    .map_err(|r| r.error(&self.cfg))?;
+                let pw = self.password()?;
+                self.send("encoding password", |out| {
+                    frontend::password_message(pw.as_bytes(), out)
+                })
+                .await
+            }
+            AuthRequest::Md5 { salt } => {
+                auth::may_send(&self.cfg, PasswordRequest::Md5, self.tls)
+                    .map_err(|r| r.error(&self.cfg))?;
+                let salt = salt.ok_or_else(|| proto("short MD5 salt"))?;
+                let hash = md5_hash(self.cfg.user.as_bytes(), self.password()?.as_bytes(), salt);
+                self.send("encoding password", |out| {
+                    frontend::password_message(hash.as_bytes(), out)
+                })
+                .await
+            }
+            AuthRequest::Sasl { mechanisms } => {
+                let (mechanism, binding) = self.choose_sasl(&mechanisms)?;
+                let s = ScramSha256::new(self.password()?.as_bytes(), binding);
+                self.send("encoding SASL", |out| {
+                    frontend::sasl_initial_response(mechanism, s.message(), out)
+                })
+                .await?;
+                *scram = Scram::Started(Box::new(s));
+                Ok(())
+            }
+            AuthRequest::SaslContinue(data) => {
+                let Scram::Started(s) = scram else {
+                    return Err(proto("SASL continue without SASL start"));
+                };
+                s.update(&data)
+                    .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
+                self.send("encoding SASL", |out| {
+                    frontend::sasl_response(s.message(), out)
+                })
+                .await
+            }
+            AuthRequest::SaslFinal(data) => {
+                let Scram::Started(mut s) = std::mem::replace(scram, Scram::NotStarted) else {
+                    return Err(proto("SASL final without SASL start"));
+                };
+                s.finish(&data)
+                    .map_err(|e| auth::scram_failed(&self.cfg, &e.to_string()))?;
+                *scram = Scram::Verified;
+                Ok(())
+            }
+            AuthRequest::Other(code) => Err(Error::new(
+                Kind::PgAuth,
+                format!(
+                    "PostgreSQL asks for authentication method {code}, which walnats does not support (use scram-sha-256, md5, password or trust)"
+                ),
+            )),
         }
     }
 
@@ -574,7 +470,7 @@ impl ReplicationConn {
     /// From now on a logical message larger than 1 MiB whose prefix `keep`
     /// refuses is skipped as it arrives, never held whole.
     pub fn skip_unwanted_messages(&mut self, keep: MessageFilter) {
-        self.keep_message = Some(keep);
+        self.frames.skip_unwanted_messages(keep);
     }
 
     pub fn server_version_num(&self) -> u32 {
@@ -589,66 +485,27 @@ impl ReplicationConn {
         self.io.flush().await.map_err(|e| io_err("writing", e))
     }
 
-    /// A whole frame from the buffer, if one is there.
-    fn take_frame(&mut self) -> Result<Option<Frame>> {
-        let Some(header) = self.buf.get(..5) else {
-            return Ok(None);
-        };
-        let tag = header[0];
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=MAX_FRAME).contains(&len) {
-            return Err(proto(format!("frame length {len} out of range")));
-        }
-        if self.buf.len() < 1 + len {
-            if tag == b'd'
-                && len > LOOK_FIRST
-                && let Some(keep) = &self.keep_message
-            {
-                match unwanted_message(self.buf.get(5..).unwrap_or_default(), keep.as_ref()) {
-                    // Wait for the prefix before making room for the frame.
-                    None => return Ok(None),
-                    Some(true) => {
-                        // Its wal_end and size, for the session.
-                        let mut body = BytesMut::with_capacity(16);
-                        body.put_slice(self.buf.get(14..22).unwrap_or_default());
-                        body.put_u64(len as u64);
-                        self.discard = 1 + len - self.buf.len();
-                        self.buf.clear();
-                        return Ok(Some(Frame {
-                            tag: SKIPPED,
-                            body: body.freeze(),
-                        }));
-                    }
-                    Some(false) => {}
-                }
-            }
-            self.buf.reserve(1 + len - self.buf.len());
-            return Ok(None);
-        }
-        let mut frame = self.buf.split_to(1 + len).freeze();
-        frame.advance(5);
-        Ok(Some(Frame { tag, body: frame }))
+    /// Sends the one message `encode` writes; `what` names it in an error.
+    async fn send(
+        &mut self,
+        what: &str,
+        encode: impl FnOnce(&mut BytesMut) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.out.clear();
+        encode(&mut self.out).map_err(|e| io_err(what, e))?;
+        self.flush_out().await
     }
 
-    /// Cancel-safe: bytes read are kept in `buf` across cancellations.
-    async fn read_frame(&mut self) -> Result<Frame> {
+    /// Cancel-safe: bytes read are kept in the frame buffer across
+    /// cancellations.
+    async fn read_frame(&mut self) -> Result<protocol::Frame> {
         loop {
-            if self.discard > 0 {
-                let n = self.discard.min(self.buf.len());
-                self.buf.advance(n);
-                self.discard -= n;
-            }
-            if self.discard == 0
-                && let Some(f) = self.take_frame()?
-            {
+            if let Some(f) = self.frames.next_frame()? {
                 return Ok(f);
-            }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
             }
             let n = self
                 .io
-                .read_buf(&mut self.buf)
+                .read_buf(self.frames.spare())
                 .await
                 .map_err(|e| io_err("reading", e))?;
             if n == 0 {
@@ -662,51 +519,18 @@ impl ReplicationConn {
 
     /// Runs a simple-protocol command; rows as text columns.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
-        self.out.clear();
-        frontend::query(sql, &mut self.out).map_err(|e| io_err("encoding query", e))?;
-        self.flush_out().await?;
+        self.send("encoding query", |out| frontend::query(sql, out))
+            .await?;
         let mut rows = Vec::new();
         let mut failed = None;
         loop {
             let f = self.read_frame().await?;
             match f.tag {
                 b'T' | b'C' | b'I' | b'N' | b'S' => {}
-                b'D' => {
-                    let mut b = f.body;
-                    if b.len() < 2 {
-                        return Err(proto("short DataRow"));
-                    }
-                    let n = b.get_i16();
-                    let mut row = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(64));
-                    for _ in 0..n {
-                        if b.len() < 4 {
-                            return Err(proto("short DataRow"));
-                        }
-                        let len = b.get_i32();
-                        if len < 0 {
-                            row.push(None);
-                            continue;
-                        }
-                        let len = len as usize;
-                        if b.len() < len {
-                            return Err(proto("short DataRow"));
-                        }
-                        let v = b.split_to(len);
-                        row.push(Some(
-                            String::from_utf8(v.to_vec())
-                                .map_err(|_| proto("column is not UTF-8"))?,
-                        ));
-                    }
-                    rows.push(row);
-                }
-                b'E' => failed = Some(parse_error(f.body)),
+                b'D' => rows.push(protocol::parse_data_row(f.body)?),
+                b'E' => failed = Some(protocol::parse_error(f.body)),
                 b'Z' => break,
-                other => {
-                    return Err(proto(format!(
-                        "unexpected message {:?} after a query",
-                        char::from(other)
-                    )));
-                }
+                other => return Err(unexpected(other, "after a query")),
             }
         }
         match failed {
@@ -782,25 +606,19 @@ impl ReplicationConn {
             super::setup::quote_ident(slot),
             opts.join(", ")
         );
-        self.out.clear();
-        frontend::query(&sql, &mut self.out).map_err(|e| io_err("encoding query", e))?;
-        self.flush_out().await?;
+        self.send("encoding query", |out| frontend::query(&sql, out))
+            .await?;
         loop {
             let f = self.read_frame().await?;
             match f.tag {
                 b'W' => return Ok(()),
                 b'N' | b'S' => {}
                 b'E' => {
-                    let e = parse_error(f.body);
+                    let e = protocol::parse_error(f.body);
                     // Drain to ReadyForQuery is not needed: the session ends.
                     return Err(server_error(e, &self.cfg));
                 }
-                other => {
-                    return Err(proto(format!(
-                        "unexpected message {:?} after START_REPLICATION",
-                        char::from(other)
-                    )));
-                }
+                other => return Err(unexpected(other, "after START_REPLICATION")),
             }
         }
     }
@@ -810,57 +628,17 @@ impl ReplicationConn {
         loop {
             let f = self.read_frame().await?;
             match f.tag {
-                b'd' => {
-                    let mut b = f.body;
-                    let Some(&kind) = b.first() else {
-                        return Err(proto("empty CopyData"));
-                    };
-                    b.advance(1);
-                    return match kind {
-                        b'w' => {
-                            let wal_start = Lsn::from_u64(get_u64(&mut b)?);
-                            let wal_end = Lsn::from_u64(get_u64(&mut b)?);
-                            let send_time = get_i64(&mut b)?;
-                            Ok(ReplicationMessage::XLogData {
-                                wal_start,
-                                wal_end,
-                                send_time,
-                                data: b,
-                            })
-                        }
-                        b'k' => {
-                            let wal_end = Lsn::from_u64(get_u64(&mut b)?);
-                            let send_time = get_i64(&mut b)?;
-                            let reply = *b.first().ok_or_else(|| proto("short keepalive"))?;
-                            Ok(ReplicationMessage::Keepalive {
-                                wal_end,
-                                send_time,
-                                reply_requested: reply == 1,
-                            })
-                        }
-                        other => Err(proto(format!(
-                            "unknown CopyData kind {:?}",
-                            char::from(other)
-                        ))),
-                    };
-                }
+                b'd' => return protocol::parse_copy_data(f.body).map(ReplicationMessage::from),
                 // A logical walsender that shuts down ends the COPY with
                 // CopyDone, or straight away with CommandComplete.
                 b'c' | b'C' | b'Z' => return Ok(ReplicationMessage::CopyDone),
                 SKIPPED => {
-                    let mut b = f.body;
-                    let wal_end = Lsn::from_u64(get_u64(&mut b)?);
-                    let bytes = usize::try_from(get_u64(&mut b)?).unwrap_or(usize::MAX);
+                    let (wal_end, bytes) = protocol::parse_skipped(f.body)?;
                     return Ok(ReplicationMessage::Skipped { wal_end, bytes });
                 }
                 b'N' | b'S' => {}
-                b'E' => return Err(server_error(parse_error(f.body), &self.cfg)),
-                other => {
-                    return Err(proto(format!(
-                        "unexpected message {:?} while streaming",
-                        char::from(other)
-                    )));
-                }
+                b'E' => return Err(server_error(protocol::parse_error(f.body), &self.cfg)),
+                other => return Err(unexpected(other, "while streaming")),
             }
         }
     }
@@ -874,105 +652,24 @@ impl ReplicationConn {
         apply: Lsn,
         reply: bool,
     ) -> Result<()> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-            - PG_EPOCH_OFFSET_US;
+        let update = StandbyStatusUpdate {
+            write,
+            flush,
+            apply,
+            clock: protocol::pg_clock(SystemTime::now()),
+            reply_requested: reply,
+        };
         self.out.clear();
-        self.out.put_u8(b'd');
-        self.out.put_i32(4 + 1 + 8 * 4 + 1);
-        self.out.put_u8(b'r');
-        self.out.put_u64(write.as_u64());
-        self.out.put_u64(flush.as_u64());
-        self.out.put_u64(apply.as_u64());
-        self.out.put_i64(now);
-        self.out.put_u8(u8::from(reply));
+        update.encode(&mut self.out);
         self.flush_out().await
     }
 
     /// CopyDone and Terminate, best effort.
     pub async fn close(mut self) -> Result<()> {
         self.out.clear();
-        self.out.put_u8(b'c');
-        self.out.put_i32(4);
+        protocol::copy_done(&mut self.out);
         frontend::terminate(&mut self.out);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.flush_out()).await;
         Ok(())
-    }
-}
-
-/// `15.18 (Debian 15.18-0+deb12u1)` → 150018; `18.6` → 180006.
-fn parse_server_version(v: &str) -> u32 {
-    let num: String = v
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let mut parts = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let minor = parts.next().unwrap_or(0);
-    if major >= 10 {
-        major * 10_000 + minor
-    } else {
-        major * 10_000 + minor * 100 + parts.next().unwrap_or(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_versions() {
-        assert_eq!(
-            parse_server_version("15.18 (Debian 15.18-0+deb12u1)"),
-            150018
-        );
-        assert_eq!(parse_server_version("18.6"), 180006);
-        assert_eq!(parse_server_version("9.6.24"), 90624);
-        assert_eq!(parse_server_version("17devel"), 170000);
-    }
-
-    #[test]
-    fn error_fields_parse_and_unknown_fields_are_skipped() {
-        let body = Bytes::from_static(b"SERROR\0C42501\0Mmust be superuser\0Xwhat\0\0");
-        let e = parse_error(body);
-        assert_eq!(e.code, "42501");
-        assert_eq!(e.message, "must be superuser");
-        let truncated = parse_error(Bytes::from_static(b"C4250"));
-        assert_eq!(truncated.code, "");
-    }
-
-    fn message_frame(prefix: &[u8], content: usize) -> Vec<u8> {
-        let mut b = vec![b'w'];
-        b.extend_from_slice(&[0; 24]);
-        b.push(b'M');
-        b.push(0);
-        b.extend_from_slice(&[0; 8]);
-        b.extend_from_slice(prefix);
-        b.push(0);
-        b.extend_from_slice(&(content as u32).to_be_bytes());
-        b
-    }
-
-    #[test]
-    fn a_message_nobody_asked_for_is_told_from_its_first_bytes() {
-        let keep = |p: &[u8]| p == b"wanted";
-        let wanted = message_frame(b"wanted", 10);
-        assert_eq!(unwanted_message(&wanted, &keep), Some(false));
-        let other = message_frame(b"other", 10);
-        assert_eq!(unwanted_message(&other, &keep), Some(true));
-        // Not enough bytes yet to see the prefix's end.
-        assert_eq!(unwanted_message(&other[..30], &keep), None);
-        assert_eq!(unwanted_message(&other[..38], &keep), None);
-        // A row change is never skipped.
-        let mut insert = other.clone();
-        insert[25] = b'I';
-        assert_eq!(unwanted_message(&insert, &keep), Some(false));
-        // A prefix without an end within 64 KiB is nobody's.
-        let mut long = message_frame(b"", 0);
-        long.truncate(35);
-        long.extend(std::iter::repeat_n(b'x', MAX_PREFIX));
-        assert_eq!(unwanted_message(&long, &keep), Some(true));
     }
 }
