@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use super::Checkpoint;
+use super::{Checkpoint, Cursor, PendingReread, Reread, Target};
 use crate::lsn::{Lsn, Position};
 
 /// What an entry turns into once the stream holds its sequence.
@@ -45,10 +45,7 @@ pub enum Acked {
     TxEnd { commit: Lsn, end: Lsn },
     /// `walnats snapshot` asked for these tables (a message in the WAL at
     /// `pos`): they join the checkpoint's re-read queue in stream order.
-    Request {
-        pos: Position,
-        targets: Vec<crate::checkpoint::Target>,
-    },
+    Request { pos: Position, targets: Vec<Target> },
 }
 
 /// Metric handles the ledger records into (names live with the metrics).
@@ -166,9 +163,9 @@ impl Ledger {
                         continue;
                     }
                     info!(schema = %t.schema, table = %t.table, "snapshot of table requested");
-                    c.rereads.push(crate::checkpoint::Reread {
+                    c.rereads.push(Reread {
                         target: t,
-                        after: crate::checkpoint::Cursor::Start,
+                        after: Cursor::Start,
                         rows: 0,
                     });
                 }
@@ -198,10 +195,35 @@ impl Ledger {
         &self.acked
     }
 
-    /// For state that changes between messages (the re-read queue), and
-    /// for a write-ahead checkpoint while nothing is in flight.
-    pub fn acked_mut(&mut self) -> &mut Checkpoint {
-        &mut self.acked
+    /// The re-read queue's first table cannot be read: it leaves the queue.
+    pub fn abandon_reread(&mut self) {
+        if !self.acked.rereads.is_empty() {
+            self.acked.rereads.remove(0);
+        }
+    }
+
+    /// Write-ahead for a re-read chunk about to go out at `at` (after
+    /// everything in flight is acknowledged and durable): the checkpoint to
+    /// write, synchronously, before the batch is published.
+    pub fn announce_reread(
+        &mut self,
+        pending: PendingReread,
+        at: Position,
+        stream_seq: u64,
+    ) -> Checkpoint {
+        let a = &mut self.acked;
+        a.pending_reread = Some(pending);
+        a.stream_seq = stream_seq;
+        if a.pos.is_none_or(|p| p < at) {
+            a.pos = Some(at);
+        }
+        a.clone()
+    }
+
+    /// The announced re-read chunk is in the stream, its last message at
+    /// `seq`; returns the table when that was its last chunk.
+    pub fn reread_landed(&mut self, pending: &PendingReread, seq: u64) -> Option<Reread> {
+        self.acked.apply_reread(pending, seq)
     }
 
     /// A checkpoint to write, if the acknowledged state moved on and the

@@ -33,6 +33,10 @@ pub use record::{
     Target,
 };
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, kv, stream::Stream};
 use bytes::Bytes;
 
@@ -203,6 +207,59 @@ impl Store {
             .purge(self.key.clone())
             .await
             .map_err(|e| kv_err("cannot delete the checkpoint", e))
+    }
+}
+
+/// Writes checkpoints to the store one at a time, off the session's path:
+/// the session starts a write when the ledger says one is due and hears
+/// back when it is durable.
+pub struct Writer {
+    store: Arc<Store>,
+    writing: Option<Pin<Box<dyn Future<Output = Result<Checkpoint>> + Send>>>,
+}
+
+impl Writer {
+    pub fn new(store: Arc<Store>) -> Writer {
+        Writer {
+            store,
+            writing: None,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A write is under way.
+    pub fn busy(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// Starts writing `c` (the caller checks that none is under way).
+    pub fn start(&mut self, c: Checkpoint) {
+        let store = Arc::clone(&self.store);
+        self.writing = Some(Box::pin(async move {
+            store.save(&c).await?;
+            Ok(c)
+        }));
+    }
+
+    /// The write under way, once durable; waits forever when none is.
+    pub async fn done(&mut self) -> Result<Checkpoint> {
+        let Some(f) = self.writing.as_mut() else {
+            return std::future::pending().await;
+        };
+        let written = f.await;
+        self.writing = None;
+        written
+    }
+
+    /// Waits for the write under way, if any.
+    pub async fn finish(&mut self) -> Result<Option<Checkpoint>> {
+        if self.writing.is_none() {
+            return Ok(None);
+        }
+        self.done().await.map(Some)
     }
 }
 

@@ -135,8 +135,7 @@ impl Outbox {
                     Kind::Oversize,
                     format!(
                         "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \
-                         \"object_store\" or \"skip\" (a _schema or _tx message is never skipped); \
-                         nothing was confirmed past it"
+                         \"object_store\" or \"skip\"; nothing was confirmed past it"
                     ),
                 ))
             }

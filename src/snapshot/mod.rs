@@ -26,6 +26,7 @@
 
 pub mod catalog;
 pub mod reread;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,13 +34,12 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::checkpoint::{Checkpoint, Cursor, PendingChunk, Store, TableProgress};
-use crate::config::{Config, OversizePolicy};
-use crate::encode::{Encoder, OutMsg};
+use crate::config::Config;
 use crate::error::{Error, Kind, Result};
-use crate::event::{Body, Event, Op, RelationCache};
+use crate::event::RelationCache;
 use crate::lsn::{Lsn, Position};
-use crate::sink::oversize::OversizeStore;
-use crate::sink::{MAX_BATCH, Publisher};
+use crate::sink::MAX_BATCH;
+use crate::sink::outbox::Outbox;
 use crate::source::{self, PgConnectConfig};
 
 /// Rows per chunk: one atomic batch holds at most 1000 messages, and a
@@ -54,12 +54,9 @@ pub struct Snapshotter<'a> {
     pub cfg: &'a Config,
     pub pg: &'a PgConnectConfig,
     pub store: &'a Store,
-    pub publisher: &'a mut Publisher,
-    pub encoder: &'a mut Encoder,
+    pub outbox: &'a mut Outbox,
     pub cache: &'a mut RelationCache,
     pub server_version_num: u32,
-    pub oversize: Option<&'a OversizeStore>,
-    pub stream_name: &'a str,
 }
 
 impl Snapshotter<'_> {
@@ -214,19 +211,10 @@ impl Snapshotter<'_> {
         let lsn = snap.read_lsn();
         let cp_lsn = snap.consistent_point.unwrap_or(Lsn::ZERO);
         let rows = chunk.rows.len() as u64;
-        let reads = encode_reads(
-            self.cfg,
-            self.encoder,
-            self.oversize.map(|o| (o, self.stream_name)),
-            self.publisher.max_payload(),
-            &cp.schemas,
-            rel,
-            chunk.rows,
-            lsn,
-            snap.next_seq,
-            cp_lsn,
-        )
-        .await?;
+        let reads = self
+            .outbox
+            .reads(rel, chunk.rows, Position::new(lsn, snap.next_seq), cp_lsn)
+            .await?;
         let (msgs, schema, seq) = (reads.msgs, reads.schema, reads.next_seq);
         let pending = PendingChunk {
             table: index,
@@ -244,11 +232,11 @@ impl Snapshotter<'_> {
             if let Some(snap) = cp.snapshot.as_mut() {
                 snap.pending = Some(pending.clone());
             }
-            cp.stream_seq = self.publisher.last_seq();
+            cp.stream_seq = self.outbox.publisher.last_seq();
             self.store.save(cp).await?;
         }
         let t1 = Instant::now();
-        let seq = self.publisher.publish_batch(msgs).await?;
+        let seq = self.outbox.publisher.publish_batch(msgs).await?;
         tracing::debug!(
             rows,
             checkpoint_us = (t1 - t0).as_micros() as u64,
@@ -261,100 +249,6 @@ impl Snapshotter<'_> {
             .increment(rows);
         Ok(())
     }
-}
-
-/// Read events, encoded, with the table's `_schema` first when the stream
-/// has not seen this column set.
-pub(crate) struct Reads {
-    pub msgs: Vec<OutMsg>,
-    pub schema: Option<(u32, u64)>,
-    pub next_seq: u32,
-}
-
-/// Encodes `rows` as reads at positions (`lsn`, `first_seq`...), `cdc_lsn`
-/// in `Cdc-Lsn`; applies the oversize policy.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn encode_reads(
-    cfg: &Config,
-    encoder: &mut Encoder,
-    oversize: Option<(&OversizeStore, &str)>,
-    max_payload: usize,
-    schemas: &std::collections::BTreeMap<u32, u64>,
-    rel: &Arc<crate::event::RelationInfo>,
-    rows: Vec<crate::pgoutput::TupleData>,
-    lsn: Lsn,
-    first_seq: u32,
-    cdc_lsn: Lsn,
-) -> Result<Reads> {
-    let mut seq = first_seq;
-    let mut msgs: Vec<OutMsg> = Vec::with_capacity(rows.len() + 1);
-    let mut schema = None;
-    for row in rows {
-        let ev = Event {
-            pos: Position::new(lsn, seq),
-            lsn: cdc_lsn,
-            tx: None,
-            snapshot: true,
-            body: Body::Row {
-                op: Op::Read,
-                rel: Arc::clone(rel),
-                old: None,
-                new: Some(row),
-            },
-        };
-        seq = seq
-            .checked_add(1)
-            .ok_or_else(|| Error::new(Kind::Protocol, "a snapshot of more than 4 billion rows"))?;
-        if schema.is_none() && schemas.get(&rel.oid.0) != Some(&rel.schema_hash) {
-            schema = Some((rel.oid.0, rel.schema_hash));
-            let sev = Event {
-                body: Body::Schema {
-                    rel: Arc::clone(rel),
-                },
-                ..ev.clone()
-            };
-            msgs.push(encoder.encode(&sev)?);
-        }
-        let mut msg = encoder.encode(&ev)?;
-        let mut size = Publisher::wire_size(&msg);
-        if size > max_payload
-            && cfg.on_oversize == OversizePolicy::ObjectStore
-            && let Some((store, stream)) = oversize
-        {
-            // The body goes to the bucket before the batch that carries its
-            // claim check can be in the stream.
-            let claim = store.put_message(stream, &msg).await?;
-            msg = encoder.claim_check(&ev, msg, &claim)?;
-            metrics::counter!(crate::metrics::OVERSIZE_STORED, "subject" => msg.subject.clone())
-                .increment(1);
-            size = Publisher::wire_size(&msg);
-        }
-        if size > max_payload {
-            // Not the key: it is a row value, and row values stay out of logs.
-            let what = format!(
-                "the read of {}.{} at position {}:{} is {size} bytes, over the NATS server's max_payload of {max_payload}",
-                rel.schema, rel.table, ev.pos.commit_lsn, ev.pos.seq,
-            );
-            if cfg.on_oversize == OversizePolicy::Skip {
-                warn!(subject = %msg.subject, size, "oversized snapshot row skipped (limits.on_oversize = skip)");
-                metrics::counter!(crate::metrics::OVERSIZE_SKIPPED, "subject" => msg.subject.clone())
-                    .increment(1);
-                continue;
-            }
-            return Err(Error::new(
-                Kind::Oversize,
-                format!(
-                    "{what}: raise max_payload on the NATS server, or set limits.on_oversize = \"object_store\" or \"skip\""
-                ),
-            ));
-        }
-        msgs.push(msg);
-    }
-    Ok(Reads {
-        msgs,
-        schema,
-        next_seq: seq,
-    })
 }
 
 fn table_of(cp: &Checkpoint, i: usize) -> Result<TableProgress> {

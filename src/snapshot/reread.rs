@@ -27,8 +27,6 @@
 //! A table without a primary key cannot be chunked this way and is refused.
 //! walnats' own messages (prefix `walnats.`) are never published.
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
@@ -36,8 +34,6 @@ use super::catalog::{self, Chunk, TablePlan};
 use crate::checkpoint::{Cursor, Target};
 use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
-use crate::event::RelationInfo;
-use crate::pgoutput::{TupleData, TupleValue};
 
 /// The logical message prefix of a request.
 pub const REQUEST_PREFIX: &str = "walnats.snapshot";
@@ -259,42 +255,6 @@ async fn emit_watermark(sql: &Client, content: &str) -> Result<()> {
     .await
     .map_err(|e| pg_query_err("writing a snapshot watermark", e))?;
     Ok(())
-}
-
-/// The primary key of a streamed row, as text, or `None` when the tuple
-/// does not carry all of it (an unchanged TOASTed key, an old key of
-/// another index): the window then cannot tell, and the chunk is read
-/// again.
-pub fn key_of(rel: &RelationInfo, pk: &[String], t: &TupleData) -> Option<Vec<String>> {
-    let mut out = Vec::with_capacity(pk.len());
-    for name in pk {
-        let i = rel.columns.iter().position(|c| &c.name == name)?;
-        match t.get(i)? {
-            TupleValue::Text(b) => out.push(String::from_utf8(b.to_vec()).ok()?),
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// The chunk's rows minus those whose key changed inside the window.
-pub fn without_changed(chunk: &mut Chunk, changed: &HashSet<Vec<String>>) {
-    if changed.is_empty() {
-        return;
-    }
-    let mut keep = Vec::with_capacity(chunk.rows.len());
-    let mut keys = Vec::with_capacity(chunk.keys.len());
-    for (row, key) in std::mem::take(&mut chunk.rows)
-        .into_iter()
-        .zip(std::mem::take(&mut chunk.keys))
-    {
-        if !changed.contains(&key) {
-            keep.push(row);
-            keys.push(key);
-        }
-    }
-    chunk.rows = keep;
-    chunk.keys = keys;
 }
 
 #[cfg(test)]

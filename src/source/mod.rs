@@ -5,6 +5,7 @@
 //! never decides what may be confirmed.
 
 pub mod auth;
+pub mod feedback;
 pub mod pgconfig;
 mod protocol;
 pub mod replication;
