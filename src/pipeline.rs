@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::checkpoint::ledger::{Acked, Ledger, Meters};
 use crate::checkpoint::replay::Replay;
 use crate::checkpoint::{self, Checkpoint, Shape, Store, StoredReader};
-use crate::config::{self, Config, OversizePolicy, SnapshotMode};
+use crate::config::{self, Config, OversizePolicy, PgConnectConfig, SnapshotMode};
 use crate::encode::{self, Encoder, OutMsg};
 use crate::error::{Error, Kind, Result, Retry};
 use crate::event::{Body, Event, Op, RelationCache, RelationInfo, TxInfo, TypeResolver};
@@ -30,7 +30,7 @@ use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher};
 use crate::snapshot::{self, SnapshotState, reread};
 use crate::source::upkeep::{self, WalWatch};
-use crate::source::{self, PgConnectConfig, ReplicationConn, ReplicationMessage, setup};
+use crate::source::{self, ReplicationConn, ReplicationMessage, setup};
 
 /// The pgoutput protocol version to ask for: the highest the server knows.
 pub fn proto_version(server_version_num: u32) -> u32 {

@@ -7,6 +7,9 @@
 //! that no `Debug` or `Display` can print them.
 
 mod file;
+mod postgres;
+
+pub use postgres::{PgConnectConfig, SslMode};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -239,7 +242,7 @@ pub struct PostgresConfig {
     /// wins over a password in the URL.
     pub password: Option<Secret>,
     /// `url` and `password`, parsed and checked once.
-    pub connect: crate::source::PgConnectConfig,
+    pub connect: PgConnectConfig,
     pub slot: String,
     pub publication: String,
     /// Empty: all tables.
@@ -670,7 +673,7 @@ impl RawConfig {
         let pg_password = one_secret(pg.password, pg.password_file, "postgres.password")?;
         // Every URL parameter is checked now, before anything is touched,
         // and kept parsed for every connection made later.
-        let connect = crate::source::PgConnectConfig::parse(url.expose(), pg_password.clone())?;
+        let connect = PgConnectConfig::parse(url.expose(), pg_password.clone())?;
 
         let n = self.nats;
         let nats_url = n

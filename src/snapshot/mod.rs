@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::checkpoint::{Checkpoint, Store};
-use crate::config::{Config, OversizePolicy};
+use crate::config::{Config, OversizePolicy, PgConnectConfig};
 use crate::encode::{Encoder, OutMsg};
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op, RelationCache};
@@ -42,7 +42,7 @@ use crate::http;
 use crate::lsn::{Lsn, Position};
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{MAX_BATCH, Publisher};
-use crate::source::{self, PgConnectConfig};
+use crate::source;
 
 pub use catalog::Cursor;
 

@@ -5,13 +5,11 @@
 //! never decides what may be confirmed.
 
 pub mod auth;
-pub mod pgconfig;
 pub mod replication;
 pub mod setup;
 pub mod sql;
 pub mod tls;
 pub mod upkeep;
 
-pub use pgconfig::{PgConnectConfig, SslMode};
 pub use replication::{CreatedSlot, ReplicationConn, ReplicationMessage, SystemId};
 pub use sql::connect_sql;

@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::auth::{self, PasswordRequest};
-use super::pgconfig::{PgConnectConfig, SslMode};
 use super::tls;
+use crate::config::{PgConnectConfig, SslMode};
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 
