@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use crate::checkpoint::Store;
-use crate::config::Config;
+use crate::config::{Config, PgConnectConfig};
 use crate::error::Result;
 use crate::sink;
-use crate::source::PgConnectConfig;
+
 use crate::source::{self, setup};
 
 /// Everything a session needs from PostgreSQL's SQL side and NATS, set up

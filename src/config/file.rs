@@ -8,24 +8,15 @@
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::{KEYS, KeyType, config_err};
+use super::config_err;
+use super::keys::{KeyType, Keys, Section};
 use crate::error::{Error, Result};
 
-/// What a key of this type must be, for a human.
-pub(super) fn expected(ty: KeyType) -> &'static str {
-    match ty {
-        KeyType::Str => "a string in quotes",
-        KeyType::Int => "a whole number",
-        KeyType::Bool => "true or false",
-        KeyType::StrList => "a list of strings in quotes, like [\"public.orders\"]",
-    }
-}
-
 /// The file's settings, or the first mistake in file order.
-pub(super) fn parse(text: &str, origin: &str) -> Result<toml::Table> {
+pub(super) fn parse(text: &str, origin: &str, keys: &Keys) -> Result<toml::Table> {
     let doc = DeTable::parse(text).map_err(|e| syntax_error(&e, text, origin))?;
     let mut mistakes = Vec::new();
-    check_sections(doc.get_ref(), &mut mistakes);
+    check_sections(doc.get_ref(), keys, &mut mistakes);
     if let Some((at, what)) = mistakes.into_iter().min_by_key(|(at, _)| *at) {
         return Err(config_err(format!(
             "{origin} line {}: {what}",
@@ -35,11 +26,11 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<toml::Table> {
     toml::from_str(text).map_err(|e| syntax_error(&e, text, origin))
 }
 
-fn check_sections(doc: &DeTable<'_>, mistakes: &mut Vec<(usize, String)>) {
+fn check_sections(doc: &DeTable<'_>, keys: &Keys, mistakes: &mut Vec<(usize, String)>) {
     for (name, value) in doc {
         let at = name.span().start;
-        let Some((_, keys)) = KEYS.iter().find(|(s, _)| *s == name.get_ref().as_ref()) else {
-            let known: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+        let Some(section) = keys.section(name.get_ref()) else {
+            let known: Vec<&str> = keys.sections().iter().map(|s| s.name).collect();
             mistakes.push((
                 at,
                 format!(
@@ -61,35 +52,32 @@ fn check_sections(doc: &DeTable<'_>, mistakes: &mut Vec<(usize, String)>) {
             ));
             continue;
         };
-        check_keys(name.get_ref(), keys, table, mistakes);
+        check_keys(section, table, mistakes);
     }
 }
 
-fn check_keys(
-    section: &str,
-    keys: &[(&str, KeyType)],
-    table: &DeTable<'_>,
-    mistakes: &mut Vec<(usize, String)>,
-) {
+fn check_keys(section: &Section, table: &DeTable<'_>, mistakes: &mut Vec<(usize, String)>) {
     for (key, value) in table {
         let at = key.span().start;
-        let Some((_, ty)) = keys.iter().find(|(k, _)| *k == key.get_ref().as_ref()) else {
+        let Some(ty) = section.key(key.get_ref()) else {
             mistakes.push((
                 at,
                 format!(
-                    "unknown key {section}.{}: see config/walnats.example.toml for every key",
+                    "unknown key {}.{}: see config/walnats.example.toml for every key",
+                    section.name,
                     key.get_ref()
                 ),
             ));
             continue;
         };
-        if !fits(*ty, value) {
+        if !fits(ty, value) {
             mistakes.push((
                 at,
                 format!(
-                    "{section}.{} must be {} (the value is not shown: it may be a secret)",
+                    "{}.{} must be {} (the value is not shown: it may be a secret)",
+                    section.name,
                     key.get_ref(),
-                    expected(*ty)
+                    ty.expected()
                 ),
             ));
         }
@@ -188,7 +176,12 @@ fn repeats_any_of(message: &str, value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys::known;
     use super::*;
+
+    fn parse(text: &str, origin: &str) -> Result<toml::Table> {
+        super::parse(text, origin, known().unwrap())
+    }
 
     #[test]
     fn lines_and_keys_are_found_where_the_mistake_is() {

@@ -19,7 +19,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client> {
         .name("walnats")
         // Every subject walnats publishes to is valid by construction: a
         // prefix checked at config load (`config::valid_subject_prefix`)
-        // and tokens escaped to `A-Z a-z 0-9 _ - %` (`sink::subject`), or
+        // and tokens escaped to `A-Z a-z 0-9 _ - %` (`crate::subject`), or
         // inboxes and object-store subjects async-nats makes itself; the
         // check would scan every row's subject and reply again.
         // Subscriptions are still checked.

@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::checkpoint::{Checkpoint, Cursor, PendingChunk, Store, TableProgress};
-use crate::config::Config;
+use crate::config::{Config, PgConnectConfig};
 use crate::error::{Error, Kind, Result};
 use crate::event::RelationCache;
 use crate::lsn::{Lsn, Position};
 use crate::sink::MAX_BATCH;
 use crate::sink::outbox::Outbox;
-use crate::source::{self, PgConnectConfig};
+use crate::source;
 
 /// Rows per chunk: one atomic batch holds at most 1000 messages, and a
 /// table's first chunk carries its `_schema` message too.

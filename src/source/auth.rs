@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use super::pgconfig::PgConnectConfig;
+use crate::config::PgConnectConfig;
 use crate::error::{Error, Kind};
 
 /// An authentication request that would give the password away.

@@ -146,7 +146,10 @@ mod tests {
         let mut f = Feedback::default();
         f.on_data(lsn(900));
         assert!(!f.caught_up_for(Duration::from_secs(3600)), "not quiet");
-        assert!(!f.caught_up_for(Duration::ZERO), "keepalive behind what arrived");
+        assert!(
+            !f.caught_up_for(Duration::ZERO),
+            "keepalive behind what arrived"
+        );
         f.on_keepalive(lsn(900));
         assert!(f.caught_up_for(Duration::ZERO));
     }

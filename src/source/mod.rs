@@ -6,7 +6,6 @@
 
 pub mod auth;
 pub mod feedback;
-pub mod pgconfig;
 mod protocol;
 pub mod replication;
 pub mod setup;
@@ -14,6 +13,5 @@ pub mod sql;
 pub mod tls;
 pub mod upkeep;
 
-pub use pgconfig::{PgConnectConfig, SslMode};
 pub use replication::{CreatedSlot, ReplicationConn, ReplicationMessage, SystemId};
 pub use sql::connect_sql;

@@ -22,13 +22,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::auth::{self, PasswordRequest};
-use super::pgconfig::{PgConnectConfig, SslMode};
 use super::protocol::{
     self, AuthRequest, CopyData, FrameBuffer, PrimaryKeepalive, SKIPPED, StandbyStatusUpdate,
     XLogData, proto, unexpected,
 };
 pub use super::protocol::{MessageFilter, ServerError};
 use super::tls;
+use crate::config::{PgConnectConfig, SslMode};
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 

@@ -22,9 +22,9 @@ use tokio_postgres::config::SslMode as TpSslMode;
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
 use super::auth::{self, AuthWatch, Refusal};
-use super::pgconfig::{PgConnectConfig, SslMode};
 use super::replication::{SEARCH_PATH, SESSION_SETTINGS, connect_tcp};
 use super::tls;
+use crate::config::{PgConnectConfig, SslMode};
 use crate::error::{Error, Kind, Result};
 
 pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client> {

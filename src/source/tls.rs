@@ -2,7 +2,7 @@
 //! `tls-server-end-point` channel binding of a connection.
 //!
 //! `prefer` and `require` encrypt without checking the certificate (as
-//! libpq does; `pgconfig` turns `require` with `sslrootcert` into
+//! libpq does; `config::postgres` turns `require` with `sslrootcert` into
 //! `verify-ca`), `verify-ca` checks the chain against `sslrootcert` but not
 //! the host name, `verify-full` checks both (against `sslrootcert`, or the
 //! webpki roots). What an unchecked certificate may be trusted with is
@@ -19,7 +19,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use super::pgconfig::{PgConnectConfig, SslMode};
+use crate::config::{PgConnectConfig, SslMode};
 use crate::error::{Error, Kind, Result};
 
 fn provider() -> Arc<CryptoProvider> {

@@ -1,0 +1,168 @@
+//! The `[snapshot]` and `[output]` sections: whether existing rows are
+//! published first, the message format, transaction markers, and which
+//! `pg_logical_emit_message` prefixes are published.
+//!
+//! Owns the rule that a message is published only when its prefix is
+//! listed (any database user can write one) and never for walnats' own
+//! `walnats.` prefixes. It only reads and checks; encoding is `encode`'s
+//! job.
+
+use serde::Deserialize;
+
+use super::config_err;
+use crate::error::Result;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSnapshot {
+    mode: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutput {
+    format: Option<String>,
+    tx_markers: Option<bool>,
+    message_prefixes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    Json,
+    Debezium,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputConfig {
+    pub format: OutputFormat,
+    pub tx_markers: bool,
+    /// `pg_logical_emit_message` prefixes published on `_message`
+    /// subjects; `"*"` publishes every one. Empty: none (any database user
+    /// can write such messages, so only those asked for are published).
+    pub message_prefixes: Vec<String>,
+}
+
+impl SnapshotMode {
+    pub(super) fn from_raw(raw: RawSnapshot) -> Result<SnapshotMode> {
+        match raw.mode.as_deref().unwrap_or("initial") {
+            "initial" => Ok(SnapshotMode::Initial),
+            "never" => Ok(SnapshotMode::Never),
+            _ => Err(config_err(
+                "snapshot.mode is unknown: use \"initial\" or \"never\"",
+            )),
+        }
+    }
+}
+
+impl OutputConfig {
+    pub(super) fn from_raw(raw: RawOutput) -> Result<OutputConfig> {
+        let format = match raw.format.as_deref().unwrap_or("json") {
+            "json" => OutputFormat::Json,
+            "debezium" => OutputFormat::Debezium,
+            _ => {
+                return Err(config_err(
+                    "output.format is unknown: use \"json\" or \"debezium\"",
+                ));
+            }
+        };
+        let message_prefixes = raw.message_prefixes.unwrap_or_default();
+        if message_prefixes.iter().any(|p| p.is_empty()) {
+            return Err(config_err(
+                "output.message_prefixes has an empty entry: list the pg_logical_emit_message prefixes to \
+                 publish, or \"*\" for every one",
+            ));
+        }
+        if message_prefixes.iter().any(|p| p.starts_with("walnats.")) {
+            return Err(config_err(
+                "output.message_prefixes lists a prefix starting with \"walnats.\": those are walnats' own \
+                 (heartbeats, snapshot requests, watermarks) and are never published; remove it",
+            ));
+        }
+        Ok(OutputConfig {
+            format,
+            tx_markers: raw.tx_markers.unwrap_or(false),
+            message_prefixes,
+        })
+    }
+
+    /// Whether `_message`s with this prefix are published.
+    pub fn publishes_message(&self, prefix: &[u8]) -> bool {
+        publishes_message(&self.message_prefixes, prefix)
+    }
+}
+
+/// Whether `prefix` is in `list` (`"*"`: every prefix). Exact, byte for
+/// byte: a prefix is an identifier, not a pattern.
+pub fn publishes_message(list: &[String], prefix: &[u8]) -> bool {
+    list.iter().any(|p| p == "*" || p.as_bytes() == prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::assert_refused;
+    use super::*;
+
+    fn output(raw: RawOutput) -> Result<OutputConfig> {
+        OutputConfig::from_raw(raw)
+    }
+
+    fn prefixes(list: &[&str]) -> RawOutput {
+        RawOutput {
+            message_prefixes: Some(list.iter().map(|p| (*p).to_owned()).collect()),
+            ..RawOutput::default()
+        }
+    }
+
+    #[test]
+    fn the_sections_take_their_values_and_defaults() {
+        let never = Some("never".to_owned());
+        assert_eq!(
+            SnapshotMode::from_raw(RawSnapshot { mode: never }).unwrap(),
+            SnapshotMode::Never
+        );
+        let format = Some("debezium".to_owned());
+        let c = output(RawOutput {
+            format,
+            ..RawOutput::default()
+        })
+        .unwrap();
+        assert_eq!(c.format, OutputFormat::Debezium);
+        assert!(!c.tx_markers && !c.publishes_message(b"app"));
+        let c = output(prefixes(&["app"])).unwrap();
+        assert!(c.publishes_message(b"app"));
+        assert!(!c.publishes_message(b"ap") && !c.publishes_message(b"app2"));
+        assert!(
+            output(prefixes(&["*"]))
+                .unwrap()
+                .publishes_message(b"anything")
+        );
+    }
+
+    #[test]
+    fn section_mistakes_name_the_key_and_the_fix() {
+        let mode = Some("sometimes".to_owned());
+        let r = SnapshotMode::from_raw(RawSnapshot { mode });
+        assert_refused(r, "snapshot.mode", "use \"initial\" or \"never\"");
+        let format = Some("avro".to_owned());
+        let r = output(RawOutput {
+            format,
+            ..RawOutput::default()
+        });
+        assert_refused(r, "output.format", "use \"json\" or \"debezium\"");
+        let r = output(prefixes(&["app", ""]));
+        assert_refused(r, "output.message_prefixes", "or \"*\" for every one");
+        let r = output(prefixes(&["walnats.mine"]));
+        assert_refused(r, "output.message_prefixes", "remove it");
+        let Err(err) = output(prefixes(&["walnats.mine"])) else {
+            unreachable!()
+        };
+        assert!(!err.to_string().contains("walnats.mine"), "{err}");
+    }
+}

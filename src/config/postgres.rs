@@ -1,0 +1,528 @@
+//! The `[postgres]` section: the connection URL, parsed once into typed
+//! settings, and the slot, publication, tables and timers beside it. It
+//! only reads and checks; connecting is `source`'s job.
+//!
+//! `postgres://user:password@host:port/dbname?sslmode=...&sslrootcert=...
+//! &application_name=...&connect_timeout=...`. Unknown query parameters are
+//! refused (a typo in `sslmode` must not silently mean "no TLS"). The
+//! password is a [`Secret`] and never appears in errors or logs.
+//!
+//! The sslmode is settled here, once: without one, `sslrootcert` means
+//! `verify-full` (a CA given is a CA meant to be checked) and no
+//! `sslrootcert` means `prefer`; `require` with `sslrootcert` checks the
+//! chain as `verify-ca` does (as libpq does); `verify-ca` without
+//! `sslrootcert` is refused, since any certificate a public CA issued for
+//! any name would pass it; and so are `disable` and `prefer` with
+//! `sslrootcert`, which would ignore it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::secret::one_secret;
+use super::{Secret, config_err, redact_url};
+use crate::error::{Error, Kind, Result};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPostgres {
+    url: Option<Secret>,
+    password: Option<Secret>,
+    password_file: Option<PathBuf>,
+    slot: Option<String>,
+    publication: Option<String>,
+    tables: Option<Vec<String>>,
+    status_interval_ms: Option<u64>,
+    heartbeat_interval: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The URL as given; may hold a password, hence `Secret`.
+    pub url: Secret,
+    /// From `password`, `password_file` or `WALNATS_POSTGRES_PASSWORD`;
+    /// wins over a password in the URL.
+    pub password: Option<Secret>,
+    /// `url` and `password`, parsed and checked once.
+    pub connect: PgConnectConfig,
+    pub slot: String,
+    pub publication: String,
+    /// Empty: all tables.
+    pub tables: Vec<TableSelector>,
+    pub status_interval: Duration,
+    /// `pg_logical_emit_message` heartbeats; `None`: off.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSelector {
+    pub schema: String,
+    /// `None` for `schema.*`.
+    pub table: Option<String>,
+}
+
+impl PostgresConfig {
+    pub(super) fn from_raw(raw: RawPostgres) -> Result<PostgresConfig> {
+        let url = url_given(raw.url)?;
+        let slot = slot_name(raw.slot)?;
+        let publication = publication_name(raw.publication)?;
+        let tables = raw
+            .tables
+            .unwrap_or_default()
+            .iter()
+            .map(|s| parse_table_selector(s))
+            .collect::<Result<Vec<_>>>()?;
+        let status_interval = Duration::from_millis(raw.status_interval_ms.unwrap_or(1000));
+        if status_interval.is_zero() || status_interval > Duration::from_secs(30) {
+            return Err(config_err(
+                "postgres.status_interval_ms must be between 1 and 30000 (well inside wal_sender_timeout)",
+            ));
+        }
+        let heartbeat_interval = heartbeat(raw.heartbeat_interval.as_deref())?;
+        let password = one_secret(raw.password, raw.password_file, "postgres.password")?;
+        // Every URL parameter is checked now, before anything is touched,
+        // and kept parsed for every connection made later.
+        let connect = PgConnectConfig::parse(url.expose(), password.clone())?;
+        Ok(PostgresConfig {
+            url,
+            password,
+            connect,
+            slot,
+            publication,
+            tables,
+            status_interval,
+            heartbeat_interval,
+        })
+    }
+}
+
+fn url_given(url: Option<Secret>) -> Result<Secret> {
+    let url = url.ok_or_else(|| {
+        config_err(
+            "postgres.url is missing: set it in the config file or WALNATS_POSTGRES_URL, \
+             e.g. postgres://walnats@127.0.0.1:5432/app",
+        )
+    })?;
+    if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+        return Err(config_err(
+            "postgres.url must start with postgres:// or postgresql://",
+        ));
+    }
+    Ok(url)
+}
+
+/// A replication slot name: PostgreSQL allows lower-case letters, digits and
+/// underscores, at most 63 bytes.
+fn slot_name(slot: Option<String>) -> Result<String> {
+    let slot = slot.unwrap_or_else(|| "walnats".to_owned());
+    let valid = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(config_err(
+            "postgres.slot is not a valid slot name: use lower-case letters, digits and _ (at most 63)",
+        ));
+    }
+    Ok(slot)
+}
+
+fn publication_name(publication: Option<String>) -> Result<String> {
+    let publication = publication.unwrap_or_else(|| "walnats".to_owned());
+    if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
+        return Err(config_err(
+            "postgres.publication must be 1 to 63 bytes long",
+        ));
+    }
+    Ok(publication)
+}
+
+fn parse_table_selector(s: &str) -> Result<TableSelector> {
+    // Quoted identifiers are not supported here: names with dots would be
+    // ambiguous; such tables are selected through a publication made by hand.
+    let err = || {
+        config_err(
+            "postgres.tables: an entry is not \"schema.table\" or \"schema.*\"; \
+             for names with dots or quotes create the publication yourself and leave tables empty",
+        )
+    };
+    let (schema, table) = s.split_once('.').ok_or_else(err)?;
+    if schema.is_empty() || table.is_empty() || table.contains('.') || schema == "*" {
+        return Err(err());
+    }
+    Ok(TableSelector {
+        schema: schema.to_owned(),
+        table: (table != "*").then(|| table.to_owned()),
+    })
+}
+
+/// `postgres.heartbeat_interval`, default 30 s; `None` for `"0"` (off).
+fn heartbeat(text: Option<&str>) -> Result<Option<Duration>> {
+    let interval = parse_duration(text.unwrap_or("30s")).ok_or_else(|| {
+        config_err(
+            "postgres.heartbeat_interval must be a duration like \"30s\", \"500ms\", \"5m\", or \"0\" (off)",
+        )
+    })?;
+    Ok((!interval.is_zero()).then_some(interval))
+}
+
+/// `"30s"`, `"500ms"`, `"5m"`, `"1h"`, or `"0"`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    /// As written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// TLS is on and the server's certificate is checked against a CA:
+    /// only then may a password (or its MD5 equivalent) be sent, because
+    /// only then is the server known to be the one meant.
+    pub fn verifies_server(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PgConnectConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+    redacted: String,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::new(Kind::Config, format!("postgres.url: {}", msg.into()))
+}
+
+fn pct_decode(s: &str) -> Result<String> {
+    // Userinfo and path are percent-encoded, where '+' is a literal '+'.
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .ok_or_else(|| bad("bad percent-encoding"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad("bad percent-encoding"))?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad("percent-encoding is not UTF-8"))
+}
+
+impl PgConnectConfig {
+    /// `password`, when given (from `postgres.password`, a file or the
+    /// environment), wins over a password in the URL.
+    pub fn parse(url_text: &str, password: Option<Secret>) -> Result<PgConnectConfig> {
+        let u = url::Url::parse(url_text)
+            .map_err(|e| bad(format!("not a URL ({e}): use postgres://user@host:5432/db")))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err(bad("must start with postgres:// or postgresql://"));
+        }
+        let mut host = u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned());
+        let mut port = u.port();
+        let mut user = (!u.username().is_empty())
+            .then(|| pct_decode(u.username()))
+            .transpose()?;
+        let mut url_password = u.password().map(pct_decode).transpose()?;
+        let mut sslmode = None;
+        let mut sslrootcert = None;
+        let mut application_name = "walnats".to_owned();
+        let mut connect_timeout = Duration::from_secs(10);
+        let mut dbname = {
+            let p = u.path().trim_start_matches('/');
+            (!p.is_empty()).then(|| pct_decode(p)).transpose()?
+        };
+        for (k, v) in u.query_pairs() {
+            let v = v.into_owned();
+            match k.as_ref() {
+                "sslmode" => {
+                    sslmode = Some(match v.as_str() {
+                        "disable" => SslMode::Disable,
+                        "allow" | "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        _ => {
+                            return Err(bad(
+                                "sslmode is unknown: use disable, prefer, require, verify-ca or verify-full",
+                            ));
+                        }
+                    })
+                }
+                "sslrootcert" => sslrootcert = Some(PathBuf::from(v)),
+                "application_name" => application_name = v,
+                "connect_timeout" => {
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| bad("connect_timeout must be whole seconds"))?;
+                    connect_timeout = Duration::from_secs(secs.max(1));
+                }
+                "host" => host = Some(v),
+                "port" => port = Some(v.parse().map_err(|_| bad("port must be a number"))?),
+                "user" => user = Some(v),
+                "password" => url_password = Some(v),
+                "dbname" => dbname = Some(v),
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?}: supported are sslmode, sslrootcert, application_name, connect_timeout, host, port, user, password, dbname"
+                    )));
+                }
+            }
+        }
+        let host = host
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host: use postgres://user@host:5432/db"))?;
+        if host.starts_with('/') {
+            return Err(bad(
+                "Unix sockets are not supported: use a TCP host such as 127.0.0.1",
+            ));
+        }
+        let user = user.unwrap_or_else(|| "postgres".to_owned());
+        let sslmode = settle_sslmode(sslmode, sslrootcert.is_some())?;
+        Ok(PgConnectConfig {
+            dbname: dbname.unwrap_or_else(|| user.clone()),
+            host,
+            port: port.unwrap_or(5432),
+            password: password.or(url_password.map(Secret::new)),
+            user,
+            sslmode,
+            sslrootcert,
+            application_name,
+            connect_timeout,
+            redacted: redact_url(url_text),
+        })
+    }
+
+    /// The URL with its password masked, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        self.redacted.clone()
+    }
+}
+
+/// The sslmode settled once: see the module's header for the rules.
+fn settle_sslmode(sslmode: Option<SslMode>, rootcert: bool) -> Result<SslMode> {
+    match (sslmode, rootcert) {
+        (None, true) => Ok(SslMode::VerifyFull),
+        (None, false) => Ok(SslMode::Prefer),
+        (Some(SslMode::Require), true) => Ok(SslMode::VerifyCa),
+        (Some(SslMode::VerifyCa), false) => Err(bad(
+            "sslmode=verify-ca needs sslrootcert (the CA that signed the server's certificate): \
+                 checked against the public CAs, any certificate issued for any name would pass; \
+                 set sslrootcert, or use sslmode=verify-full",
+        )),
+        (Some(mode @ (SslMode::Disable | SslMode::Prefer)), true) => Err(bad(format!(
+            "sslmode={} never checks the server's certificate, so sslrootcert would be ignored: \
+                 use sslmode=verify-full (or leave sslmode out), or drop sslrootcert",
+            mode.as_str()
+        ))),
+        (Some(mode), _) => Ok(mode),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::assert_refused;
+    use super::*;
+
+    fn section(raw: RawPostgres) -> Result<PostgresConfig> {
+        PostgresConfig::from_raw(RawPostgres {
+            url: raw.url.or(Some(Secret::new("postgres://u@h/app"))),
+            ..raw
+        })
+    }
+
+    #[test]
+    fn the_section_takes_its_defaults_and_selectors() {
+        let c = section(RawPostgres {
+            tables: Some(vec!["public.orders".into(), "billing.*".into()]),
+            heartbeat_interval: Some("0".into()),
+            ..RawPostgres::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.slot.as_str(), c.publication.as_str()),
+            ("walnats", "walnats")
+        );
+        assert_eq!(c.status_interval, Duration::from_secs(1));
+        assert_eq!(c.heartbeat_interval, None);
+        assert_eq!(
+            c.tables,
+            [
+                TableSelector {
+                    schema: "public".into(),
+                    table: Some("orders".into())
+                },
+                TableSelector {
+                    schema: "billing".into(),
+                    table: None
+                }
+            ]
+        );
+        assert_eq!(c.connect.dbname, "app");
+    }
+
+    #[test]
+    fn section_mistakes_name_the_key_and_the_fix() {
+        assert_refused(
+            PostgresConfig::from_raw(RawPostgres::default()),
+            "postgres.url is missing",
+            "WALNATS_POSTGRES_URL",
+        );
+        let raw = RawPostgres::default;
+        let url = |u: &str| Some(Secret::new(u));
+        let text = |t: &str| Some(t.to_owned());
+        let table = |t: &str| Some(vec![t.to_owned()]);
+        let slot_fix = "lower-case letters, digits and _ (at most 63)";
+        let tables_fix = "create the publication yourself";
+        let interval_fix = "between 1 and 30000";
+        #[rustfmt::skip]
+        let cases = [
+            (RawPostgres { url: url("http://h/app"), ..raw() }, "postgres.url", "postgres:// or postgresql://"),
+            (RawPostgres { url: url("postgres://u@h/a?sslmode=x"), ..raw() }, "postgres.url", "sslmode"),
+            (RawPostgres { slot: text(""), ..raw() }, "postgres.slot", slot_fix),
+            (RawPostgres { slot: text("Upper"), ..raw() }, "postgres.slot", slot_fix),
+            (RawPostgres { slot: text("a-b"), ..raw() }, "postgres.slot", slot_fix),
+            (RawPostgres { slot: Some("s".repeat(64)), ..raw() }, "postgres.slot", slot_fix),
+            (RawPostgres { publication: text(""), ..raw() }, "postgres.publication", "1 to 63 bytes"),
+            (RawPostgres { publication: text("a\0b"), ..raw() }, "postgres.publication", "1 to 63 bytes"),
+            (RawPostgres { publication: Some("p".repeat(64)), ..raw() }, "postgres.publication", "1 to 63 bytes"),
+            (RawPostgres { tables: table("orders"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table("*.orders"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table(".orders"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table("public."), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table("a.b.c"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { status_interval_ms: Some(0), ..raw() }, "postgres.status_interval_ms", interval_fix),
+            (RawPostgres { status_interval_ms: Some(30_001), ..raw() }, "postgres.status_interval_ms", interval_fix),
+            (RawPostgres { heartbeat_interval: text("30"), ..raw() }, "postgres.heartbeat_interval", "like \"30s\""),
+            (RawPostgres { password: url("pw"), password_file: Some("/x".into()), ..raw() }, "postgres.password", "keep one"),
+        ];
+        for (raw, key, fix) in cases {
+            assert_refused(section(raw), key, fix);
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_their_units() {
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("99999999999999999h"), None);
+    }
+
+    #[test]
+    fn parses_urls_like_libpq() {
+        let c = PgConnectConfig::parse(
+            "postgresql://b%40b:p%2Fw@db.example:6543/my%20db?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.host, "db.example");
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.user, "b@b");
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("p/w"));
+        assert_eq!(c.dbname, "my db");
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.sslrootcert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(c.application_name, "x");
+        let d = PgConnectConfig::parse("postgres://h", Some(Secret::new("s"))).unwrap();
+        assert_eq!(
+            (d.user.as_str(), d.dbname.as_str(), d.port, d.sslmode),
+            ("postgres", "postgres", 5432, SslMode::Prefer)
+        );
+        assert_eq!(d.password.as_ref().map(Secret::expose), Some("s"));
+        let ip6 = PgConnectConfig::parse("postgres://u@[::1]:5/d", None).unwrap();
+        assert_eq!(ip6.host, "::1");
+    }
+
+    #[test]
+    fn a_root_certificate_means_verification() {
+        let mode = |q: &str| {
+            PgConnectConfig::parse(&format!("postgres://u@h/d?{q}"), None).map(|c| c.sslmode)
+        };
+        assert_eq!(mode("").unwrap(), SslMode::Prefer);
+        assert_eq!(mode("sslrootcert=/ca.pem").unwrap(), SslMode::VerifyFull);
+        assert_eq!(
+            mode("sslmode=require&sslrootcert=/ca.pem").unwrap(),
+            SslMode::VerifyCa
+        );
+        assert_eq!(mode("sslmode=require").unwrap(), SslMode::Require);
+        for contradiction in ["sslmode=prefer", "sslmode=disable"] {
+            let e = mode(&format!("{contradiction}&sslrootcert=/ca.pem")).unwrap_err();
+            assert_eq!(e.kind(), Kind::Config);
+        }
+        assert_eq!(mode("sslmode=verify-full").unwrap(), SslMode::VerifyFull);
+        let e = mode("sslmode=verify-ca").unwrap_err();
+        assert_eq!(e.kind(), Kind::Config);
+        assert!(e.to_string().contains("sslrootcert"), "{e}");
+        assert!(!SslMode::Require.verifies_server());
+        assert!(SslMode::VerifyCa.verifies_server());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour_without_leaking_the_password() {
+        for bad_url in [
+            "mysql://u@h/d",
+            "postgres://u:hunter2@h/d?sslmode=maybe",
+            "postgres://u:hunter2@h/d?ssl=true",
+            "postgres:///d",
+            "postgres://u:hunter2@h/d?port=x",
+        ] {
+            let e = PgConnectConfig::parse(bad_url, None).unwrap_err();
+            assert_eq!(e.kind(), Kind::Config);
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        let c = PgConnectConfig::parse("postgres://u:hunter2@h/d", None).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.redacted_url().contains("hunter2"));
+    }
+}
