@@ -17,6 +17,7 @@ pub mod http;
 pub mod lsn;
 pub mod metrics;
 pub mod nonce;
+pub mod outbox;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;

@@ -247,6 +247,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Target;
 
     fn meters() -> Meters {
         Meters {
@@ -327,5 +328,153 @@ mod tests {
         l.settle();
         l.on_idle(Lsn::from_u64(500));
         assert_eq!(l.acked().confirmed, Lsn::from_u64(500));
+    }
+
+    fn request(commit: u64, oids: &[u32]) -> Acked {
+        Acked::Request {
+            pos: Position::new(Lsn::from_u64(commit), 0),
+            targets: oids
+                .iter()
+                .map(|&oid| Target {
+                    oid,
+                    schema: "public".to_owned(),
+                    table: format!("t{oid}"),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_skipped_message_moves_the_position_without_a_sequence() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        let pos = Position::new(Lsn::from_u64(100), 0);
+        l.push(
+            0,
+            Acked::Dropped {
+                pos,
+                tx: Some(Lsn::from_u64(100)),
+            },
+        );
+        l.push(0, end(100));
+        l.settle();
+        assert_eq!(l.acked().pos, Some(pos));
+        assert_eq!(l.acked().stream_seq, 0);
+        assert_eq!(l.acked().confirmed, Lsn::from_u64(108));
+        assert_eq!(l.acked().open_tx, None);
+    }
+
+    #[test]
+    fn schemas_and_begin_markers_count_once_stored() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(
+            1,
+            Acked::Msg {
+                seq: 1,
+                pos: None,
+                tx: Some(Lsn::from_u64(100)),
+                schema: None,
+                counter: None,
+                commit_time: None,
+                begin_of: Some(Lsn::from_u64(100)),
+            },
+        );
+        l.push(
+            2,
+            Acked::Msg {
+                seq: 2,
+                pos: None,
+                tx: Some(Lsn::from_u64(100)),
+                schema: Some((7, 42)),
+                counter: None,
+                commit_time: None,
+                begin_of: None,
+            },
+        );
+        l.settle();
+        assert_eq!(l.acked().begun, None, "nothing is stored yet");
+        l.stored(2);
+        l.settle();
+        assert_eq!(l.acked().begun, Some(Lsn::from_u64(100)));
+        assert_eq!(l.acked().schemas.get(&7), Some(&42));
+        assert_eq!(l.acked().pos, None, "a _schema has no position of its own");
+        assert_eq!(l.acked().stream_seq, 2);
+    }
+
+    #[test]
+    fn a_later_transaction_ending_closes_the_open_one() {
+        // pgoutput sends nothing for a transaction without published
+        // changes, and transactions end in commit order.
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(0, msg(1, 100, 0));
+        l.push(0, end(200));
+        l.settle();
+        assert_eq!(l.acked().open_tx, None);
+        assert_eq!(l.acked().confirmed, Lsn::from_u64(208));
+    }
+
+    #[test]
+    fn requested_tables_join_the_queue_once_in_stream_order() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(1, msg(1, 100, 0));
+        l.push(0, request(150, &[5, 6]));
+        l.push(0, request(160, &[6, 7]));
+        l.settle();
+        assert!(
+            l.acked().rereads.is_empty(),
+            "behind an unacknowledged message"
+        );
+        l.stored(1);
+        l.settle();
+        let oids: Vec<u32> = l.acked().rereads.iter().map(|r| r.target.oid).collect();
+        assert_eq!(oids, [5, 6, 7]);
+        assert_eq!(l.acked().pos, Some(Position::new(Lsn::from_u64(160), 0)));
+        l.abandon_reread();
+        assert_eq!(l.acked().rereads[0].target.oid, 6);
+    }
+
+    #[test]
+    fn a_reread_chunk_is_announced_then_recorded() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(0, request(150, &[5]));
+        l.settle();
+        let pending = PendingReread {
+            messages: 3,
+            end: Cursor::Key {
+                values: vec!["9".to_owned()],
+            },
+            last: true,
+            rows: 3,
+            schema: Some((5, 1)),
+            last_pos: Some(Position::new(Lsn::from_u64(199), 3)),
+        };
+        let at = Position::new(Lsn::from_u64(199), 0);
+        let c = l.announce_reread(pending.clone(), at, 10);
+        assert_eq!(
+            c.pending_reread.as_ref(),
+            Some(&pending),
+            "written before the batch"
+        );
+        assert_eq!((c.pos, c.stream_seq), (Some(at), 10));
+        l.mark_written(c);
+        let done = l.reread_landed(&pending, 13).unwrap();
+        assert_eq!(done.target.oid, 5);
+        let a = l.acked();
+        assert_eq!((a.stream_seq, a.pos), (13, pending.last_pos));
+        assert!(a.pending_reread.is_none() && a.rereads.is_empty());
+        assert_eq!(a.schemas.get(&5), Some(&1));
+    }
+
+    #[test]
+    fn acknowledgements_out_of_order_still_settle_in_publish_order() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        for n in 0..3 {
+            l.push(u64::from(n) + 1, msg(u64::from(n) + 1, 100, n));
+        }
+        l.stored(3);
+        l.stored(1);
+        l.settle();
+        assert_eq!(l.inflight(), 0);
+        assert_eq!(l.acked().stream_seq, 3);
+        assert_eq!(l.acked().pos, Some(Position::new(Lsn::from_u64(100), 2)));
     }
 }

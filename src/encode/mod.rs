@@ -15,34 +15,9 @@ use crate::config::OutputFormat;
 use crate::error::Result;
 use crate::event::{Body, Event};
 use crate::lsn::Position;
+use crate::sink::MSG_ID;
+pub use crate::sink::{Claim, OutMsg};
 use crate::subject::push_escaped;
-
-/// One message ready to publish.
-#[derive(Debug)]
-pub struct OutMsg {
-    pub subject: String,
-    pub headers: HeaderMap,
-    pub payload: Bytes,
-}
-
-impl OutMsg {
-    /// The value of `Nats-Msg-Id` (for resume checks and object names;
-    /// read back from the headers rather than kept twice).
-    pub fn msg_id(&self) -> &str {
-        self.headers.get(MSG_ID).map_or("", |v| v.as_str())
-    }
-}
-
-/// Where an oversized body went (`limits.on_oversize = "object_store"`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    pub bucket: String,
-    pub name: String,
-    /// The body's length in bytes.
-    pub size: u64,
-    /// As the Object Store reports it: `SHA-256=<base64url>`.
-    pub digest: String,
-}
 
 /// What every message of this walnats says about where it comes from.
 #[derive(Debug, Clone)]
@@ -97,7 +72,6 @@ fn concat(a: &str, b: &str) -> String {
 /// Header names as constants: a name from `from_static` costs nothing to
 /// clone or drop, where one made from `&str` is a shared buffer whose
 /// count changes with every message.
-const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
 const OP: HeaderName = HeaderName::from_static("Cdc-Op");
 const LSN: HeaderName = HeaderName::from_static("Cdc-Lsn");
 const COMMIT_LSN: HeaderName = HeaderName::from_static("Cdc-Commit-Lsn");

@@ -17,8 +17,8 @@ use crate::config;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op};
 use crate::lsn::{Lsn, Position};
+use crate::outbox::Prepared;
 use crate::pgoutput::{Commit, LogicalMessage, Message, Oid, OldTuple, Truncate, TupleData};
-use crate::sink::outbox::Prepared;
 use crate::snapshot::reread;
 use crate::source::upkeep;
 

@@ -7,8 +7,8 @@
 //! flight meanwhile; it never pipelines and never retries: after a failure
 //! walnats resumes from what the stream holds.
 
+use super::OutMsg;
 use super::publisher::{ApiError, refused};
-use crate::encode::OutMsg;
 use crate::error::{Error, Kind, Result};
 
 /// The most messages nats-server takes in one atomic batch.

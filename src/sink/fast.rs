@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::OutMsg;
 use super::publisher::{ApiError, refused};
-use crate::encode::OutMsg;
 use crate::error::{Error, Kind, Result};
 
 /// Messages per fast-ingest batch. Each batch is committed by its last

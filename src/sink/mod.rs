@@ -16,7 +16,7 @@
 mod atomic;
 mod connect;
 mod fast;
-pub mod outbox;
+mod message;
 pub mod oversize;
 mod publisher;
 mod stream;
@@ -24,6 +24,7 @@ mod stream;
 pub use atomic::MAX_BATCH;
 pub use connect::{connect, context};
 pub use fast::FAST_BATCH;
+pub use message::{Claim, MSG_ID, OutMsg};
 pub use publisher::Publisher;
 pub use stream::{
     StreamSetup, allow_atomic_batches, allow_fast_ingest, ensure_stream, require_jetstream,

@@ -10,7 +10,7 @@
 use async_nats::jetstream::{self, object_store};
 use bytes::Bytes;
 
-use crate::encode::Claim;
+use super::Claim;
 use crate::error::{Error, Kind, Result};
 
 /// async-nats' default chunk size; smaller when the server's max_payload is.
@@ -88,7 +88,7 @@ impl OversizeStore {
 
     /// Stores the body of `msg` (published on `stream`) under the name its
     /// message id gives, with its content type.
-    pub async fn put_message(&self, stream: &str, msg: &crate::encode::OutMsg) -> Result<Claim> {
+    pub async fn put_message(&self, stream: &str, msg: &super::OutMsg) -> Result<Claim> {
         let name = object_name(stream, msg.msg_id());
         let content_type = msg
             .headers

@@ -18,9 +18,9 @@ use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErr
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 
+use super::OutMsg;
 use super::atomic;
 use super::fast::Fast;
-use crate::encode::OutMsg;
 use crate::error::{Error, Kind, Result};
 
 /// Publishes in order. Every message is at a known stream sequence: each

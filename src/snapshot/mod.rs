@@ -38,8 +38,8 @@ use crate::config::{Config, PgConnectConfig};
 use crate::error::{Error, Kind, Result};
 use crate::event::RelationCache;
 use crate::lsn::{Lsn, Position};
+use crate::outbox::Outbox;
 use crate::sink::MAX_BATCH;
-use crate::sink::outbox::Outbox;
 use crate::source;
 
 /// Rows per chunk: one atomic batch holds at most 1000 messages, and a

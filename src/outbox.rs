@@ -8,21 +8,22 @@
 //! claim check to a body in the Object Store). A replay that decided either
 //! differently would number the stream differently. Which messages are
 //! already in the stream, and what is acknowledged, is not its business
-//! (`checkpoint`).
+//! (`checkpoint`), and neither is how a message goes over the wire
+//! (`sink`, which never sees an encoder).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
-use super::Publisher;
-use super::oversize::OversizeStore;
 use crate::config::OversizePolicy;
 use crate::encode::{Encoder, OutMsg};
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op, RelationInfo};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::TupleData;
+use crate::sink::Publisher;
+use crate::sink::oversize::OversizeStore;
 
 /// What becomes of one event.
 pub enum Prepared {
@@ -228,7 +229,7 @@ fn describe(ev: &Event, size: usize, max: usize) -> String {
         _ => String::new(),
     };
     format!(
-        "the {} message{table} at position {}:{} (LSN {}) is {size} bytes, over the NATS server's \
+        "the {} message{table} for position {}:{} (LSN {}) is {size} bytes, over the NATS server's \
          max_payload of {max}",
         ev.op_name(),
         ev.pos.commit_lsn,
