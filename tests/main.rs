@@ -11,6 +11,7 @@ mod cluster;
 mod exactly_once;
 mod examples;
 mod hostile_owner;
+mod house;
 mod http;
 mod limits;
 mod memory;
