@@ -91,7 +91,7 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
             if r.get::<_, bool>(2) {
                 c.note(&format!(
                     "role {:?} is a superuser: walnats never needs one; give it a role of its own with \
-                     REPLICATION and SELECT on the published tables (README, The PostgreSQL role)",
+                     REPLICATION and SELECT on the published tables (docs/configuration.md, The PostgreSQL role)",
                     r.get::<_, String>(1)
                 ));
             }
@@ -267,7 +267,7 @@ async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
                 if durable {
                     "acknowledged messages survive the loss of a server"
                 } else {
-                    "an acknowledged message can be lost on power loss unless nats-server runs with sync_interval: always (README: Durability)"
+                    "an acknowledged message can be lost on power loss unless nats-server runs with sync_interval: always (docs/guarantees.md, Durability)"
                 }
             );
             c.note(&line);

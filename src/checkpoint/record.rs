@@ -353,6 +353,7 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OutputFormat, OversizePolicy};
 
     fn in_progress(stream_seq: u64, messages: u64) -> Checkpoint {
         Checkpoint {
@@ -504,5 +505,53 @@ mod tests {
         let mut cp = rereading(5, 3);
         cp.pending_reread = None;
         assert!(cp.settle_reread(9).is_ok(), "streaming went on");
+    }
+
+    #[test]
+    fn a_setting_change_is_named_with_both_values() {
+        let a = Shape {
+            publication: "p1".to_owned(),
+            prefix: "cdc.app".to_owned(),
+            tx_markers: false,
+            format: OutputFormat::Json,
+            on_oversize: OversizePolicy::Fail,
+            message_prefixes: Vec::new(),
+        };
+        assert!(a.changes(&a).is_empty());
+        let b = Shape {
+            publication: "p2".to_owned(),
+            tx_markers: true,
+            ..a.clone()
+        };
+        assert_eq!(
+            a.changes(&b),
+            vec![
+                "postgres.publication \"p1\" -> \"p2\"".to_owned(),
+                "output.tx_markers false -> true".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn old_checkpoints_keep_their_tx_markers() {
+        let c: Checkpoint =
+            serde_json::from_str(r#"{"version":1,"pos":null,"stream_seq":3,"confirmed":"0/0","schemas":{},"tx_markers":true}"#)
+                .unwrap();
+        let now = Shape {
+            publication: "p".to_owned(),
+            prefix: "cdc.app".to_owned(),
+            tx_markers: false,
+            format: OutputFormat::Json,
+            on_oversize: OversizePolicy::Fail,
+            message_prefixes: Vec::new(),
+        };
+        assert!(c.shape_or(&now).tx_markers);
+        let back = serde_json::to_string(&Checkpoint {
+            shape: Some(now.clone()),
+            ..c
+        })
+        .unwrap();
+        let again: Checkpoint = serde_json::from_str(&back).unwrap();
+        assert_eq!(again.shape, Some(now));
     }
 }

@@ -156,7 +156,7 @@ fn foreign(s: &Stored, want: &str, subject: &str) -> Error {
             "the stream's message at sequence {} (subject {:?}) has no Nats-Msg-Id, so it was not published by \
              walnats: another client publishes to walnats' subjects, and walnats would have counted it as its own \
              {want:?} on {subject:?} and skipped that change. Make walnats the only writer of its subjects (NATS \
-             permissions, see README, What walnats refuses), then start over with `walnats slot drop --yes`; deleting the \
+             permissions, see docs/security.md and docs/guarantees.md, What walnats refuses), then start over with `walnats slot drop --yes`; deleting the \
              message does not help, as walnats could no longer tell it from one of its own",
             s.seq, s.subject
         ),

@@ -5,12 +5,12 @@
 //!
 //! Owns the envelope only (`before`, `after`, `source`, `op`, `ts_ms`,
 //! `ts_us`, `ts_ns`, `transaction`); column values go through
-//! `value::write_text_value`, so they follow the contract's type table
+//! `value::write_text_value`, so they follow the type table in docs/messages.md
 //! exactly as in `json.rs`. Subjects and headers are the encoder's and do
 //! not change with the format. Like every encoder it must never do I/O or
 //! put a value into an error.
 //!
-//! Where walnats differs from Debezium, on purpose (the README lists these):
+//! Where walnats differs from Debezium, on purpose (docs/messages.md lists these):
 //! - `source.sequence` is `["<commit LSN>","<LSN>"]` (decimal strings):
 //!   Debezium puts the previous transaction's commit LSN first, which a
 //!   replay from a checkpoint could not reproduce; this transaction's own

@@ -1,6 +1,6 @@
 //! Event → NATS message: subject, headers and body.
 //!
-//! Owns the outside format of walnats' messages (the contract's "Subjects"
+//! Owns the outside format of walnats' messages (docs/messages.md, "Subjects"
 //! and "Messages" sections). It never parses pgoutput and never talks to
 //! NATS; it writes bodies straight into reusable buffers.
 

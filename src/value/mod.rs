@@ -1,4 +1,4 @@
-//! PostgreSQL values in text format → JSON, as the contract's type table
+//! PostgreSQL values in text format → JSON, as the type table in docs/messages.md
 //! says ("Values, by PostgreSQL type").
 //!
 //! Owns the mapping from a column's type to its JSON form ([`ValueKind`],
