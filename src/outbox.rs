@@ -50,9 +50,33 @@ pub struct Outbox {
     /// Where oversized bodies go with `on_oversize = "object_store"`.
     oversize: Option<OversizeStore>,
     stream: String,
-    /// Relation OID → the column set last handed to the publisher on
-    /// `_schema` (the checkpoint's, at the start).
-    schemas: BTreeMap<u32, u64>,
+    schemas: SchemasSent,
+}
+
+/// Relation OID → the column set last handed to the publisher on `_schema`
+/// (the checkpoint's, at the start).
+pub struct SchemasSent(BTreeMap<u32, u64>);
+
+impl SchemasSent {
+    /// The `_schema` event that must go before `ev`: `ev` is a row or a
+    /// truncate of a column set the stream has not seen. Recorded as sent.
+    pub fn before(&mut self, ev: &Event) -> Option<(Event, (u32, u64))> {
+        let rel = match &ev.body {
+            Body::Row { rel, .. } | Body::Truncate { rel, .. } => rel,
+            _ => return None,
+        };
+        if self.0.get(&rel.oid.0) == Some(&rel.schema_hash) {
+            return None;
+        }
+        self.0.insert(rel.oid.0, rel.schema_hash);
+        let schema = Event {
+            body: Body::Schema {
+                rel: Arc::clone(rel),
+            },
+            ..ev.clone()
+        };
+        Some((schema, (rel.oid.0, rel.schema_hash)))
+    }
 }
 
 impl Outbox {
@@ -70,29 +94,14 @@ impl Outbox {
             policy,
             oversize,
             stream: stream.to_owned(),
-            schemas,
+            schemas: SchemasSent(schemas),
         }
     }
 
-    /// The `_schema` event that must go out before `ev` (a row or a
-    /// truncate of a column set the stream has not seen), and its
-    /// (relation, hash) for the checkpoint; recorded as sent.
+    /// The `_schema` event that must go out before `ev`, and its (relation,
+    /// hash) for the checkpoint; recorded as sent.
     pub fn schema_first(&mut self, ev: &Event) -> Option<(Event, (u32, u64))> {
-        let rel = match &ev.body {
-            Body::Row { rel, .. } | Body::Truncate { rel, .. } => rel,
-            _ => return None,
-        };
-        if self.schemas.get(&rel.oid.0) == Some(&rel.schema_hash) {
-            return None;
-        }
-        self.schemas.insert(rel.oid.0, rel.schema_hash);
-        let schema = Event {
-            body: Body::Schema {
-                rel: Arc::clone(rel),
-            },
-            ..ev.clone()
-        };
-        Some((schema, (rel.oid.0, rel.schema_hash)))
+        self.schemas.before(ev)
     }
 
     /// Encodes `ev` and applies the oversize policy. `skippable`: the event
@@ -236,4 +245,81 @@ fn describe(ev: &Event, size: usize, max: usize) -> String {
         ev.pos.seq,
         ev.lsn
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::testing::test_relation;
+
+    fn row(rel: &Arc<RelationInfo>, seq: u32) -> Event {
+        Event {
+            pos: Position::new(Lsn::from_u64(0x100), seq),
+            lsn: Lsn::from_u64(0xF0),
+            tx: None,
+            snapshot: false,
+            body: Body::Row {
+                op: Op::Insert,
+                rel: Arc::clone(rel),
+                old: None,
+                new: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_schema_goes_first_once_per_column_set() {
+        let rel = test_relation("public", "t");
+        let mut sent = SchemasSent(BTreeMap::new());
+        let (schema, record) = sent.before(&row(&rel, 0)).unwrap();
+        assert!(matches!(schema.body, Body::Schema { .. }));
+        assert_eq!(
+            schema.pos,
+            Position::new(Lsn::from_u64(0x100), 0),
+            "the change's position"
+        );
+        assert_eq!(record, (16_384, 0));
+        assert!(sent.before(&row(&rel, 1)).is_none(), "already sent");
+        // The column set changed (a new hash): sent again.
+        let mut changed = crate::event::testing::relation(
+            16_384,
+            "public",
+            "t",
+            crate::pgoutput::ReplicaIdentity::Default,
+            Vec::new(),
+        );
+        Arc::get_mut(&mut changed).unwrap().schema_hash = 9;
+        assert_eq!(
+            sent.before(&row(&changed, 2)).map(|(_, r)| r),
+            Some((16_384, 9))
+        );
+    }
+
+    #[test]
+    fn what_the_checkpoint_recorded_is_not_sent_again_and_messages_need_none() {
+        let rel = test_relation("public", "t");
+        let mut sent = SchemasSent(BTreeMap::from([(16_384, 0)]));
+        assert!(sent.before(&row(&rel, 0)).is_none());
+        let msg = Event {
+            body: Body::Message {
+                transactional: false,
+                prefix: "app".to_owned(),
+                content: bytes::Bytes::new(),
+            },
+            ..row(&rel, 0)
+        };
+        let mut empty = SchemasSent(BTreeMap::new());
+        assert!(empty.before(&msg).is_none());
+    }
+
+    #[test]
+    fn an_oversized_message_is_named_without_its_values() {
+        let rel = test_relation("public", "t");
+        let text = describe(&row(&rel, 3), 10_669, 4096);
+        assert_eq!(
+            text,
+            "the insert message of public.t for position 0/100:3 (LSN 0/F0) is 10669 bytes, over the NATS \
+             server's max_payload of 4096"
+        );
+    }
 }
