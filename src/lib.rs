@@ -8,7 +8,7 @@
 //! - `pgoutput` (the decoder), `config` (settings, no connections);
 //! - `event` (relations, changes, transaction assembly);
 //! - `sink` (JetStream: connect, streams, publish and acks; knows no
-//!   encoder), `encode` (event → subject, headers, body), `outbox` (encode →
+//!   encoder), `encode` (event → subject, headers, body), `publish` (encode →
 //!   `_schema` first → oversize policy → sink: the one way out);
 //! - `source` (the replication and SQL connections, standby feedback);
 //! - `checkpoint` (what is durable, what a restart replays, what the slot
@@ -27,9 +27,9 @@ pub mod http;
 pub mod lsn;
 pub mod metrics;
 pub mod nonce;
-pub mod outbox;
 pub mod pgoutput;
 pub mod pipeline;
+pub mod publish;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

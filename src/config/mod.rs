@@ -20,6 +20,7 @@ mod http;
 mod keys;
 mod limits;
 mod nats;
+mod outbox;
 mod output;
 mod postgres;
 mod secret;
@@ -34,6 +35,7 @@ use serde::Deserialize;
 
 pub use limits::OversizePolicy;
 pub use nats::{FastIngest, NatsAuth, NatsConfig, valid_stream_name, valid_subject_prefix};
+pub use outbox::{OutboxConfig, OutboxSource};
 pub use output::{OutputConfig, OutputFormat, SnapshotMode, publishes_message};
 pub use postgres::{PgConnectConfig, PostgresConfig, SslMode, TableSelector};
 pub use secret::Secret;
@@ -75,6 +77,8 @@ pub struct Config {
     /// From `http.token`, `http.token_file` or `WALNATS_HTTP_TOKEN`: when
     /// set, every HTTP endpoint but `/healthz` and `/readyz` asks for it.
     pub http_token: Option<Secret>,
+    /// `[[outbox]]` entries, in file order.
+    pub outbox: Vec<OutboxConfig>,
     /// `WALNATS_<SECTION>_*` variables that name no key (warned about).
     pub env_ignored: Vec<String>,
 }
@@ -147,6 +151,7 @@ impl RawConfig {
             wal_retained_warn: limits.wal_retained_warn,
             http_listen: http.listen,
             http_token: http.token,
+            outbox: Vec::new(),
             env_ignored: Vec::new(),
         })
     }

@@ -1,7 +1,7 @@
-//! pgoutput messages → events → the outbox and the ledger.
+//! pgoutput messages → events → the outlet (`publish`) and the ledger.
 //!
 //! Each change gets its position from the transaction assembler; one the
-//! replay already covers is dropped; the rest go through the outbox
+//! replay already covers is dropped; the rest go through the outlet
 //! (`_schema` first, the oversize policy) and are either compared with
 //! the stream's copy (an unproven replay) or published, and enter the
 //! ledger in order. walnats' own logical messages (heartbeats, snapshot
@@ -17,8 +17,8 @@ use crate::config;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Body, Event, Op};
 use crate::lsn::{Lsn, Position};
-use crate::outbox::Prepared;
 use crate::pgoutput::{Commit, LogicalMessage, Message, Oid, OldTuple, Truncate, TupleData};
+use crate::publish::Prepared;
 use crate::snapshot::reread;
 use crate::source::upkeep;
 
@@ -194,14 +194,14 @@ impl Session {
         if self.replay.is_through(ev.pos) {
             return Ok(());
         }
-        if let Some((schema_ev, schema)) = self.outbox.schema_first(&ev) {
+        if let Some((schema_ev, schema)) = self.out.schema_first(&ev) {
             self.emit_one(&schema_ev, None, Some(schema)).await?;
         }
         let pos = ev.pos;
         self.emit_one(&ev, Some(pos), None).await
     }
 
-    /// One message out: through the outbox, then compared with the
+    /// One message out: through the outlet, then compared with the
     /// stream's copy (an unproven replay) or published, and into the
     /// ledger. `pos`: the position it completes (`None` for a `_schema`
     /// or a BEGIN marker, which ride with the change after them).
@@ -213,7 +213,7 @@ impl Session {
     ) -> Result<()> {
         let tx = ev.tx.map(|t| t.commit_lsn);
         let proven = self.replay.proven();
-        let msg = match (self.outbox.prepare(ev, pos.is_some(), proven).await?, pos) {
+        let msg = match (self.out.prepare(ev, pos.is_some(), proven).await?, pos) {
             (Prepared::Send(msg), _) => msg,
             (Prepared::Skipped, Some(pos)) => {
                 self.ledger.push(0, Acked::Dropped { pos, tx });
@@ -228,14 +228,14 @@ impl Session {
         };
         let (need, seq, counter, commit_time) = match self
             .replay
-            .already_stored(&msg, &mut self.outbox.publisher)
+            .already_stored(&msg, &mut self.out.publisher)
             .await?
         {
             Some(seq) => (0, seq, None, None),
             None => {
                 let counter = ev.is_change().then(|| self.counter(ev));
                 let commit_time = ev.tx.map(|t| t.commit_time).filter(|_| ev.is_change());
-                let seq = self.outbox.publisher.publish(msg).await?;
+                let seq = self.out.publisher.publish(msg).await?;
                 (seq, seq, counter, commit_time)
             }
         };

@@ -10,11 +10,11 @@
 //! The parts: `run` here (retries, backoff, standing by while another
 //! walnats holds the slot); `startup` (lock, slot, resume, snapshot,
 //! START_REPLICATION); `session` (the select loop that wires the parts to
-//! the sockets); `emit` (pgoutput messages → events → the outbox and the
+//! the sockets); `emit` (pgoutput messages → events → the outlet and the
 //! ledger); `rereads` (`walnats snapshot` requests and their windows). The
 //! decisions live in parts without I/O, each with its own tests:
 //! `event::transaction`, `checkpoint::{ledger, replay, record}`,
-//! `snapshot::window`, `source::feedback`, `sink::outbox`.
+//! `snapshot::window`, `source::feedback`, `publish`.
 
 mod emit;
 mod rereads;

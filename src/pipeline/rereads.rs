@@ -82,7 +82,7 @@ impl Session {
         };
         // Everything before the high watermark must be acknowledged and
         // the checkpoint quiet: the write-ahead record has to be exact.
-        let stored = self.outbox.publisher.drain().await?;
+        let stored = self.out.publisher.drain().await?;
         self.ledger.stored(stored);
         self.ledger.settle();
         if let Some(c) = self.writer.finish().await? {
@@ -93,7 +93,7 @@ impl Session {
         // any transaction that commits after it.
         let at = Position::new(record_inside(hw), 0);
         let reads = self
-            .outbox
+            .out
             .reads(&rel, chunk.rows, Position::new(at.commit_lsn, 1), hw)
             .await?;
         let n = reads.msgs.len() as u64;
@@ -108,10 +108,10 @@ impl Session {
         };
         let c = self
             .ledger
-            .announce_reread(pending.clone(), at, self.outbox.publisher.last_seq());
+            .announce_reread(pending.clone(), at, self.out.publisher.last_seq());
         self.writer.store().save(&c).await?;
         self.ledger.mark_written(c);
-        let seq = self.outbox.publisher.publish_batch(reads.msgs).await?;
+        let seq = self.out.publisher.publish_batch(reads.msgs).await?;
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(n);
         if let Some(r) = self.ledger.reread_landed(&pending, seq) {
             info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");

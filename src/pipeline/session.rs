@@ -30,8 +30,8 @@ use crate::event::RelationCache;
 use crate::event::transaction::Assembler;
 use crate::lsn::Lsn;
 use crate::metrics::{EventCounters, Health};
-use crate::outbox::Outbox;
 use crate::pgoutput;
+use crate::publish::Outlet;
 use crate::sink::Publisher;
 use crate::snapshot::window::Windows;
 use crate::source::feedback::Feedback;
@@ -199,7 +199,7 @@ pub(super) struct Session {
     /// The transaction being assembled.
     pub tx: Assembler,
     /// Encode → `_schema` first → oversize policy → publish.
-    pub outbox: Outbox,
+    pub out: Outlet,
     pub replay: Replayed,
     /// Acknowledged → durable → confirmable.
     pub ledger: Ledger,
@@ -250,14 +250,14 @@ impl Session {
     ) -> Result<Turn> {
         let can_read = !draining
             && self.ledger.inflight() < self.cfg.nats.max_in_flight
-            && self.outbox.publisher.ready();
+            && self.out.publisher.ready();
         tokio::select! {
             biased;
             _ = shutdown.changed(), if !draining => {
                 info!("shutting down: draining acknowledgements");
                 return Ok(Turn::Drain);
             }
-            seq = self.outbox.publisher.next_ack(), if self.outbox.publisher.awaiting() => {
+            seq = self.out.publisher.next_ack(), if self.out.publisher.awaiting() => {
                 self.ledger.stored(seq?);
             }
             written = self.writer.done(), if self.writer.busy() => {
@@ -267,9 +267,9 @@ impl Session {
                 self.wal.feedback.set_due();
             }
             _ = status.tick() => {
-                self.outbox.publisher.overdue()?;
-                if self.outbox.publisher.should_flush() {
-                    self.outbox.publisher.flush().await?;
+                self.out.publisher.overdue()?;
+                if self.out.publisher.should_flush() {
+                    self.out.publisher.flush().await?;
                 }
                 self.wal.feedback.set_due();
                 self.replay.warn_if_stalled(&self.wal.feedback, self.tx.is_open());
@@ -284,8 +284,8 @@ impl Session {
             }
             // Nothing else to do right now: end the open fast batch so
             // that its acknowledgement comes without more messages.
-            () = std::future::ready(()), if self.outbox.publisher.should_flush() => {
-                self.outbox.publisher.flush().await?;
+            () = std::future::ready(()), if self.out.publisher.should_flush() => {
+                self.out.publisher.flush().await?;
             }
         }
         Ok(Turn::Go)

@@ -27,8 +27,8 @@ use crate::event::transaction::Assembler;
 use crate::event::{RelationCache, TypeResolver};
 use crate::lsn::Lsn;
 use crate::metrics::{EventCounters, Health};
-use crate::outbox::Outbox;
 use crate::pgoutput;
+use crate::publish::Outlet;
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher, StreamSetup};
 use crate::snapshot::{self, window::Windows};
@@ -47,7 +47,7 @@ pub(super) async fn session(
     let (c, store, mut st) = connect_and_lock(cfg).await?;
     let mut conn = ReplicationConn::connect(&c.pg).await?;
     let mut start = find_start(&c, cfg, &store, &mut conn, &mut st).await?;
-    let mut outbox = open_outbox(&c, cfg, &start).await?;
+    let mut out = open_outlet(&c, cfg, &start).await?;
     if start.resume.state.snapshot.is_some() {
         health.set_ready(true);
         let mut cache = RelationCache::new(
@@ -58,7 +58,7 @@ pub(super) async fn session(
             cfg,
             pg: &c.pg,
             store: &store,
-            outbox: &mut outbox,
+            out: &mut out,
             cache: &mut cache,
             server_version_num: conn.server_version_num(),
         }
@@ -85,8 +85,8 @@ pub(super) async fn session(
     start_replication(&mut conn, &cfg.postgres.slot, &start.shape).await?;
     // Counting starts at the checkpoint: the replayed messages that are
     // already in the stream bring it up to `resume.last_seq`.
-    outbox.publisher = streaming_publisher(&c, cfg, &mut st, resume.state.stream_seq).await?;
-    let s = assemble(cfg, &c, conn, store, &st, start, outbox, health)?;
+    out.publisher = streaming_publisher(&c, cfg, &mut st, resume.state.stream_seq).await?;
+    let s = assemble(cfg, &c, conn, store, &st, start, out, health)?;
     // Stops with the session.
     let _upkeep = upkeep::start(
         Arc::clone(&c.sql),
@@ -199,7 +199,7 @@ async fn find_start(
 
 /// The way out for the snapshot and then the stream: publishing with one
 /// acknowledgement per message until `streaming_publisher` replaces it.
-async fn open_outbox(c: &Connected, cfg: &Config, start: &Start) -> Result<Outbox> {
+async fn open_outlet(c: &Connected, cfg: &Config, start: &Start) -> Result<Outlet> {
     let shape = &start.shape;
     let oversize = match shape.on_oversize {
         OversizePolicy::ObjectStore => Some(
@@ -219,7 +219,7 @@ async fn open_outbox(c: &Connected, cfg: &Config, start: &Start) -> Result<Outbo
         prefix: shape.prefix.clone(),
     };
     let state = &start.resume.state;
-    Ok(Outbox::new(
+    Ok(Outlet::new(
         Publisher::new(c.js.clone(), state.stream_seq),
         Encoder::new(src, shape.format),
         shape.on_oversize,
@@ -280,7 +280,7 @@ fn assemble(
     store: Arc<Store>,
     st: &StreamSetup,
     start: Start,
-    outbox: Outbox,
+    out: Outlet,
     health: &Arc<Health>,
 ) -> Result<Session> {
     let state = start.resume.state;
@@ -301,7 +301,7 @@ fn assemble(
             TypeResolver::new(Arc::clone(&c.sql)),
         ),
         tx: Assembler::new(start.shape.tx_markers),
-        outbox,
+        out,
         replay: Replayed::new(
             Replay::new(
                 state.pos,

@@ -38,7 +38,7 @@ use crate::config::{Config, PgConnectConfig};
 use crate::error::{Error, Kind, Result};
 use crate::event::RelationCache;
 use crate::lsn::{Lsn, Position};
-use crate::outbox::Outbox;
+use crate::publish::Outlet;
 use crate::sink::MAX_BATCH;
 use crate::source;
 
@@ -54,7 +54,7 @@ pub struct Snapshotter<'a> {
     pub cfg: &'a Config,
     pub pg: &'a PgConnectConfig,
     pub store: &'a Store,
-    pub outbox: &'a mut Outbox,
+    pub out: &'a mut Outlet,
     pub cache: &'a mut RelationCache,
     pub server_version_num: u32,
 }
@@ -212,7 +212,7 @@ impl Snapshotter<'_> {
         let cp_lsn = snap.consistent_point.unwrap_or(Lsn::ZERO);
         let rows = chunk.rows.len() as u64;
         let reads = self
-            .outbox
+            .out
             .reads(rel, chunk.rows, Position::new(lsn, snap.next_seq), cp_lsn)
             .await?;
         let (msgs, schema, seq) = (reads.msgs, reads.schema, reads.next_seq);
@@ -232,11 +232,11 @@ impl Snapshotter<'_> {
             if let Some(snap) = cp.snapshot.as_mut() {
                 snap.pending = Some(pending.clone());
             }
-            cp.stream_seq = self.outbox.publisher.last_seq();
+            cp.stream_seq = self.out.publisher.last_seq();
             self.store.save(cp).await?;
         }
         let t1 = Instant::now();
-        let seq = self.outbox.publisher.publish_batch(msgs).await?;
+        let seq = self.out.publisher.publish_batch(msgs).await?;
         tracing::debug!(
             rows,
             checkpoint_us = (t1 - t0).as_micros() as u64,

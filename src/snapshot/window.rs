@@ -8,7 +8,7 @@
 //! hands over the chunk minus the rows changed inside it (the streamed
 //! change is as new or newer). A change it cannot key (a truncate, an
 //! unchanged TOASTed key, too many keys) means the chunk is read again.
-//! Publishing the chunk is the session's: it goes out through the outbox as
+//! Publishing the chunk is the session's: it goes out through the outlet (`publish`) as
 //! one atomic batch that the checkpoint announces first.
 
 use std::collections::HashSet;

@@ -43,7 +43,7 @@ pub struct Reads {
     pub next_seq: u32,
 }
 
-pub struct Outbox {
+pub struct Outlet {
     pub publisher: Publisher,
     encoder: Encoder,
     policy: OversizePolicy,
@@ -79,7 +79,7 @@ impl SchemasSent {
     }
 }
 
-impl Outbox {
+impl Outlet {
     pub fn new(
         publisher: Publisher,
         encoder: Encoder,
@@ -87,8 +87,8 @@ impl Outbox {
         oversize: Option<OversizeStore>,
         stream: &str,
         schemas: BTreeMap<u32, u64>,
-    ) -> Outbox {
-        Outbox {
+    ) -> Outlet {
+        Outlet {
             publisher,
             encoder,
             policy,
