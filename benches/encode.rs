@@ -57,6 +57,7 @@ fn relation() -> Arc<RelationInfo> {
         subject_base: "cdc.app.public.bench.".into(),
         schema_subject: "cdc.app._schema.public.bench".into(),
         schema_hash: 1,
+        outbox: None,
     })
 }
 

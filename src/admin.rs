@@ -504,6 +504,20 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
         .try_into()
         .unwrap_or(0);
     let req = reread::resolve(sql, &cfg.postgres.publication, slot, tables, version).await?;
+    if let Some(t) = req
+        .tables
+        .iter()
+        .find(|t| crate::event::outbox::table_entry(&cfg.outbox, &t.schema, &t.table).is_some())
+    {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "table {}.{} is an [[outbox]] table: its rows are events, not state, so there is nothing to \
+                 re-read; leave it out",
+                t.schema, t.table
+            ),
+        ));
+    }
     let body = serde_json::to_vec(&req)
         .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
     let nonce = crate::nonce::new()?;

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, OutputFormat, OversizePolicy};
+use crate::config::{Config, OutboxConfig, OutputFormat, OversizePolicy};
 use crate::error::{Error, Kind, Result};
 use crate::lsn::{Lsn, Position};
 
@@ -41,6 +41,10 @@ pub struct Shape {
     /// transactional one published takes a `Cdc-Seq`).
     #[serde(default = "all_messages")]
     pub message_prefixes: Vec<String>,
+    /// `[[outbox]]`: which changes and messages are domain events (an
+    /// outbox table's deletes and updates take no position).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<OutboxConfig>,
 }
 
 /// What walnats published before `output.message_prefixes` existed.
@@ -58,6 +62,7 @@ impl Shape {
             format: cfg.output.format,
             on_oversize: cfg.on_oversize,
             message_prefixes: cfg.output.message_prefixes.clone(),
+            outbox: cfg.outbox.clone(),
         }
     }
 
@@ -94,6 +99,13 @@ impl Shape {
                 self.on_oversize, to.on_oversize
             ));
         }
+        if self.outbox != to.outbox {
+            out.push(format!(
+                "[[outbox]] {} -> {} entries, or their settings",
+                self.outbox.len(),
+                to.outbox.len()
+            ));
+        }
         if self.message_prefixes != to.message_prefixes {
             out.push(format!(
                 "output.message_prefixes {:?} -> {:?}",
@@ -112,6 +124,7 @@ impl Checkpoint {
         self.shape.clone().unwrap_or_else(|| Shape {
             tx_markers: self.legacy_tx_markers,
             message_prefixes: all_messages(),
+            outbox: Vec::new(),
             ..now.clone()
         })
     }
@@ -516,6 +529,7 @@ mod tests {
             format: OutputFormat::Json,
             on_oversize: OversizePolicy::Fail,
             message_prefixes: Vec::new(),
+            outbox: Vec::new(),
         };
         assert!(a.changes(&a).is_empty());
         let b = Shape {
@@ -544,6 +558,7 @@ mod tests {
             format: OutputFormat::Json,
             on_oversize: OversizePolicy::Fail,
             message_prefixes: Vec::new(),
+            outbox: Vec::new(),
         };
         assert!(c.shape_or(&now).tx_markers);
         let back = serde_json::to_string(&Checkpoint {

@@ -357,6 +357,14 @@ pub fn write_claim(
             out.extend_from_slice(b",\"prefix\":");
             push_str(out, prefix)?;
         }
+        Body::Outbox(o) => {
+            out.extend_from_slice(b",\"aggregate_type\":");
+            push_str(out, &o.aggregate_type)?;
+            if let Some(id) = &o.event_id {
+                out.extend_from_slice(b",\"event_id\":");
+                push_str(out, id)?;
+            }
+        }
         Body::TxBegin | Body::TxEnd { .. } => {}
     }
     write_source(out, text, ev);

@@ -73,6 +73,8 @@ fn concat(a: &str, b: &str) -> String {
 /// clone or drop, where one made from `&str` is a shared buffer whose
 /// count changes with every message.
 const OP: HeaderName = HeaderName::from_static("Cdc-Op");
+const EVENT_ID: HeaderName = HeaderName::from_static("Cdc-Event-Id");
+const AGGREGATE_ID: HeaderName = HeaderName::from_static("Cdc-Aggregate-Id");
 const LSN: HeaderName = HeaderName::from_static("Cdc-Lsn");
 const COMMIT_LSN: HeaderName = HeaderName::from_static("Cdc-Commit-Lsn");
 const XID: HeaderName = HeaderName::from_static("Cdc-Xid");
@@ -172,6 +174,17 @@ impl Encoder {
                     msg_id_at(&self.src, &commit_lsn, ev.pos.seq),
                 )
             }
+            Body::Outbox(o) => {
+                // The body is the payload itself, whatever output.format.
+                raw = Some(o.payload.clone());
+                let mut subject = format!("{}._outbox.", self.src.prefix);
+                push_escaped(&mut subject, &o.aggregate_type);
+                (
+                    subject,
+                    o.content_type,
+                    msg_id_at(&self.src, &commit_lsn, ev.pos.seq),
+                )
+            }
             Body::Schema { rel } => {
                 json::write_schema(&mut self.buf, &mut self.text, ev, rel)?;
                 (
@@ -209,6 +222,9 @@ impl Encoder {
         if let Body::Message { transactional, .. } = &ev.body {
             headers.insert(TRANSACTIONAL, if *transactional { "true" } else { "false" });
         }
+        if let Body::Outbox(o) = &ev.body {
+            outbox_headers(&mut headers, o)?;
+        }
         let payload = match raw {
             Some(b) => b,
             None => self.take_body(),
@@ -233,6 +249,29 @@ impl Encoder {
             Bytes::copy_from_slice(&self.buf)
         }
     }
+}
+
+/// `Cdc-Event-Id`, `Cdc-Aggregate-Id` and the listed columns (named by
+/// config, which checked the names). A header value cannot hold CR or LF:
+/// those are written `%0D` / `%0A`, as in message ids.
+fn outbox_headers(headers: &mut HeaderMap, o: &crate::event::outbox::OutboxEvent) -> Result<()> {
+    let value = |v: &str| HeaderValue::from(v.replace('\r', "%0D").replace('\n', "%0A"));
+    if let Some(id) = &o.event_id {
+        headers.insert(EVENT_ID, value(id));
+    }
+    if let Some(id) = &o.aggregate_id {
+        headers.insert(AGGREGATE_ID, value(id));
+    }
+    for (name, v) in &o.headers {
+        let name = name.parse::<HeaderName>().map_err(|_| {
+            crate::error::Error::new(
+                crate::error::Kind::Config,
+                format!("outbox header {name:?} is not a NATS header name: rename it in [[outbox]] headers"),
+            )
+        })?;
+        headers.insert(name, value(v));
+    }
+    Ok(())
 }
 
 const INITIAL_BUF: usize = 4096;

@@ -5,6 +5,7 @@
 //! It never touches a socket and never formats a message body: the source
 //! feeds it pgoutput messages, the encoder turns its events into bytes.
 
+pub mod outbox;
 pub mod relation;
 #[cfg(test)]
 pub mod testing;
@@ -73,6 +74,9 @@ pub enum Body {
     /// A table's column set, published before its first change and when
     /// it changes.
     Schema { rel: Arc<RelationInfo> },
+    /// `[[outbox]]`: a domain event (an outbox table's insert, or a message
+    /// under an outbox prefix).
+    Outbox(outbox::OutboxEvent),
     /// `[output] tx_markers`: a transaction starts.
     TxBegin,
     /// `[output] tx_markers`: a transaction ended, with its change count
@@ -99,6 +103,7 @@ impl Event {
             Body::Row { op, .. } => op.as_str(),
             Body::Truncate { .. } => "truncate",
             Body::Message { .. } => "message",
+            Body::Outbox(_) => "outbox",
             Body::Schema { .. } => "schema",
             Body::TxBegin => "begin",
             Body::TxEnd { .. } => "end",

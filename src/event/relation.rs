@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::config::OutboxConfig;
 use crate::error::{Error, Kind, Result, pg_query_err};
 use crate::pgoutput::{Oid, Relation, ReplicaIdentity};
 use crate::subject::push_escaped;
@@ -43,6 +44,9 @@ pub struct RelationInfo {
     /// FNV-1a over the column set: stable across runs and releases, since
     /// the checkpoint stores it to decide whether a `_schema` message is due.
     pub schema_hash: u64,
+    /// Its columns, when it is an `[[outbox]]` table: its inserts are
+    /// domain events, and nothing else of it is published.
+    pub outbox: Option<Arc<super::outbox::OutboxTable>>,
 }
 
 impl RelationInfo {
@@ -213,6 +217,7 @@ pub struct RelationCache {
     prefix: String,
     resolver: TypeResolver,
     rels: HashMap<Oid, Arc<RelationInfo>>,
+    outboxes: Vec<OutboxConfig>,
 }
 
 impl RelationCache {
@@ -221,7 +226,14 @@ impl RelationCache {
             prefix,
             resolver,
             rels: HashMap::new(),
+            outboxes: Vec::new(),
         }
+    }
+
+    /// Relations of these `[[outbox]]` tables carry their outbox columns.
+    pub fn with_outboxes(mut self, outboxes: Vec<OutboxConfig>) -> RelationCache {
+        self.outboxes = outboxes;
+        self
     }
 
     pub fn get(&self, oid: Oid) -> Result<&Arc<RelationInfo>> {
@@ -283,6 +295,12 @@ impl RelationCache {
         schema_subject.push('.');
         push_escaped(&mut schema_subject, &rel.name);
         subject_base.push('.');
+        let outbox = super::outbox::table_entry(&self.outboxes, &rel.namespace, &rel.name)
+            .map(|cfg| {
+                super::outbox::OutboxTable::resolve(cfg, &rel.namespace, &rel.name, &columns)
+            })
+            .transpose()?
+            .map(Arc::new);
         let info = Arc::new(RelationInfo {
             oid: rel.oid,
             schema: rel.namespace.clone(),
@@ -292,6 +310,7 @@ impl RelationCache {
             subject_base,
             schema_subject,
             schema_hash: h.0,
+            outbox,
         });
         Ok(info)
     }

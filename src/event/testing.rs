@@ -40,6 +40,7 @@ pub fn relation(
         subject_base: format!("cdc.app.{schema}.{table}."),
         schema_subject: format!("cdc.app._schema.{schema}.{table}"),
         schema_hash: 0,
+        outbox: None,
     })
 }
 

@@ -10,12 +10,15 @@
 
 use std::sync::Arc;
 
+use tracing::warn;
+
 use super::record_inside;
 use super::session::Session;
 use crate::checkpoint::ledger::Acked;
 use crate::config;
 use crate::error::{Error, Kind, Result};
-use crate::event::{Body, Event, Op};
+use crate::event::outbox::{self, OutboxTable};
+use crate::event::{Body, Event, Op, RelationInfo};
 use crate::lsn::{Lsn, Position};
 use crate::pgoutput::{Commit, LogicalMessage, Message, Oid, OldTuple, Truncate, TupleData};
 use crate::publish::Prepared;
@@ -87,6 +90,9 @@ impl Session {
         lsn: Lsn,
     ) -> Result<()> {
         let rel = Arc::clone(self.cache.get(oid)?);
+        if let Some(outbox) = rel.outbox.clone() {
+            return self.emit_outbox_row(op, &rel, &outbox, new, lsn).await;
+        }
         if let Some(w) = self.windows.current() {
             w.observe_row(&rel, op, old.as_ref(), new.as_ref());
         }
@@ -101,12 +107,54 @@ impl Session {
         .await
     }
 
+    /// An `[[outbox]]` table's change: an insert is a domain event at the
+    /// insert's position; a delete (the insert-then-delete pattern keeps
+    /// the table empty) and an update are not events and take no position.
+    async fn emit_outbox_row(
+        &mut self,
+        op: Op,
+        rel: &Arc<RelationInfo>,
+        outbox: &OutboxTable,
+        new: Option<TupleData>,
+        lsn: Lsn,
+    ) -> Result<()> {
+        let new = match (op, new) {
+            (Op::Insert, Some(new)) => new,
+            (Op::Update, _) => {
+                // Never the row: it may hold anything.
+                warn!(schema = %rel.schema, table = %rel.table, %lsn,
+                    "an outbox row was updated: outbox rows are events, an update is not one and is not published \
+                     (insert a new row instead)");
+                metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        let (pos, tx) = self.tx.next("an insert", Some(rel))?;
+        if self.replay.is_through(pos) {
+            return Ok(());
+        }
+        let event = outbox.event(rel, &new, pos)?;
+        self.emit_change(Event {
+            pos,
+            lsn,
+            tx: Some(tx),
+            snapshot: false,
+            body: Body::Outbox(event),
+        })
+        .await
+    }
+
     async fn on_truncate(&mut self, t: Truncate, lsn: Lsn) -> Result<()> {
         for oid in &t.oids {
             if let Some(w) = self.windows.current() {
                 w.observe_truncate(oid.0);
             }
             let rel = Arc::clone(self.cache.get(*oid)?);
+            if rel.outbox.is_some() {
+                // An outbox table's rows are events, not state.
+                continue;
+            }
             let (pos, tx) = self.tx.next("a truncate", Some(&rel))?;
             self.emit_change(Event {
                 pos,
@@ -149,28 +197,43 @@ impl Session {
                 self.on_watermark(&m.content, m.lsn).await
             };
         }
+        if let Some(aggregate_type) =
+            outbox::message_aggregate(&self.settings.shape.outbox, &m.prefix)
+        {
+            let event = outbox::message_event(aggregate_type, m.content);
+            return self
+                .emit_message(m.transactional, m.lsn, Body::Outbox(event))
+                .await;
+        }
         if !config::publishes_message(&self.settings.shape.message_prefixes, m.prefix.as_bytes()) {
             // Any database user can write one: only the prefixes asked
             // for are published (and numbered, when transactional).
             metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
             return Ok(());
         }
-        let (pos, tx) = if m.transactional {
+        let body = Body::Message {
+            transactional: m.transactional,
+            prefix: m.prefix,
+            content: m.content,
+        };
+        self.emit_message(m.transactional, m.lsn, body).await
+    }
+
+    /// A logical message's event: in its transaction when transactional,
+    /// else at its own position.
+    async fn emit_message(&mut self, transactional: bool, lsn: Lsn, body: Body) -> Result<()> {
+        let (pos, tx) = if transactional {
             let (p, t) = self.tx.next("a transactional message", None)?;
             (p, Some(t))
         } else {
-            (Position::new(record_inside(m.lsn), 0), None)
+            (Position::new(record_inside(lsn), 0), None)
         };
         self.emit_change(Event {
             pos,
-            lsn: m.lsn,
+            lsn,
             tx,
             snapshot: false,
-            body: Body::Message {
-                transactional: m.transactional,
-                prefix: m.prefix,
-                content: m.content,
-            },
+            body,
         })
         .await
     }
@@ -261,6 +324,14 @@ impl Session {
                 self.counters.get(rel.oid.0, ev.op_name(), || {
                     format!("{}.{}", rel.schema, rel.table)
                 })
+            }
+            Body::Outbox(o) => {
+                let table = self.cache.get(Oid(o.table_oid)).ok();
+                let name = table.map_or_else(
+                    || "_message".to_owned(),
+                    |r| format!("{}.{}", r.schema, r.table),
+                );
+                self.counters.get(o.table_oid, ev.op_name(), || name)
             }
             Body::Message { .. } | Body::TxBegin | Body::TxEnd { .. } => {
                 self.counters.get(0, ev.op_name(), || "_message".to_owned())

@@ -396,6 +396,7 @@ mod tests {
             format: OutputFormat::Json,
             on_oversize: OversizePolicy::Fail,
             message_prefixes: vec!["*".to_owned()],
+            outbox: Vec::new(),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::config::{self, Config, OversizePolicy, SnapshotMode};
 use crate::connect::{self, Connected};
 use crate::encode::{self, Encoder};
 use crate::error::{Error, Kind, Result};
+use crate::event::outbox;
 use crate::event::transaction::Assembler;
 use crate::event::{RelationCache, TypeResolver};
 use crate::lsn::Lsn;
@@ -246,8 +247,12 @@ async fn start_replication(conn: &mut ReplicationConn, slot: &str, shape: &Shape
     )
     .await?;
     info!(%slot, proto_version = version, "streaming");
-    let keep = shape.message_prefixes.clone();
-    conn.skip_unwanted_messages(Arc::new(move |p| config::publishes_message(&keep, p)));
+    let (keep, outboxes) = (shape.message_prefixes.clone(), shape.outbox.clone());
+    conn.skip_unwanted_messages(Arc::new(move |p| {
+        config::publishes_message(&keep, p)
+            || std::str::from_utf8(p)
+                .is_ok_and(|p| outbox::message_aggregate(&outboxes, p).is_some())
+    }));
     Ok(())
 }
 
@@ -299,7 +304,8 @@ fn assemble(
         cache: RelationCache::new(
             start.shape.prefix.clone(),
             TypeResolver::new(Arc::clone(&c.sql)),
-        ),
+        )
+        .with_outboxes(start.shape.outbox.clone()),
         tx: Assembler::new(start.shape.tx_markers),
         out,
         replay: Replayed::new(

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use crate::checkpoint::{Checkpoint, Cursor, PendingChunk, Store, TableProgress};
 use crate::config::{Config, PgConnectConfig};
 use crate::error::{Error, Kind, Result};
-use crate::event::RelationCache;
+use crate::event::{RelationCache, outbox};
 use crate::lsn::{Lsn, Position};
 use crate::publish::Outlet;
 use crate::sink::MAX_BATCH;
@@ -86,7 +86,10 @@ impl Snapshotter<'_> {
             );
         }
         if !snap.planned {
-            let listed = catalog::published_tables(&sql, &self.cfg.postgres.publication).await?;
+            let mut listed =
+                catalog::published_tables(&sql, &self.cfg.postgres.publication).await?;
+            // An outbox table's rows are events, not state: never read.
+            listed.retain(|t| outbox::table_entry(&self.cfg.outbox, &t.schema, &t.table).is_none());
             snap.estimate = listed.iter().map(|t| t.estimate).sum();
             snap.tables = listed
                 .into_iter()

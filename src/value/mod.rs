@@ -403,6 +403,24 @@ fn write_bytea(text: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
     Ok(())
 }
 
+/// A bytea value's bytes, from PostgreSQL's hex output (`\\x00ff`; the
+/// connection pins `bytea_output = hex`).
+pub fn bytea_bytes(text: &[u8]) -> Result<Vec<u8>, ValueError> {
+    let bad = |p| ValueError::new("bytea", p);
+    let hex = text
+        .strip_prefix(b"\\x")
+        .ok_or(bad("not in hex format (bytea_output must be hex)"))?;
+    if hex.len() % 2 != 0 {
+        return Err(bad("odd number of hex digits"));
+    }
+    hex.chunks_exact(2)
+        .map(|d| match (hex_val(d[0]), hex_val(d[1])) {
+            (Some(h), Some(l)) => Ok(h << 4 | l),
+            _ => Err(bad("bad hex digit")),
+        })
+        .collect()
+}
+
 fn push_raw(raw: &mut [u8; BYTEA_CHUNK], n: &mut usize, b: u8, out: &mut Vec<u8>) {
     if let Some(slot) = raw.get_mut(*n) {
         *slot = b;
