@@ -41,6 +41,10 @@ fn check_sections(doc: &DeTable<'_>, keys: &Keys, mistakes: &mut Vec<(usize, Str
             ));
             continue;
         };
+        if section.many {
+            check_entries(section, value, mistakes);
+            continue;
+        }
         let Some(table) = value.get_ref().as_table() else {
             mistakes.push((
                 at,
@@ -52,19 +56,46 @@ fn check_sections(doc: &DeTable<'_>, keys: &Keys, mistakes: &mut Vec<(usize, Str
             ));
             continue;
         };
-        check_keys(section, table, mistakes);
+        check_keys(section, section.name, table, mistakes);
     }
 }
 
-fn check_keys(section: &Section, table: &DeTable<'_>, mistakes: &mut Vec<(usize, String)>) {
+/// A `[[section]]`: each entry's keys, named `section[N].key` as serde and
+/// the section's own checks name them.
+fn check_entries(
+    section: &Section,
+    value: &Spanned<DeValue<'_>>,
+    mistakes: &mut Vec<(usize, String)>,
+) {
+    let name = section.name;
+    let wrong =
+        format!("{name} must be written [[{name}]], once per entry, not [{name}] or a value");
+    let Some(entries) = value.get_ref().as_array() else {
+        mistakes.push((value.span().start, wrong));
+        return;
+    };
+    for (n, entry) in entries.iter().enumerate() {
+        match entry.get_ref().as_table() {
+            Some(table) => check_keys(section, &format!("{name}[{n}]"), table, mistakes),
+            None => mistakes.push((entry.span().start, wrong.clone())),
+        }
+    }
+}
+
+/// `label` is how a key is named: `section` or `section[N]`.
+fn check_keys(
+    section: &Section,
+    label: &str,
+    table: &DeTable<'_>,
+    mistakes: &mut Vec<(usize, String)>,
+) {
     for (key, value) in table {
         let at = key.span().start;
         let Some(ty) = section.key(key.get_ref()) else {
             mistakes.push((
                 at,
                 format!(
-                    "unknown key {}.{}: see config/walnats.example.toml for every key",
-                    section.name,
+                    "unknown key {label}.{}: see config/walnats.example.toml for every key",
                     key.get_ref()
                 ),
             ));
@@ -74,8 +105,7 @@ fn check_keys(section: &Section, table: &DeTable<'_>, mistakes: &mut Vec<(usize,
             mistakes.push((
                 at,
                 format!(
-                    "{}.{} must be {} (the value is not shown: it may be a secret)",
-                    section.name,
+                    "{label}.{} must be {} (the value is not shown: it may be a secret)",
                     key.get_ref(),
                     ty.expected()
                 ),

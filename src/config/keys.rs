@@ -18,6 +18,10 @@
 //! with it. So a field added to a `Raw*` struct is a key at once, with its
 //! type and its `WALNATS_*` variable; rustc warns while its section never
 //! reads it, and a test fails until config/walnats.example.toml shows it.
+//! A `Vec` of a struct in `RawConfig` is a `[[section]]`, an array of
+//! tables (`[[outbox]]`): its keys are known the same way, but no
+//! `WALNATS_*` variable sets them, since a variable could not say which
+//! entry it meant.
 
 use std::sync::LazyLock;
 
@@ -52,6 +56,10 @@ impl KeyType {
 pub(super) struct Section {
     pub(super) name: &'static str,
     pub(super) keys: Vec<(&'static str, KeyType)>,
+    /// `[[section]]`, an array of tables (a `Vec` of a struct): each entry
+    /// holds these keys. No `WALNATS_*` variable sets such a key, since a
+    /// variable could not say which entry it meant.
+    pub(super) many: bool,
 }
 
 impl Section {
@@ -77,16 +85,20 @@ impl Keys {
         self.sections.iter().find(|s| s.name == name)
     }
 
-    /// The type of the key at `section.key`, a path as serde prints it.
+    /// The type of the key at `section.key` (or `section[N].key` in a
+    /// `[[section]]`), a path as serde prints it.
     pub(super) fn at_path(&self, path: &str) -> Option<KeyType> {
         let (section, key) = path.split_once('.')?;
-        self.section(section)?.key(key)
+        match section.split_once('[') {
+            Some((name, _)) => self.section(name).filter(|s| s.many)?.key(key),
+            None => self.section(section).filter(|s| !s.many)?.key(key),
+        }
     }
 
     /// The section, key and type that `WALNATS_<rest>` names, `rest`
-    /// lower-cased (`postgres_slot`).
+    /// lower-cased (`postgres_slot`). Never a key of a `[[section]]`.
     pub(super) fn named_by_env(&self, rest: &str) -> Option<(&'static str, &'static str, KeyType)> {
-        self.sections.iter().find_map(|s| {
+        self.sections.iter().filter(|s| !s.many).find_map(|s| {
             let key = rest.strip_prefix(s.name)?.strip_prefix('_')?;
             let (k, ty) = s.keys.iter().find(|(k, _)| *k == key)?;
             Some((s.name, *k, *ty))
@@ -94,7 +106,8 @@ impl Keys {
     }
 
     /// Whether `rest` (as for [`Keys::named_by_env`]) starts with a section's
-    /// name and `_`, whether or not a key follows.
+    /// name and `_`, whether or not a key follows. A `[[section]]` counts,
+    /// so that `WALNATS_OUTBOX_TABLE` is warned about as setting nothing.
     pub(super) fn names_a_section(&self, rest: &str) -> bool {
         self.sections.iter().any(|s| {
             rest.strip_prefix(s.name)
@@ -138,8 +151,13 @@ fn probe() -> Result<Keys, String> {
 }
 
 fn section(name: &'static str, shape: Shape) -> Result<Section, String> {
-    let Shape::Struct(fields) = shape else {
-        return Err(format!("[{name}] is not a struct"));
+    let (fields, many) = match shape {
+        Shape::Struct(fields) => (fields, false),
+        Shape::List(item) => match *item {
+            Shape::Struct(fields) => (fields, true),
+            _ => return Err(format!("[[{name}]] is not a list of structs")),
+        },
+        _ => return Err(format!("[{name}] is not a struct")),
     };
     let keys = fields
         .into_iter()
@@ -153,7 +171,7 @@ fn section(name: &'static str, shape: Shape) -> Result<Section, String> {
             )),
         })
         .collect::<Result<_, _>>()?;
-    Ok(Section { name, keys })
+    Ok(Section { name, keys, many })
 }
 
 /// A deserializer with nothing in it, that writes down what it is asked.
@@ -291,8 +309,17 @@ mod tests {
         let names: Vec<&str> = keys.sections().iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["postgres", "nats", "snapshot", "output", "limits", "http"]
+            [
+                "postgres", "nats", "snapshot", "output", "limits", "http", "outbox"
+            ]
         );
+        let many: Vec<&str> = keys
+            .sections()
+            .iter()
+            .filter(|s| s.many)
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(many, ["outbox"]);
         // One key of each type, and the wrappers serde sees through:
         // `Secret` (transparent) and `PathBuf` are strings.
         for (path, ty) in [
@@ -304,11 +331,15 @@ mod tests {
             ("nats.tls_required", KeyType::Bool),
             ("output.message_prefixes", KeyType::StrList),
             ("http.token", KeyType::Str),
+            ("outbox[0].table", KeyType::Str),
+            ("outbox[3].headers", KeyType::StrList),
         ] {
             assert_eq!(keys.at_path(path), Some(ty), "{path}");
         }
         assert_eq!(keys.at_path("postgres.slott"), None);
         assert_eq!(keys.at_path("postgres"), None);
+        assert_eq!(keys.at_path("outbox.table"), None);
+        assert_eq!(keys.at_path("postgres[0].slot"), None);
     }
 
     #[test]
@@ -326,7 +357,7 @@ mod tests {
     #[test]
     fn env_names_map_to_the_same_keys() {
         let keys = known().unwrap();
-        for s in keys.sections() {
+        for s in keys.sections().iter().filter(|s| !s.many) {
             for (key, ty) in &s.keys {
                 let rest = format!("{}_{key}", s.name);
                 assert_eq!(
@@ -341,5 +372,9 @@ mod tests {
         assert!(keys.names_a_section("postgres_slott"));
         assert!(!keys.names_a_section("postgresslot"));
         assert!(!keys.names_a_section("log"));
+        // An [[outbox]] key has no variable, but one that looks like it is
+        // warned about.
+        assert_eq!(keys.named_by_env("outbox_table"), None);
+        assert!(keys.names_a_section("outbox_table"));
     }
 }

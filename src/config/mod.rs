@@ -9,8 +9,8 @@
 //!
 //! The way in: `file` reads the TOML and refuses unknown keys and wrong
 //! types, `env` lays the overrides over it, serde fills [`RawConfig`], and
-//! each section's file (`postgres`, `nats`, `output`, `limits`, `http`)
-//! turns its raw section into typed settings. `keys` reads the list of
+//! each section's file (`postgres`, `nats`, `output`, `limits`, `http`,
+//! `outbox`) turns its raw section into typed settings. `keys` reads the list of
 //! known keys off the `Raw*` structs, so that a key exists by being a
 //! field.
 
@@ -58,6 +58,9 @@ struct RawConfig {
     limits: limits::RawLimits,
     #[serde(default)]
     http: http::RawHttp,
+    /// `[[outbox]]`: an array of tables, so no `WALNATS_*` variable.
+    #[serde(default)]
+    outbox: Vec<outbox::RawOutbox>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +144,7 @@ impl RawConfig {
         let output = OutputConfig::from_raw(self.output)?;
         let limits = limits::Limits::from_raw(self.limits)?;
         let http = http::Http::from_raw(self.http)?;
+        let outbox = OutboxConfig::from_raw(self.outbox)?;
         Ok(Config {
             postgres,
             nats,
@@ -151,7 +155,7 @@ impl RawConfig {
             wal_retained_warn: limits.wal_retained_warn,
             http_listen: http.listen,
             http_token: http.token,
-            outbox: Vec::new(),
+            outbox,
             env_ignored: Vec::new(),
         })
     }

@@ -140,22 +140,96 @@ fn publication_name(publication: Option<String>) -> Result<String> {
 }
 
 fn parse_table_selector(s: &str) -> Result<TableSelector> {
-    // Quoted identifiers are not supported here: names with dots would be
-    // ambiguous; such tables are selected through a publication made by hand.
     let err = || {
         config_err(
             "postgres.tables: an entry is not \"schema.table\" or \"schema.*\"; \
-             for names with dots or quotes create the publication yourself and leave tables empty",
+             double-quote a part that holds dots, e.g. '\"my.schema\".orders'",
         )
     };
-    let (schema, table) = s.split_once('.').ok_or_else(err)?;
-    if schema.is_empty() || table.is_empty() || table.contains('.') || schema == "*" {
+    let (Some(schema), table) = qualified_name(s).ok_or_else(err)? else {
+        return Err(err());
+    };
+    if schema.is_star() {
         return Err(err());
     }
     Ok(TableSelector {
-        schema: schema.to_owned(),
-        table: (table != "*").then(|| table.to_owned()),
+        schema: schema.name,
+        table: (!table.is_star()).then_some(table.name),
     })
+}
+
+/// One part of a table's name as the config writes it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct NamePart {
+    /// Exact: PostgreSQL's name, case kept, quotes taken off.
+    pub(super) name: String,
+    /// Written in double quotes: `"*"` is a name, `*` is every table.
+    pub(super) quoted: bool,
+}
+
+impl NamePart {
+    pub(super) fn is_star(&self) -> bool {
+        !self.quoted && self.name == "*"
+    }
+}
+
+/// `schema.table` or `table`, each part as is or in double quotes to hold
+/// dots (`"my.schema"."my.table"`, `""` inside for a quote): the one
+/// reading of a table's name for `postgres.tables` and `[[outbox]]`.
+/// Names are exact either way (nothing is folded to lower case, since
+/// walnats quotes every name it sends). `None`: an empty part, a stray
+/// quote, or more than two parts.
+pub(super) fn qualified_name(s: &str) -> Option<(Option<NamePart>, NamePart)> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    loop {
+        let (part, after) = name_part(rest)?;
+        parts.push(part);
+        match after.strip_prefix('.') {
+            Some(next) => rest = next,
+            None if after.is_empty() => break,
+            None => return None,
+        }
+    }
+    let table = parts.pop()?;
+    let schema = parts.pop();
+    parts.is_empty().then_some((schema, table))
+}
+
+/// The part at the start of `s`, and what follows it.
+fn name_part(s: &str) -> Option<(NamePart, &str)> {
+    let Some(mut rest) = s.strip_prefix('"') else {
+        let end = s.find('.').unwrap_or(s.len());
+        let (name, after) = s.split_at(end);
+        if name.is_empty() || name.contains('"') {
+            return None;
+        }
+        let name = name.to_owned();
+        return Some((
+            NamePart {
+                name,
+                quoted: false,
+            },
+            after,
+        ));
+    };
+    let mut name = String::new();
+    loop {
+        let close = rest.find('"')?;
+        let (piece, after) = rest.split_at(close);
+        name.push_str(piece);
+        match after.strip_prefix("\"\"") {
+            Some(more) => {
+                name.push('"');
+                rest = more;
+            }
+            None => {
+                rest = after.get(1..)?;
+                break;
+            }
+        }
+    }
+    (!name.is_empty()).then_some((NamePart { name, quoted: true }, rest))
 }
 
 /// `postgres.heartbeat_interval`, default 30 s; `None` for `"0"` (off).
@@ -407,6 +481,31 @@ mod tests {
     }
 
     #[test]
+    fn a_table_selector_may_quote_a_part_that_holds_dots() {
+        let c = section(RawPostgres {
+            tables: Some(vec![
+                "\"my.schema\".\"my.table\"".into(),
+                "\"my.schema\".*".into(),
+                "app.\"*\"".into(),
+            ]),
+            ..RawPostgres::default()
+        })
+        .unwrap();
+        let selector = |schema: &str, table: Option<&str>| TableSelector {
+            schema: schema.into(),
+            table: table.map(str::to_owned),
+        };
+        assert_eq!(
+            c.tables,
+            [
+                selector("my.schema", Some("my.table")),
+                selector("my.schema", None),
+                selector("app", Some("*")),
+            ]
+        );
+    }
+
+    #[test]
     fn section_mistakes_name_the_key_and_the_fix() {
         assert_refused(
             PostgresConfig::from_raw(RawPostgres::default()),
@@ -418,7 +517,7 @@ mod tests {
         let text = |t: &str| Some(t.to_owned());
         let table = |t: &str| Some(vec![t.to_owned()]);
         let slot_fix = "lower-case letters, digits and _ (at most 63)";
-        let tables_fix = "create the publication yourself";
+        let tables_fix = "double-quote a part that holds dots";
         let interval_fix = "between 1 and 30000";
         #[rustfmt::skip]
         let cases = [
@@ -436,6 +535,8 @@ mod tests {
             (RawPostgres { tables: table(".orders"), ..raw() }, "postgres.tables", tables_fix),
             (RawPostgres { tables: table("public."), ..raw() }, "postgres.tables", tables_fix),
             (RawPostgres { tables: table("a.b.c"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table("\"a.b.c"), ..raw() }, "postgres.tables", tables_fix),
+            (RawPostgres { tables: table("\"a.b\""), ..raw() }, "postgres.tables", tables_fix),
             (RawPostgres { status_interval_ms: Some(0), ..raw() }, "postgres.status_interval_ms", interval_fix),
             (RawPostgres { status_interval_ms: Some(30_001), ..raw() }, "postgres.status_interval_ms", interval_fix),
             (RawPostgres { heartbeat_interval: text("30"), ..raw() }, "postgres.heartbeat_interval", "like \"30s\""),

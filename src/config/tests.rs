@@ -196,11 +196,12 @@ fn the_example_holds_every_key_and_no_other() {
     let mut section = "";
     let mut in_example = BTreeSet::new();
     for line in EXAMPLE.lines() {
+        let line = line.strip_prefix('#').unwrap_or(line).trim_start();
+        // `[section]`, or `[[section]]` (commented out: none by default).
         if let Some(header) = line.strip_prefix('[') {
-            section = header.trim_end_matches(']');
+            section = header.trim_start_matches('[').split(']').next().unwrap();
             continue;
         }
-        let line = line.strip_prefix('#').unwrap_or(line).trim_start();
         if let Some((key, _)) = line.split_once(" = ")
             && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
         {
@@ -219,19 +220,17 @@ fn the_example_holds_every_key_and_no_other() {
 fn an_unknown_key_in_any_section_is_refused_by_name() {
     for section in known().unwrap().sections() {
         let name = section.name;
-        let err = load(
-            &format!(
-                "[{name}]
-no_such_key = 1
-"
-            ),
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let (header, key) = if section.many {
+            (format!("[[{name}]]"), format!("{name}[0].no_such_key"))
+        } else {
+            (format!("[{name}]"), format!("{name}.no_such_key"))
+        };
+        let err = load(&format!("{header}\nno_such_key = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(&format!(
-                "test.toml line 2: unknown key {name}.no_such_key: see config/walnats.example.toml"
+                "test.toml line 2: unknown key {key}: see config/walnats.example.toml"
             )),
             "{err}"
         );
@@ -244,9 +243,112 @@ url = \"x\"\n",
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("unknown section [postgress]: the sections are postgres, nats, snapshot, output, limits, http"),
+        err.contains("unknown section [postgress]: the sections are postgres, nats, snapshot, output, limits, http, outbox"),
         "{err}"
     );
+}
+
+#[test]
+fn outbox_entries_are_read_in_file_order() {
+    let text = format!(
+        "{MIN}
+[[outbox]]
+table = '\"my.schema\".\"my.outbox\"'
+id = \"event_id\"
+aggregate_type = \"kind\"
+aggregate_id = \"key\"
+payload = \"body\"
+headers = [\"type\", \"trace_id\"]
+
+[[outbox]]
+message_prefix = \"outbox\"
+"
+    );
+    let c = load(&text, &[]).unwrap();
+    assert_eq!(
+        c.outbox,
+        [
+            OutboxConfig {
+                source: OutboxSource::Table {
+                    schema: "my.schema".into(),
+                    table: "my.outbox".into()
+                },
+                id: "event_id".into(),
+                aggregate_type: "kind".into(),
+                aggregate_id: "key".into(),
+                payload: "body".into(),
+                headers: vec!["type".into(), "trace_id".into()],
+            },
+            OutboxConfig {
+                source: OutboxSource::MessagePrefix("outbox".into()),
+                id: "id".into(),
+                aggregate_type: "aggregatetype".into(),
+                aggregate_id: "aggregateid".into(),
+                payload: "payload".into(),
+                headers: Vec::new(),
+            },
+        ]
+    );
+    assert!(load(MIN, &[]).unwrap().outbox.is_empty());
+}
+
+/// The example's `[[outbox]]`, uncommented but for `message_prefix`, is
+/// the defaults.
+#[test]
+fn the_example_outbox_shows_the_defaults() {
+    let start = EXAMPLE.find("# [[outbox]]").unwrap();
+    let entry: String = EXAMPLE[start..]
+        .lines()
+        .filter(|l| !l.contains("message_prefix ="))
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap()))
+        .collect();
+    let c = load(&format!("{MIN}{entry}"), &[]).unwrap();
+    let d = load(&format!("{MIN}[[outbox]]\ntable = \"outbox\"\n"), &[]).unwrap();
+    assert_eq!(c.outbox.len(), 1);
+    assert_eq!(c.outbox, d.outbox);
+}
+
+#[test]
+fn outbox_mistakes_in_the_file_name_the_entry_and_line() {
+    let entry = "[[outbox]]\ntable = \"outbox\"\n";
+    for (text, want) in [
+        (
+            format!("{MIN}{entry}{entry}tabel = \"x\"\n"),
+            "test.toml line 7: unknown key outbox[1].tabel: see config/walnats.example.toml",
+        ),
+        (
+            format!("{MIN}{entry}headers = \"x\"\n"),
+            "test.toml line 5: outbox[0].headers must be a list of strings",
+        ),
+        (
+            format!("{MIN}{entry}headers = [1]\n"),
+            "test.toml line 5: outbox[0].headers must be a list of strings",
+        ),
+        (
+            format!("{MIN}{entry}id = 7\n"),
+            "test.toml line 5: outbox[0].id must be a string",
+        ),
+        (
+            format!("{MIN}[outbox]\ntable = \"outbox\"\n"),
+            "test.toml line 3: outbox must be written [[outbox]]",
+        ),
+        (
+            format!("outbox = \"x\"\n{MIN}"),
+            "test.toml line 1: outbox must be written [[outbox]]",
+        ),
+        (
+            format!("outbox = [\"x\"]\n{MIN}"),
+            "test.toml line 1: outbox must be written [[outbox]]",
+        ),
+        (
+            format!("{MIN}{entry}{entry}"),
+            "outbox[1].table is outbox[0].table",
+        ),
+    ] {
+        let err = load(&text, &[]).unwrap_err();
+        assert_eq!(err.kind(), Kind::Config);
+        assert!(err.to_string().contains(want), "{want:?} not in {err}");
+    }
 }
 
 #[test]
