@@ -1,6 +1,7 @@
-//! `examples/work_queue_import.rs`, the consumer pattern downstream teams
-//! copy, run as a process against real servers: walnats streams a table,
-//! the example applies it to another database.
+//! The examples downstream teams copy, run as processes against real
+//! servers: `work_queue_import.rs` (walnats streams a table, the example
+//! applies it to another database) and `outbox.rs` (a service writes
+//! orders with their events, a consumer handles each event once).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,15 +18,16 @@ use crate::support::{PREFIX, STREAM, World, shared};
 const TABLE: &str = "CREATE TABLE orders (id int PRIMARY KEY, status text NOT NULL,
     amount numeric(10,2), meta jsonb, tags text[], at timestamptz)";
 
-/// The example binary, next to this test binary's folder (`cargo build
+/// An example binary, next to this test binary's folder (`cargo build
 /// --examples`; scripts/test builds it).
-fn example_bin() -> PathBuf {
+fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
         .and_then(|deps| deps.parent())
         .unwrap()
-        .join("examples/work_queue_import");
+        .join("examples")
+        .join(name);
     assert!(
         bin.exists(),
         "{} is missing: run cargo build --examples",
@@ -34,25 +36,22 @@ fn example_bin() -> PathBuf {
     bin
 }
 
-struct Importer {
+/// An example running as a process, its output appended to `log`; killed
+/// on drop.
+struct Example {
     child: Child,
     log: PathBuf,
 }
 
-impl Importer {
-    fn spawn(world: &World<'_>, target_url: &str, max_deliver: u32, log: &Path) -> Importer {
-        let mut cmd = Command::new(example_bin());
-        cmd.args(["--nats-url", &world.nats.url(), "--stream", STREAM])
-            .args(["--filter", &format!("{PREFIX}.public.orders.>")])
-            .args(["--durable", "orders-import"])
-            .args(["--max-deliver", &max_deliver.to_string()])
-            .args(["--target-url", target_url])
-            .args(["--target-table", "public.orders"])
+impl Example {
+    fn spawn(name: &str, args: &[&str], log: &Path) -> Example {
+        let mut cmd = Command::new(example_bin(name));
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(process::append_log(log))
             .stderr(process::append_log(log));
         let child = process::spawn_tied(cmd).expect("cannot start the example");
-        Importer {
+        Example {
             child,
             log: log.to_path_buf(),
         }
@@ -63,11 +62,38 @@ impl Importer {
     }
 }
 
-impl Drop for Importer {
+impl Drop for Example {
     fn drop(&mut self) {
         process::signal(self.child.id(), libc::SIGKILL);
         let _ = self.child.wait();
     }
+}
+
+/// work_queue_import of `public.orders` into the table of `target_url`.
+fn importer(world: &World<'_>, target_url: &str, max_deliver: u32, log: &Path) -> Example {
+    let nats = world.nats.url();
+    let filter = format!("{PREFIX}.public.orders.>");
+    let max_deliver = max_deliver.to_string();
+    Example::spawn(
+        "work_queue_import",
+        &[
+            "--nats-url",
+            &nats,
+            "--stream",
+            STREAM,
+            "--filter",
+            &filter,
+            "--durable",
+            "orders-import",
+            "--max-deliver",
+            &max_deliver,
+            "--target-url",
+            target_url,
+            "--target-table",
+            "public.orders",
+        ],
+        log,
+    )
 }
 
 async fn rows(client: &tokio_postgres::Client) -> Vec<String> {
@@ -83,7 +109,7 @@ async fn rows(client: &tokio_postgres::Client) -> Vec<String> {
 async fn wait_equal(
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
-    imp: &Importer,
+    imp: &Example,
 ) {
     for _ in 0..600 {
         if rows(source).await == rows(target).await {
@@ -109,7 +135,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     world.wait_streaming(&mut w).await;
 
     let log = harness::temp_dir("walnats-example-").join("import.log");
-    let mut imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
+    let mut imp = importer(&world, &world.pg.url(&target_db), 3, &log);
     world
         .sql(
             "INSERT INTO orders SELECT i, 'new', i * 1.5, jsonb_build_object('i', i),
@@ -123,7 +149,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     // kill -9 mid-import: the unacked event comes back and is applied once.
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(imp);
-    imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
+    imp = importer(&world, &world.pg.url(&target_db), 3, &log);
     world
         .sql(
             "TRUNCATE orders;
@@ -147,7 +173,7 @@ async fn work_queue_import_mirrors_a_table_skips_redeliveries_and_dead_letters_p
     let js = world.js().await;
     let stream = js.get_stream(STREAM).await.unwrap();
     stream.delete_consumer("orders-import").await.unwrap();
-    imp = Importer::spawn(&world, &world.pg.url(&target_db), 3, &log);
+    imp = importer(&world, &world.pg.url(&target_db), 3, &log);
     harness::wait_until(Duration::from_secs(30), "the replay to finish", || async {
         let mut c = stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>("orders-import")
@@ -229,7 +255,7 @@ async fn work_queue_import_waits_out_a_target_outage_without_dead_letters() {
     nats.flush().await.unwrap();
 
     let log = harness::temp_dir("walnats-example-").join("import.log");
-    let imp = Importer::spawn(&world, &target_pg.url(&target_db), 1, &log);
+    let imp = importer(&world, &target_pg.url(&target_db), 1, &log);
     let insert = |from: i32| {
         format!(
             "INSERT INTO orders SELECT i, 'new', i, NULL, NULL, now() FROM generate_series({from}, {}) i;
@@ -259,4 +285,112 @@ async fn work_queue_import_waits_out_a_target_outage_without_dead_letters() {
         imp.output()
     );
     w.sigterm();
+}
+
+/// `outbox service`, run to its end; what it printed.
+fn outbox_service(world: &World<'_>, orders: u32) -> String {
+    let out = Command::new(example_bin("outbox"))
+        .args(["service", "--database-url", &world.pg_url()])
+        .args(["--orders", &orders.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let placed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "outbox service failed:\n{placed}{errors}"
+    );
+    placed
+}
+
+/// `examples/outbox.rs`: the service's orders reach the consumer as
+/// `OrderCreated` events through walnats' `[[outbox]]`, each handled once;
+/// an event seen again (same `Cdc-Event-Id`) is skipped and acked.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_example_handles_each_order_event_once_and_skips_a_repeat() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    // The service makes its tables; walnats checks the outbox's at start.
+    outbox_service(&world, 0);
+    let config = crate::support::with_outbox(
+        &world.config(),
+        &["table = \"public.outbox\"\nheaders = [\"type\"]"],
+    );
+    let mut w = world.spawn_with(&config, &[]);
+    world.wait_streaming(&mut w).await;
+    let log = harness::temp_dir("walnats-example-").join("outbox.log");
+    let subject = format!("{PREFIX}._outbox.order");
+    let nats = world.nats.url();
+    let args = [
+        "consume",
+        "--nats-url",
+        &nats,
+        "--stream",
+        STREAM,
+        "--subject",
+        &subject,
+        "--durable",
+        "order-events",
+        "--remember",
+        "3",
+    ];
+    let consumer = Example::spawn("outbox", &args, &log);
+    let placed = outbox_service(&world, 5);
+    let handled = |out: &str| out.matches("handled OrderCreated").count();
+    harness::wait_until(Duration::from_secs(60), "5 handled events", || async {
+        handled(&consumer.output()) >= 5
+    })
+    .await;
+    let out = consumer.output();
+    assert_eq!(handled(&out), 5, "{out}");
+    // Each event the service placed, handled once, with its order's data.
+    for line in placed.lines().filter(|l| l.starts_with("placed order")) {
+        let (order, event) = line
+            .trim_start_matches("placed order ")
+            .split_once(": event ")
+            .unwrap();
+        let want = format!("handled OrderCreated {event}: order {order} for ada totalling ");
+        assert_eq!(out.matches(&want).count(), 1, "{want:?} in:\n{out}");
+    }
+
+    // walnats is the stream's only writer: stop it, then publish the last
+    // event again as a new message (another Nats-Msg-Id).
+    w.sigterm();
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+    let last = world
+        .read_stream()
+        .await
+        .into_iter()
+        .rfind(|m| m.subject == subject)
+        .unwrap();
+    let mut headers = HeaderMap::new();
+    for (k, v) in &last.headers {
+        if k != "Nats-Msg-Id" {
+            headers.insert(k.as_str(), v.as_str());
+        }
+    }
+    let js = world.js().await;
+    js.publish_with_headers(subject.clone(), headers, last.payload.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let skipped = format!("skipped duplicate {}", last.header("Cdc-Event-Id"));
+    harness::wait_until(Duration::from_secs(30), "the repeat skipped", || async {
+        consumer.output().contains(&skipped)
+    })
+    .await;
+    assert_eq!(handled(&consumer.output()), 5, "{}", consumer.output());
+    // Everything acked.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    harness::wait_until(Duration::from_secs(10), "no pending acks", || async {
+        let mut c = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("order-events")
+            .await
+            .unwrap();
+        c.info()
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await;
 }

@@ -16,6 +16,7 @@ mod http;
 mod limits;
 mod memory;
 mod nats_auth;
+mod outbox;
 mod pg_connection;
 mod publishing;
 mod resume;

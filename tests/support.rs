@@ -441,3 +441,19 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
         .ok()?;
     Some(kib * 1024)
 }
+
+/// `config` with one `[[outbox]]` table appended per entry, an entry being
+/// that table's keys (`"table = \"public.outbox\"\nheaders = [\"type\"]"`).
+/// Arrays of tables go after every plain section, so this comes last.
+pub fn with_outbox(config: &str, entries: &[&str]) -> String {
+    let mut out = config.to_owned();
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    for entry in entries {
+        out.push_str("[[outbox]]\n");
+        out.push_str(entry);
+        out.push('\n');
+    }
+    out
+}
