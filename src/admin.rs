@@ -16,13 +16,13 @@ macro_rules! say {
 }
 
 use crate::checkpoint::Checkpoint;
-use crate::config::Config;
+use crate::config::{Config, OutboxSource};
 use crate::connect;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 use crate::sink;
 use crate::snapshot::reread;
-use crate::source::{self, ReplicationConn, setup};
+use crate::source::{self, ReplicationConn, outbox, setup};
 use crate::subject;
 
 struct Checklist {
@@ -39,6 +39,10 @@ impl Checklist {
     fn fail(&mut self, what: &str, fix: &str) {
         self.ok = false;
         say!("[FAIL] {what}\n       fix: {fix}");
+    }
+    /// Worth fixing, but `run` works without: does not fail the check.
+    fn warn(&mut self, what: &str, fix: &str) {
+        say!("[warn] {what}\n       fix: {fix}");
     }
 }
 
@@ -177,7 +181,50 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
             "check the role's permissions",
         ),
     }
+    check_outboxes(cfg, &sql, c).await;
     Some(db)
+}
+
+/// The `[[outbox]]` tables against the catalog; nothing without one.
+async fn check_outboxes(cfg: &Config, sql: &tokio_postgres::Client, c: &mut Checklist) {
+    let tables: Vec<String> = cfg
+        .outbox
+        .iter()
+        .filter_map(|o| match &o.source {
+            OutboxSource::Table { schema, table } => Some(format!("{schema}.{table}")),
+            OutboxSource::MessagePrefix(_) => None,
+        })
+        .collect();
+    if tables.is_empty() {
+        return;
+    }
+    let found = async {
+        let problems = outbox::outbox_problems(sql, &cfg.postgres, &cfg.outbox).await?;
+        let warnings = outbox::outbox_warnings(sql, &cfg.postgres, &cfg.outbox).await?;
+        Ok::<_, Error>((problems, warnings))
+    };
+    let (problems, warnings) = match found.await {
+        Ok(f) => f,
+        Err(e) => {
+            c.fail(
+                &format!("cannot check the outbox tables: {e}"),
+                "check the role's permissions",
+            );
+            return;
+        }
+    };
+    if problems.is_empty() {
+        c.pass(&format!(
+            "outbox tables {} are published, with the configured columns and types",
+            tables.join(", ")
+        ));
+    }
+    for p in &problems {
+        c.fail(&p.what, &p.fix);
+    }
+    for w in &warnings {
+        c.warn(&w.what, &w.fix);
+    }
 }
 
 /// `db` (when PostgreSQL answered) gives the default stream and prefix.
@@ -493,16 +540,7 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
             ),
         ));
     };
-    let version: u32 = sql
-        .query_one(
-            "SELECT pg_catalog.current_setting('server_version_num')::int4",
-            &[],
-        )
-        .await
-        .map_err(|e| crate::error::pg_query_err("reading the server version", e))?
-        .get::<_, i32>(0)
-        .try_into()
-        .unwrap_or(0);
+    let version = setup::server_version(sql).await?;
     let req = reread::resolve(sql, &cfg.postgres.publication, slot, tables, version).await?;
     if let Some(t) = req
         .tables

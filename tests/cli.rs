@@ -116,6 +116,79 @@ async fn check_passes_on_a_ready_setup_and_reports_every_failure_at_once() {
     );
 }
 
+/// `check` with `[[outbox]]`: a fitting outbox table passes; a missing
+/// column, a payload of another type and a publication without the table
+/// are each a failed item naming them, a nullable aggregate type a warning.
+#[tokio::test]
+async fn check_reports_each_outbox_table_problem_naming_the_column() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql(
+            "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+             aggregateid text, payload jsonb, traceparent text)",
+        )
+        .await;
+    let config = format!(
+        "{}[[outbox]]\ntable = \"public.outbox\"\nheaders = [\"traceparent\"]\n",
+        world.config()
+    );
+    let (code, out, err) = run(&["check"], &config, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("[ok]   outbox tables public.outbox are published"),
+        "{out}"
+    );
+    assert!(!out.contains("[warn]"), "{out}");
+
+    world
+        .sql("ALTER TABLE outbox ALTER COLUMN aggregatetype DROP NOT NULL")
+        .await;
+    let (code, out, _) = run(&["check"], &config, &[]);
+    assert_eq!(code, 0, "a warning is not a failure: {out}");
+    assert!(
+        out.contains("[warn] column aggregatetype of outbox table public.outbox is nullable"),
+        "{out}"
+    );
+
+    world
+        .sql(
+            "ALTER TABLE outbox DROP COLUMN aggregateid; \
+             ALTER TABLE outbox ALTER COLUMN payload TYPE integer USING 0",
+        )
+        .await;
+    let (code, out, _) = run(&["check"], &config, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "[FAIL] outbox table public.outbox has no column aggregateid (outbox[0].aggregate_id)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("[FAIL] column payload of outbox table public.outbox is integer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: ALTER TABLE \"public\".\"outbox\" ALTER COLUMN \"payload\" TYPE jsonb"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("outbox tables public.outbox are published"),
+        "{out}"
+    );
+
+    world
+        .sql("CREATE TABLE other (id int PRIMARY KEY); CREATE PUBLICATION walnats FOR TABLE other")
+        .await;
+    let (code, out, _) = run(&["check"], &config, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("[FAIL] outbox table public.outbox is not in publication \"walnats\"")
+            && out.contains("fix: ALTER PUBLICATION \"walnats\" ADD TABLE \"public\".\"outbox\""),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn status_json_and_slot_drop() {
     let world = World::new(shared(PgVersion::V15)).await;

@@ -25,6 +25,18 @@ pub async fn database_name(sql: &Client) -> Result<String> {
     Ok(row.get(0))
 }
 
+/// `server_version_num`: 150004 for 15.4.
+pub async fn server_version(sql: &Client) -> Result<u32> {
+    let row = sql
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::int4",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_query_err("reading the server version", e))?;
+    Ok(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0))
+}
+
 pub async fn require_logical_wal(sql: &Client) -> Result<()> {
     let row = sql
         .query_one("SELECT pg_catalog.current_setting('wal_level')", &[])
