@@ -83,7 +83,7 @@ fn classify(h: Option<&async_nats::HeaderMap>, src: &encode::Source) -> Tail {
     match header(h, "Cdc-Op") {
         Some("read") => Tail::Read,
         Some("schema" | "begin" | "end") => Tail::Marker,
-        Some("insert" | "update" | "delete" | "truncate" | "message") => {
+        Some("insert" | "update" | "delete" | "truncate" | "message" | "outbox") => {
             let pos = header(h, "Cdc-Commit-Lsn")
                 .and_then(|l| l.parse::<Lsn>().ok())
                 .zip(header(h, "Cdc-Seq").and_then(|s| s.parse::<u32>().ok()))
@@ -359,6 +359,14 @@ mod tests {
         ]);
         let want = Position::new("0/16B3800".parse().unwrap(), 2);
         assert_eq!(classify(Some(&h), &src()), Tail::Change(want));
+        // An outbox event takes its change's position too.
+        let outbox = headers(&[
+            ("Nats-Msg-Id", "app:walnats:0/16B3800:2"),
+            ("Cdc-Op", "outbox"),
+            ("Cdc-Commit-Lsn", "0/16B3800"),
+            ("Cdc-Seq", "2"),
+        ]);
+        assert_eq!(classify(Some(&outbox), &src()), Tail::Change(want));
     }
 
     #[test]

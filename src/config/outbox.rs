@@ -3,7 +3,7 @@
 //! instead of as row changes.
 //!
 //! Only the settings live here; which columns exist and have which types
-//! is checked against the database at start (`source::setup`), and the
+//! is checked against the database at start (`source::outbox`), and the
 //! event is made in `event::outbox`. What can be known without the
 //! database is refused here: a table or prefix named twice, a header
 //! walnats writes itself, a prefix of walnats' own.

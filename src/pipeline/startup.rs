@@ -35,7 +35,7 @@ use crate::sink::{self, Publisher, StreamSetup};
 use crate::snapshot::{self, window::Windows};
 use crate::source::feedback::Feedback;
 use crate::source::upkeep::{self, WalWatch};
-use crate::source::{ReplicationConn, setup};
+use crate::source::{self, ReplicationConn, setup};
 
 /// One session: set up, then stream until shutdown, a restart for new
 /// settings, or an error.
@@ -110,6 +110,14 @@ async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, Stream
     hold_slot_lock(&c.sql, &cfg.postgres.slot, &store).await?;
     setup::require_logical_wal(&c.sql).await?;
     setup::ensure_publication(&c.sql, &cfg.postgres).await?;
+    let problems = source::outbox::outbox_problems(&c.sql, &cfg.postgres, &cfg.outbox).await?;
+    if !problems.is_empty() {
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(Error::new(
+            Kind::Config,
+            format!("[[outbox]]: {}", all.join("; ")),
+        ));
+    }
     let st = sink::ensure_stream(&c.js, &c.stream_name, &c.prefix, cfg.nats.replicas).await?;
     if st.created {
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
