@@ -99,9 +99,18 @@ impl Shape {
                 self.on_oversize, to.on_oversize
             ));
         }
-        if self.outbox != to.outbox {
+        // Which changes and messages are events, and their subjects, decide
+        // positions and what a replay is compared with; the other outbox
+        // columns only fill bodies and headers and may change at once.
+        let routing = |s: &Shape| {
+            s.outbox
+                .iter()
+                .map(|o| (o.source.clone(), o.aggregate_type.clone()))
+                .collect::<Vec<_>>()
+        };
+        if routing(self) != routing(to) {
             out.push(format!(
-                "[[outbox]] {} -> {} entries, or their settings",
+                "[[outbox]] tables, prefixes or aggregate_type columns ({} -> {} entries)",
                 self.outbox.len(),
                 to.outbox.len()
             ));

@@ -8,6 +8,7 @@
 //! table are events at all (inserts only) is the session's. No I/O.
 
 use bytes::Bytes;
+use tracing::warn;
 
 use super::{ColumnInfo, RelationInfo};
 use crate::config::{OutboxConfig, OutboxSource};
@@ -74,69 +75,101 @@ pub fn message_event(aggregate_type: &str, content: Bytes) -> OutboxEvent {
     }
 }
 
-/// An outbox table's columns, by their place in the relation.
+/// The longest aggregate type, in bytes: a subject token (up to three
+/// times longer escaped) must stay far inside NATS's 4 KiB control line.
+pub const MAX_AGGREGATE_TYPE: usize = 128;
+
+/// An outbox table's columns, by their place in the relation; `None`: the
+/// relation has no such column (the table was altered, or a replay meets
+/// rows written before a column was added).
 #[derive(Debug)]
 pub struct OutboxTable {
-    id: usize,
-    aggregate_type: usize,
-    aggregate_id: usize,
-    payload: usize,
-    headers: Vec<(String, usize)>,
+    id: Option<usize>,
+    aggregate_type: Option<usize>,
+    aggregate_id: Option<usize>,
+    payload: Option<usize>,
+    headers: Vec<(String, Option<usize>)>,
+    /// The configured names of aggregate_type and payload, for the error.
+    names: (String, String),
 }
 
 impl OutboxTable {
-    /// Finds `cfg`'s columns among `columns` of `schema.table`; a missing one
-    /// is a stop (the start-up check names it earlier, unless the table was
-    /// altered while walnats ran).
+    /// Finds `cfg`'s columns among `columns`. A missing one is not an
+    /// error here: the relation may describe rows written before the
+    /// column existed, which a replay drops unread. A missing id,
+    /// aggregate id or header column leaves its header out (warned about);
+    /// a missing aggregate type or payload stops at the first row that
+    /// needs it ([`OutboxTable::event`]). The start-up check refuses a
+    /// table without them.
     pub fn resolve(
         cfg: &OutboxConfig,
         schema: &str,
         table: &str,
         columns: &[ColumnInfo],
-    ) -> Result<OutboxTable> {
+    ) -> OutboxTable {
         let find = |key: &str, name: &str| {
-            columns.iter().position(|c| c.name == name).ok_or_else(|| {
-                Error::new(
-                    Kind::Config,
-                    format!(
-                        "outbox table {schema}.{table} has no column {name:?} (outbox {key}): add the column, or \
-                         name the right one in [[outbox]] {key}"
-                    ),
-                )
-            })
+            let i = columns.iter().position(|c| c.name == name);
+            if i.is_none() {
+                warn!(%schema, %table, column = %name, key,
+                    "an outbox table lacks a configured column (altered while walnats runs, or rows from before \
+                     it was added): its header is left out of their events");
+            }
+            i
         };
-        Ok(OutboxTable {
-            id: find("id", &cfg.id)?,
-            aggregate_type: find("aggregate_type", &cfg.aggregate_type)?,
-            aggregate_id: find("aggregate_id", &cfg.aggregate_id)?,
-            payload: find("payload", &cfg.payload)?,
+        OutboxTable {
+            id: find("id", &cfg.id),
+            aggregate_type: find("aggregate_type", &cfg.aggregate_type),
+            aggregate_id: find("aggregate_id", &cfg.aggregate_id),
+            payload: find("payload", &cfg.payload),
             headers: cfg
                 .headers
                 .iter()
-                .map(|h| find("headers", h).map(|i| (h.clone(), i)))
-                .collect::<Result<_>>()?,
-        })
+                .map(|h| (h.clone(), find("headers", h)))
+                .collect(),
+            names: (cfg.aggregate_type.clone(), cfg.payload.clone()),
+        }
     }
 
     /// The event an inserted row `new` of `rel` carries, at `pos` (named in
     /// the error when its aggregate type is missing).
     pub fn event(&self, rel: &RelationInfo, new: &TupleData, pos: Position) -> Result<OutboxEvent> {
-        let aggregate_type = text(new, self.aggregate_type)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                let col = rel.columns.get(self.aggregate_type).map_or("", |c| c.name.as_str());
-                Error::new(
-                    Kind::Decode,
-                    format!(
-                        "the outbox row of {}.{} at position {}:{} has no aggregate type (column {col:?} is NULL or \
-                         empty), so it has no subject: make the column NOT NULL with a non-empty CHECK; nothing was \
-                         confirmed past it",
-                        rel.schema, rel.table, pos.commit_lsn, pos.seq
-                    ),
-                )
-            })?;
-        let kind = rel.columns.get(self.payload).map(|c| &c.kind);
-        let (payload, content_type) = match (new.get(self.payload), kind) {
+        let stop = |what: String, fix: &str| {
+            Error::new(
+                Kind::Decode,
+                format!(
+                    "the outbox row of {}.{} at position {}:{} {what}: {fix}; nothing was confirmed past it",
+                    rel.schema, rel.table, pos.commit_lsn, pos.seq
+                ),
+            )
+        };
+        let (agg_col, payload_col) = (&self.names.0, &self.names.1);
+        let (Some(agg), Some(payload)) = (self.aggregate_type, self.payload) else {
+            return Err(stop(
+                format!(
+                    "has no column {agg_col:?} or {payload:?}",
+                    payload = payload_col
+                ),
+                "the table lost its aggregate type or payload column; add it back, or name the right one in \
+                 [[outbox]]",
+            ));
+        };
+        let aggregate_type = text(new, Some(agg)).filter(|t| !t.is_empty()).ok_or_else(|| {
+            stop(
+                format!("has no aggregate type (column {agg_col:?} is NULL or empty), so it has no subject"),
+                "make the column NOT NULL with a non-empty CHECK",
+            )
+        })?;
+        if aggregate_type.len() > MAX_AGGREGATE_TYPE {
+            return Err(stop(
+                format!(
+                    "has an aggregate type of {} bytes, over {MAX_AGGREGATE_TYPE}",
+                    aggregate_type.len()
+                ),
+                "keep aggregate types short (they are subject tokens); add a CHECK on the column's length",
+            ));
+        }
+        let kind = rel.columns.get(payload).map(|c| &c.kind);
+        let (payload, content_type) = match (new.get(payload), kind) {
             (Some(TupleValue::Text(b)), Some(ValueKind::Bytea)) => {
                 (Bytes::from(bytea_bytes(b)?), BYTES)
             }
@@ -162,9 +195,9 @@ impl OutboxTable {
     }
 }
 
-/// A column's value as text (`None`: NULL, or not sent).
-fn text(t: &TupleData, i: usize) -> Option<String> {
-    match t.get(i)? {
+/// A column's value as text (`None`: no such column, NULL, or not sent).
+fn text(t: &TupleData, i: Option<usize>) -> Option<String> {
+    match t.get(i?)? {
         TupleValue::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
         _ => None,
     }
@@ -240,7 +273,7 @@ mod tests {
     #[test]
     fn an_inserted_row_is_an_event_with_its_columns_as_headers() {
         let rel = outbox_rel(ValueKind::Json);
-        let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns).unwrap();
+        let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns);
         let ev = t
             .event(
                 &rel,
@@ -276,7 +309,7 @@ mod tests {
         ];
         for (kind, payload, body, content_type) in cases {
             let rel = outbox_rel(kind);
-            let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns).unwrap();
+            let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns);
             let ev = t
                 .event(&rel, &row([None, Some("a"), None, None, payload]), pos())
                 .unwrap();
@@ -293,7 +326,7 @@ mod tests {
     #[test]
     fn no_aggregate_type_is_a_stop_naming_the_place_and_the_fix() {
         let rel = outbox_rel(ValueKind::Json);
-        let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns).unwrap();
+        let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns);
         for agg in [None, Some("")] {
             let e = t
                 .event(&rel, &row([Some("e"), agg, None, None, None]), pos())
@@ -307,15 +340,43 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_column_is_named_with_its_key() {
+    fn a_missing_column_stops_only_the_rows_that_need_it() {
         let rel = outbox_rel(ValueKind::Json);
+        let r = row([Some("e"), Some("order"), Some("42"), Some("t"), Some("{}")]);
+        // Headers: left out.
+        let mut cfg = table();
+        cfg.headers = vec!["traceparent".to_owned()];
+        cfg.id = "event_id".to_owned();
+        let ev = OutboxTable::resolve(&cfg, "public", "outbox", &rel.columns)
+            .event(&rel, &r, pos())
+            .unwrap();
+        assert_eq!((ev.event_id, ev.headers.len()), (None, 0));
+        assert_eq!(ev.aggregate_id.as_deref(), Some("42"));
+        // The payload: a stop naming the row and the column.
         let mut cfg = table();
         cfg.payload = "body".to_owned();
-        let e = OutboxTable::resolve(&cfg, "public", "outbox", &rel.columns).unwrap_err();
+        let e = OutboxTable::resolve(&cfg, "public", "outbox", &rel.columns)
+            .event(&rel, &r, pos())
+            .unwrap_err();
         assert!(
-            e.to_string()
-                .contains("no column \"body\" (outbox payload)"),
+            e.to_string().contains("\"body\"") && e.to_string().contains("0/100:2"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn an_over_long_aggregate_type_is_a_stop() {
+        let rel = outbox_rel(ValueKind::Json);
+        let t = OutboxTable::resolve(&table(), "public", "outbox", &rel.columns);
+        let long = "a".repeat(MAX_AGGREGATE_TYPE + 1);
+        let e = t
+            .event(&rel, &row([None, Some(&long), None, None, None]), pos())
+            .unwrap_err();
+        assert!(e.to_string().contains("over 128"), "{e}");
+        let fits = "a".repeat(MAX_AGGREGATE_TYPE);
+        assert!(
+            t.event(&rel, &row([None, Some(&fits), None, None, None]), pos())
+                .is_ok()
         );
     }
 }

@@ -250,6 +250,20 @@ impl RelationCache {
 
     pub async fn update(&mut self, rel: &Relation) -> Result<Arc<RelationInfo>> {
         let info = self.describe(rel).await?;
+        if let Some(old) = self.rels.get(&rel.oid)
+            && old.outbox.is_some()
+            && info.outbox.is_none()
+        {
+            // Its inserts would go out as row changes, unannounced.
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "outbox table {}.{} was renamed to {}.{} while walnats ran: rename it back, or name the new \
+                     name in [[outbox]] table",
+                    old.schema, old.table, info.schema, info.table
+                ),
+            ));
+        }
         self.rels.insert(rel.oid, Arc::clone(&info));
         Ok(info)
     }
@@ -295,12 +309,15 @@ impl RelationCache {
         schema_subject.push('.');
         push_escaped(&mut schema_subject, &rel.name);
         subject_base.push('.');
-        let outbox = super::outbox::table_entry(&self.outboxes, &rel.namespace, &rel.name)
-            .map(|cfg| {
-                super::outbox::OutboxTable::resolve(cfg, &rel.namespace, &rel.name, &columns)
-            })
-            .transpose()?
-            .map(Arc::new);
+        let outbox =
+            super::outbox::table_entry(&self.outboxes, &rel.namespace, &rel.name).map(|cfg| {
+                Arc::new(super::outbox::OutboxTable::resolve(
+                    cfg,
+                    &rel.namespace,
+                    &rel.name,
+                    &columns,
+                ))
+            });
         let info = Arc::new(RelationInfo {
             oid: rel.oid,
             schema: rel.namespace.clone(),

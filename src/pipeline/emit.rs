@@ -200,6 +200,13 @@ impl Session {
         if let Some(aggregate_type) =
             outbox::message_aggregate(&self.settings.shape.outbox, &m.prefix)
         {
+            if aggregate_type.len() > outbox::MAX_AGGREGATE_TYPE {
+                // Any role may write one: ignored (and not numbered), never a stop.
+                warn!(bytes = aggregate_type.len(), lsn = %m.lsn,
+                    "an outbox message's aggregate type is over 128 bytes; ignored");
+                metrics::counter!(crate::metrics::MESSAGES_IGNORED).increment(1);
+                return Ok(());
+            }
             let event = outbox::message_event(aggregate_type, m.content);
             return self
                 .emit_message(m.transactional, m.lsn, Body::Outbox(event))
