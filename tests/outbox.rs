@@ -972,3 +972,319 @@ async fn kill_9_under_an_outbox_load_loses_repeats_and_reorders_no_event() {
     assert_eq!(next.len(), AGGREGATE_TYPES.len() * AGGREGATE_IDS);
     w.sigterm();
 }
+
+// ---------------------------------------------------------------------------
+// From the review of the outbox.
+
+/// `[[outbox]]` with no header columns, and with `traceparent`.
+const HEADERLESS: &str = "table = \"public.outbox\"";
+const TRACED: &str = "table = \"public.outbox\"\nheaders = [\"traceparent\"]";
+
+fn traced_event_id(n: u32) -> String {
+    format!("e0000000-0000-4000-8000-{n:012}")
+}
+
+fn traceparent(n: u32) -> String {
+    format!("00-4bf92f3577b34da6a3ce929d0e0e{n:04}-00f067aa0ba902b7-01")
+}
+
+/// Order `n` and its event, in one transaction (the usual pattern); the
+/// event's `traceparent` set when `traced` (the column exists then).
+fn order_and_event(n: u32, traced: bool) -> String {
+    let (cols, vals) = if traced {
+        (", traceparent", format!(", '{}'", traceparent(n)))
+    } else {
+        ("", String::new())
+    };
+    format!(
+        "BEGIN; INSERT INTO orders VALUES ({n}, 'new');
+         INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload{cols})
+           VALUES ('{}', 'order', '{n}', 'OrderCreated', '{{\"n\": {n}}}'{vals});
+         COMMIT;",
+        traced_event_id(n)
+    )
+}
+
+/// Rows in the transaction that a kill -9 interrupts.
+const BULK: i64 = 5_000;
+
+/// Waits until the stream's last sequence reaches `at_least`, polling
+/// often (to catch walnats inside a transaction).
+async fn wait_last_seq(world: &World<'_>, w: &mut WalnatsProc, at_least: u64) {
+    let js = world.js().await;
+    for _ in 0..3000 {
+        let last = match js.get_stream(crate::support::STREAM).await {
+            Ok(mut s) => s.info().await.unwrap().state.last_sequence,
+            Err(_) => 0,
+        };
+        if last >= at_least {
+            return;
+        }
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the stream never reached sequence {at_least}:\n{}",
+        w.output()
+    );
+}
+
+/// Events are pending in the slot (written while walnats was down, or the
+/// rest of a transaction a kill -9 interrupted) when the outbox gains a
+/// header column and walnats restarts naming it: the replay reads rows
+/// whose relation lacks the column. Every event once, in order; those
+/// written before the column without the header, those after with it;
+/// walnats keeps running.
+async fn a_header_column_added_while_events_are_pending(kill_inside_a_transaction: bool) {
+    let s = Service::new(PgVersion::V15, &format!("{ORDERS}; {OUTBOX}")).await;
+    // One acknowledgement per message: slow enough to stop inside a transaction.
+    let slow: &[(&str, &str)] = if kill_inside_a_transaction {
+        &[("WALNATS_NATS_FAST_INGEST", "off")]
+    } else {
+        &[]
+    };
+    let mut w = s.spawn(&[HEADERLESS], slow);
+    s.world.wait_streaming(&mut w).await;
+    s.write(&order_and_event(1, false)).await;
+    read_through(&s.world, &mut w, event_id_is(&traced_event_id(1))).await;
+    if kill_inside_a_transaction {
+        let base = s.world.read_stream().await.last().map_or(0, |m| m.seq);
+        s.write(&format!(
+            "BEGIN; INSERT INTO orders VALUES (100, 'bulk');
+             INSERT INTO outbox (id, aggregatetype, aggregateid, payload)
+               SELECT ('f0000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid, 'order', g::text,
+                      jsonb_build_object('n', g)
+               FROM generate_series(1, {BULK}) g;
+             COMMIT;"
+        ))
+        .await;
+        wait_last_seq(&s.world, &mut w, base + 200).await;
+        w.kill9();
+        let bulk = s
+            .world
+            .read_stream()
+            .await
+            .iter()
+            .filter(|m| m.header("Cdc-Event-Id").starts_with("f0000000-"))
+            .count();
+        eprintln!("the kill left {bulk} of the {BULK} bulk events in the stream");
+        assert!(
+            bulk > 0 && bulk < BULK as usize,
+            "premise: part of the bulk transaction is in the stream, but {bulk} of its {BULK} events are"
+        );
+    } else {
+        w.sigterm();
+        assert!(
+            w.wait_exit(Duration::from_secs(20)).success(),
+            "{}",
+            w.output()
+        );
+    }
+    for n in 2..=4 {
+        s.write(&order_and_event(n, false)).await;
+    }
+    s.write("ALTER TABLE outbox ADD COLUMN traceparent text")
+        .await;
+    for n in 5..=6 {
+        s.write(&order_and_event(n, true)).await;
+    }
+    let mut w = s.spawn(&[TRACED], &[]);
+    let all = read_through(&s.world, &mut w, event_id_is(&traced_event_id(6))).await;
+    assert_exactly_once_in_order(&all);
+    assert_no_row_events_of(&all, "outbox");
+    let events: Vec<&Msg> = changes(&all)
+        .into_iter()
+        .filter(|m| m.subject == format!("{PREFIX}._outbox.order"))
+        .collect();
+    let bulk = if kill_inside_a_transaction { BULK } else { 0 };
+    let want: Vec<String> = std::iter::once(traced_event_id(1))
+        .chain((1..=bulk).map(|g| format!("f0000000-0000-4000-8000-{g:012}")))
+        .chain((2..=6).map(traced_event_id))
+        .collect();
+    let got: Vec<&str> = events.iter().map(|m| m.header("Cdc-Event-Id")).collect();
+    assert!(
+        got == want,
+        "{} events, want {}; the first differing: {:?}",
+        got.len(),
+        want.len(),
+        got.iter()
+            .zip(&want)
+            .find(|(g, w)| *g != w)
+            .map(|(g, w)| (g.to_string(), w.clone()))
+    );
+    for ev in &events {
+        let id = ev.header("Cdc-Event-Id");
+        let traced = (5..=6).find(|n| traced_event_id(*n) == id);
+        match traced {
+            Some(n) => assert_eq!(ev.header("traceparent"), traceparent(n), "event {id}"),
+            None => assert!(
+                !ev.headers.contains_key("traceparent"),
+                "event {id}, written before the column, has a traceparent: {:?}",
+                ev.headers
+            ),
+        }
+    }
+    assert!(w.is_running(), "walnats stopped:\n{}", w.output());
+    w.sigterm();
+    assert!(
+        w.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        w.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_column_added_while_events_are_pending_does_not_stop_the_resume() {
+    a_header_column_added_while_events_are_pending(false).await;
+}
+
+/// The same with the first run killed inside a transaction of events:
+/// the rest of it is finished after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_column_added_after_a_kill_9_inside_a_transaction_does_not_stop_the_resume() {
+    a_header_column_added_while_events_are_pending(true).await;
+}
+
+/// PostgreSQL pads a char(n) with spaces, which would be part of every
+/// subject: `walnats run` refuses such an aggregate type column at start,
+/// in one line naming the column and `char(n)`; nothing is published.
+#[tokio::test]
+async fn a_char_n_aggregate_type_is_refused_at_start() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql(
+            "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype char(10) NOT NULL,
+               aggregateid text NOT NULL, payload jsonb);
+             CREATE PUBLICATION p_char FOR TABLE outbox;",
+        )
+        .await;
+    let config = with_outbox(&world.config(), &[HEADERLESS]);
+    let mut w = WalnatsProc::spawn(
+        walnats_bin(),
+        &["run"],
+        &config,
+        &[
+            ("WALNATS_POSTGRES_PUBLICATION", "p_char"),
+            ("NO_COLOR", "1"),
+        ],
+    );
+    let status = w.wait_exit(Duration::from_secs(15));
+    let out = w.output();
+    assert!(!status.success(), "exit 0, not a refusal:\n{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("char(n)")).collect();
+    assert_eq!(lines.len(), 1, "not one line on char(n):\n{out}");
+    assert!(
+        lines[0].contains("aggregatetype") && lines[0].contains("outbox"),
+        "the line does not name the column: {:?}",
+        lines[0]
+    );
+    assert!(!out.contains("panicked"), "{out}");
+    let all = world.read_stream().await;
+    assert!(all.is_empty(), "published: {:?}", subjects(&all));
+}
+
+/// An outbox row's aggregate type over 128 bytes stops walnats with a line
+/// saying so (one of 128 is published); nothing of it is published. A
+/// message-prefix outbox message's, which any role may write, is ignored
+/// instead (taking no position): the next message is published and
+/// walnats keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_aggregate_type_stops_walnats_and_an_over_long_message_one_is_ignored() {
+    // A table row.
+    let s = Service::new(PgVersion::V15, OUTBOX).await;
+    let mut w = s.spawn(&[OUTBOX_ENTRY], &[]);
+    s.world.wait_streaming(&mut w).await;
+    let fits = "a0000000-0000-4000-8000-000000000000";
+    s.write(&format!(
+        "INSERT INTO outbox VALUES ('{fits}', repeat('a', 128), '1', 'T', '{{}}')"
+    ))
+    .await;
+    read_through(&s.world, &mut w, event_id_is(fits)).await;
+    s.write(
+        "INSERT INTO outbox VALUES ('b0000000-0000-4000-8000-000000000000', repeat('b', 129), '2', 'T', '{}')",
+    )
+    .await;
+    let status = w.wait_exit(Duration::from_secs(20));
+    let out = w.output();
+    assert!(!status.success(), "exit 0:\n{out}");
+    assert!(
+        line_with(&out, &["outbox", "over 128"]).is_some(),
+        "no line says the aggregate type is over 128 bytes:\n{out}"
+    );
+    let all = s.world.read_stream().await;
+    let got: Vec<(&str, &str)> = changes(&all)
+        .iter()
+        .map(|m| (m.subject.as_str(), m.header("Cdc-Event-Id")))
+        .collect();
+    let a128 = format!("{PREFIX}._outbox.{}", "a".repeat(128));
+    assert_eq!(got, [(a128.as_str(), fits)]);
+
+    // A logical message, inside a transaction and on its own.
+    let world = World::new(shared(PgVersion::V15)).await;
+    world.sql(ORDERS).await;
+    let config = with_outbox(&world.config(), &["message_prefix = \"outbox\""]);
+    let mut w = world.spawn_with(&config, &[]);
+    world.wait_streaming(&mut w).await;
+    for sql in [
+        "BEGIN; INSERT INTO orders VALUES (1, 'x');
+         SELECT pg_logical_emit_message(true, 'outbox.' || repeat('a', 129), '{}');
+         INSERT INTO orders VALUES (2, 'y'); COMMIT;",
+        "SELECT pg_logical_emit_message(true, 'outbox.' || repeat('a', 129), '{}')",
+        "SELECT pg_logical_emit_message(true, 'outbox.invoice', '{\"n\":1}')",
+    ] {
+        world.sql(sql).await;
+    }
+    let all = read_through(&world, &mut w, |m| m.subject.ends_with("._outbox.invoice")).await;
+    assert_exactly_once_in_order(&all);
+    let p = PREFIX;
+    assert_eq!(
+        subjects(&changes(&all).into_iter().cloned().collect::<Vec<_>>()),
+        [
+            format!("{p}.public.orders.insert"),
+            format!("{p}.public.orders.insert"),
+            format!("{p}._outbox.invoice"),
+        ]
+    );
+    // A duplicate would have arrived by now; so would a stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.is_running(), "walnats stopped:\n{}", w.output());
+    let again = world.read_stream().await;
+    assert_eq!(subjects(&again), subjects(&all));
+    w.sigterm();
+}
+
+/// `ALTER TABLE outbox RENAME` while walnats streams: the table is no
+/// longer the configured outbox, and its inserts would go out as row
+/// changes. walnats stops with a line saying it was renamed; nothing of
+/// the renamed table is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_an_outbox_table_while_running_stops_walnats() {
+    let s = Service::new(PgVersion::V15, &format!("{ORDERS}; {OUTBOX}")).await;
+    let mut w = s.spawn(&[OUTBOX_ENTRY], &[]);
+    s.world.wait_streaming(&mut w).await;
+    let first = "a0000000-0000-4000-8000-000000000000";
+    s.write(&format!(
+        "INSERT INTO outbox VALUES ('{first}', 'order', '1', 'T', '{{}}')"
+    ))
+    .await;
+    read_through(&s.world, &mut w, event_id_is(first)).await;
+    s.write("ALTER TABLE outbox RENAME TO outbox2").await;
+    s.write(
+        "INSERT INTO outbox2 VALUES ('b0000000-0000-4000-8000-000000000000', 'order', '2', 'T', '{}')",
+    )
+    .await;
+    let status = w.wait_exit(Duration::from_secs(20));
+    let out = w.output();
+    assert!(!status.success(), "exit 0:\n{out}");
+    assert!(
+        line_with(&out, &["outbox", "was renamed"]).is_some(),
+        "no line says the outbox table was renamed:\n{out}"
+    );
+    let all = s.world.read_stream().await;
+    assert_no_row_events_of(&all, "outbox2");
+    let got: Vec<&str> = changes(&all)
+        .iter()
+        .map(|m| m.header("Cdc-Event-Id"))
+        .collect();
+    assert_eq!(got, [first], "{:?}", subjects(&all));
+}
