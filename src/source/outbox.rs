@@ -920,7 +920,8 @@ mod tests {
             "{p}"
         );
         assert!(
-            p.what.contains("text, varchar, name or citext (not char(n)"),
+            p.what
+                .contains("text, varchar, name or citext (not char(n)"),
             "{p}"
         );
         let w = one(&out.warnings);
