@@ -222,8 +222,15 @@ pub async fn read_window(
     while !running.is_empty() {
         let row = sql
             .query_one(
+                // Not `pg_xact_status(x) = 'in progress'`: a transaction is
+                // committed in the commit log a moment before it leaves the
+                // proc array, and in that moment a new snapshot (the
+                // SELECT's) still does not see it, while its change is
+                // already in the stream before the low watermark: the read
+                // would be older than the change. A fresh snapshot that sees
+                // it as finished is what the SELECT's will see.
                 "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::text[]) x \
-                 WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
+                 WHERE NOT pg_catalog.pg_visible_in_snapshot(x::xid8, pg_catalog.pg_current_snapshot())",
                 &[&running],
             )
             .await
