@@ -1258,6 +1258,7 @@ async fn a_checkpoint_edited_past_the_end_of_the_wal_is_refused() {
         "{}",
         w.output()
     );
+    world.wait_slot_released().await;
     let mut cp = parse(&checkpoint(&world).await.expect("no checkpoint"));
     cp["confirmed"] = "FF/0".into();
     cp["pos"] = serde_json::json!({"commit_lsn": "FF/0", "seq": 0});

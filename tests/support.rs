@@ -116,6 +116,27 @@ impl<'a> World<'a> {
         }
     }
 
+    /// Waits (up to 10 s) until no walsender holds the slot: a walnats that
+    /// exited may have sent a last status update its walsender has not read
+    /// yet, and the slot moves once it does.
+    pub async fn wait_slot_released(&self) {
+        let client = self.client().await;
+        for _ in 0..100 {
+            let rows = client
+                .query(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot()],
+                )
+                .await
+                .unwrap();
+            if !rows.first().is_some_and(|r| r.get::<_, bool>(0)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("slot {} is still held by a walsender", self.slot());
+    }
+
     pub async fn confirmed_flush(&self) -> Option<String> {
         let client = self.client().await;
         let rows = client

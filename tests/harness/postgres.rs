@@ -120,7 +120,9 @@ impl PgServer {
             format!("unix_socket_directories={}", self.data.display()),
             "wal_level=logical".into(),
             "max_wal_senders=40".into(),
-            "max_replication_slots=80".into(),
+            // Every test's slot stays until the binary ends (one server per
+            // version is shared): room for all of them.
+            "max_replication_slots=250".into(),
             "wal_sender_timeout=10s".into(),
             "fsync=off".into(),
             "synchronous_commit=off".into(),
