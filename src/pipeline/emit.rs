@@ -333,12 +333,14 @@ impl Session {
                 })
             }
             Body::Outbox(o) => {
-                let table = self.cache.get(Oid(o.table_oid)).ok();
-                let name = table.map_or_else(
-                    || "_message".to_owned(),
-                    |r| format!("{}.{}", r.schema, r.table),
-                );
-                self.counters.get(o.table_oid, ev.op_name(), || name)
+                // The label is made once per table, not per event.
+                let cache = &self.cache;
+                self.counters.get(o.table_oid, ev.op_name(), || {
+                    cache.get(Oid(o.table_oid)).map_or_else(
+                        |_| "_message".to_owned(),
+                        |r| format!("{}.{}", r.schema, r.table),
+                    )
+                })
             }
             Body::Message { .. } | Body::TxBegin | Body::TxEnd { .. } => {
                 self.counters.get(0, ev.op_name(), || "_message".to_owned())
