@@ -1034,7 +1034,7 @@ mod tests {
         let second = c.hosts[1].clone();
         let p = c.pinned(&second);
         assert_eq!((p.host.as_str(), p.port), ("b", 2));
-        assert_eq!(p.hosts, [second.clone()]);
+        assert_eq!(p.hosts, std::slice::from_ref(&second));
         assert_eq!(p.target_session_attrs, TargetSessionAttrs::Any);
         assert_eq!(p.sslmode, SslMode::VerifyFull);
         assert_eq!(p.server(), second);
@@ -1058,7 +1058,8 @@ mod tests {
             read_only: true,
         });
         let down = None;
-        let cases: &[(T, &[Option<ServerState>], Option<usize>)] = &[
+        type Case<'a> = (T, &'a [Option<ServerState>], Option<usize>);
+        let cases: &[Case] = &[
             (T::Any, &[down, standby, primary], Some(1)),
             (T::Any, &[down, down], None),
             (T::ReadWrite, &[standby, ro_primary, primary], Some(2)),
