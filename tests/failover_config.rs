@@ -117,6 +117,18 @@ async fn slot_failover_turns_failover_on_for_an_existing_slot_and_never_off() {
     world.wait_streaming(&mut w).await;
     assert_eq!(slot_failover(&world).await, Some(true));
     world.wait_changes(2, &w).await;
+    // status shows the slot's PostgreSQL 17 columns and the server.
+    let (code, out, err) = crate::cli::run(&["status", "--json"], &world.config(), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["slot"]["failover"], true, "{out}");
+    assert_eq!(st["slot"]["synced"], false, "{out}");
+    assert!(st["slot"]["invalidation_reason"].is_null(), "{out}");
+    assert_eq!(
+        st["host"],
+        format!("127.0.0.1:{}", world.pg.port()),
+        "{out}"
+    );
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
     world.wait_slot_released().await;
@@ -153,6 +165,22 @@ async fn a_dead_first_host_is_skipped_for_the_next_one() {
         "the log does not say which server walnats uses:\n{out}"
     );
     assert!(!out.contains("hunter2"), "{out}");
+    // status goes to the same server, says which, and on PostgreSQL 15
+    // has no failover columns (null).
+    let (code, out, err) = crate::cli::run(
+        &["status", "--json"],
+        &world.config(),
+        &[("WALNATS_POSTGRES_URL", &url)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        st["host"],
+        format!("127.0.0.1:{}", world.pg.port()),
+        "{out}"
+    );
+    assert_eq!(st["slot"]["exists"], true, "{out}");
+    assert!(st["slot"]["failover"].is_null(), "{out}");
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
