@@ -231,3 +231,46 @@ async fn read_write_skips_a_read_only_server() {
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// `walnats check` on PostgreSQL 18 prints the primary's
+/// `synchronized_standby_slots` and warns when a physical slot named there
+/// is inactive (decoding of failover slots waits for it). A server of its
+/// own: the setting would stall every failover slot of a shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_an_inactive_slot_in_synchronized_standby_slots() {
+    let pg = PgServer::start(PgVersion::V18);
+    let world = World::new(&pg).await;
+    for stmt in [
+        "SELECT pg_create_physical_replication_slot('standby_gone')",
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_gone'",
+        "SELECT pg_reload_conf()",
+    ] {
+        pg.execute("postgres", stmt).await;
+    }
+    // The reload is asynchronous: wait until a new session sees it.
+    for _ in 0..100 {
+        let rows = pg
+            .client("postgres")
+            .await
+            .query("SHOW synchronized_standby_slots", &[])
+            .await
+            .unwrap();
+        if rows[0].get::<_, String>(0) == "standby_gone" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, out, err) = crate::cli::run(
+        &["check"],
+        &world.config(),
+        &[("WALNATS_POSTGRES_SLOT_FAILOVER", "true")],
+    );
+    assert!(
+        out.contains("synchronized_standby_slots = \"standby_gone\""),
+        "{out}{err}"
+    );
+    assert!(
+        out.contains("[warn] synchronized_standby_slots names physical slot \"standby_gone\", which is inactive"),
+        "{out}{err}"
+    );
+}
