@@ -22,7 +22,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lsn::Lsn;
 use crate::sink;
 use crate::snapshot::reread;
-use crate::source::{self, ReplicationConn, outbox, setup};
+use crate::source::{self, ReplicationConn, outbox, setup, standby};
 use crate::subject;
 
 struct Checklist {
@@ -87,6 +87,7 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
             "ALTER SYSTEM SET wal_level = logical; restart PostgreSQL",
         ),
     }
+    let on_standby = check_standby(cfg, &sql, c).await;
     match sql
         .query_one(
             "SELECT rolreplication OR rolsuper, current_user::text, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
@@ -126,8 +127,16 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
     let publication = &cfg.postgres.publication;
     match setup::publication_exists(&sql, publication).await {
         Ok(true) => c.pass(&format!("publication {publication:?} exists")),
+        Ok(false) if on_standby && cfg.postgres.primary.is_none() => c.fail(
+            &format!("publication {publication:?} is missing, and a standby cannot create it"),
+            &format!(
+                "create it on the primary ({}), or set postgres.primary_url",
+                setup::create_publication_sql(publication, &cfg.postgres.tables)
+            ),
+        ),
         Ok(false) => c.note(&format!(
-            "publication {publication:?} is missing; `walnats run` creates it ({})",
+            "publication {publication:?} is missing; `walnats run` creates it{} ({})",
+            if on_standby { " on the primary" } else { "" },
             setup::create_publication_sql(publication, &cfg.postgres.tables)
         )),
         Err(e) => c.fail(&e.to_string(), "check the role's permissions"),
@@ -265,12 +274,12 @@ async fn check_failover(
         .iter()
         .filter(|h| **h != pg.server())
     {
-        check_standby(cfg, &pg.pinned(host), db, c).await;
+        check_synced_copy(cfg, &pg.pinned(host), db, c).await;
     }
 }
 
 /// One other host of the URL, when it can be reached and is a standby.
-async fn check_standby(
+async fn check_synced_copy(
     cfg: &Config,
     pg: &crate::config::PgConnectConfig,
     db: &str,
@@ -355,6 +364,55 @@ async fn check_standby(
         ),
         Err(e) => c.warn(&format!("standby {host}: cannot read its slots: {e}"), "check the role's permissions"),
     }
+}
+
+/// When `postgres.url` is a hot standby: its version, its
+/// `hot_standby_feedback`, `primary_url` (connected and checked) and what
+/// does not work without it. Whether it is a standby.
+async fn check_standby(cfg: &Config, sql: &tokio_postgres::Client, c: &mut Checklist) -> bool {
+    match standby::in_recovery(sql).await {
+        Ok(false) => return false,
+        Ok(true) => {}
+        Err(e) => {
+            c.fail(&e.to_string(), "check the role's permissions");
+            return false;
+        }
+    }
+    let s = match standby::look(sql, &cfg.postgres).await {
+        Ok(s) => s,
+        Err(e) => {
+            c.fail(
+                &e.to_string(),
+                "point postgres.url at the primary, or upgrade the standby to PostgreSQL 16+",
+            );
+            return true;
+        }
+    };
+    c.note(&s.describe());
+    if s.feedback {
+        c.pass("hot_standby_feedback = on");
+    } else {
+        c.warn(
+            standby::FEEDBACK_OFF,
+            "ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf(); on the standby",
+        );
+    }
+    if let Some(p) = &cfg.postgres.primary {
+        match standby::connect_primary(sql, p).await {
+            Ok(_) => c.pass(&format!(
+                "postgres.primary_url reaches the standby's primary at {} (wal_level = logical, same database)",
+                p.redacted_url()
+            )),
+            Err(e) => c.fail(&e.to_string(), "fix postgres.primary_url"),
+        }
+    }
+    for what in s.unavailable() {
+        c.warn(
+            &format!("on this standby without postgres.primary_url, {what}"),
+            "set postgres.primary_url",
+        );
+    }
+    true
 }
 
 /// The `[[outbox]]` tables against the catalog; nothing without one.
@@ -506,8 +564,22 @@ pub struct Status {
     slot: SlotStatus,
     checkpoint: Option<Checkpoint>,
     stream: Option<StreamStatus>,
+    /// `null` when `postgres.url` is a primary.
+    standby: Option<StandbyStatus>,
     #[serde(skip)]
     stream_name: String,
+}
+
+/// `postgres.url` is a hot standby.
+#[derive(Serialize)]
+struct StandbyStatus {
+    /// The major version.
+    postgresql: u32,
+    /// Redacted; `null`: not set.
+    primary_url: Option<String>,
+    hot_standby_feedback: bool,
+    /// What does not work without `primary_url`, and why.
+    unavailable: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -547,7 +619,16 @@ struct StreamStatus {
 pub async fn gather_status(cfg: &Config) -> Result<Status> {
     let c = connect::both(cfg).await?;
     let slot = setup::slot_state(&c.sql, &cfg.postgres.slot).await?;
-    let current = setup::current_wal_lsn(&c.sql).await?;
+    let standby = if standby::in_recovery(&c.sql).await? {
+        Some(standby::look(&c.sql, &cfg.postgres).await?)
+    } else {
+        None
+    };
+    // On a standby: the last replayed position (there is no write position).
+    let current = match &standby {
+        None => setup::current_wal_lsn(&c.sql).await?,
+        Some(_) => setup::wal_end(&c.sql).await?.unwrap_or(Lsn::ZERO),
+    };
     let stream = match c.js.get_stream(&c.stream_name).await {
         Ok(mut s) => {
             let info = s
@@ -596,6 +677,12 @@ pub async fn gather_status(cfg: &Config) -> Result<Status> {
         },
         checkpoint,
         stream,
+        standby: standby.map(|s| StandbyStatus {
+            postgresql: s.version / 10_000,
+            primary_url: s.primary_url.clone(),
+            hot_standby_feedback: s.feedback,
+            unavailable: s.unavailable(),
+        }),
         stream_name: c.stream_name.clone(),
     };
     Ok(st)
@@ -610,6 +697,21 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         return Ok(());
     }
     say!("database   {} on {}", st.database, st.host);
+    if let Some(s) = &st.standby {
+        say!(
+            "server     decoding from a standby (PostgreSQL {}), primary: {}",
+            s.postgresql,
+            s.primary_url.as_deref().unwrap_or("not set")
+        );
+        if !s.hot_standby_feedback {
+            say!(
+                "warning    hot_standby_feedback is off: the slot can be invalidated by recovery conflicts"
+            );
+        }
+        for what in &s.unavailable {
+            say!("warning    {what}");
+        }
+    }
     let s = &st.slot;
     if s.exists {
         if let Some(failover) = s.failover {
@@ -713,6 +815,18 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
     let c = crate::connect::both(cfg).await?;
     let sql = &c.sql;
     let slot = &cfg.postgres.slot;
+    // A standby cannot write the request into the WAL: its primary does,
+    // and the standby replays it to the walnats decoding there.
+    let server = standby::probe(sql, &cfg.postgres).await?;
+    let Some(writer) = server.writer(&c.sql) else {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "postgres.url is a hot standby and postgres.primary_url is not set: {}",
+                reread::NO_PRIMARY
+            ),
+        ));
+    };
     if setup::slot_state(sql, slot).await?.is_none() {
         return Err(Error::new(
             Kind::Config,
@@ -751,7 +865,7 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
         .map_err(|e| Error::with_source(Kind::Io, "cannot encode the request", e))?;
     let nonce = crate::nonce::new()?;
     store.save_request(&nonce, body.into()).await?;
-    let lsn = reread::announce(sql, &nonce).await?;
+    let lsn = reread::announce(writer, &nonce).await?;
     let names: Vec<String> = req
         .tables
         .iter()

@@ -36,6 +36,9 @@ pub(super) struct RawPostgres {
     status_interval_ms: Option<u64>,
     heartbeat_interval: Option<String>,
     slot_failover: Option<bool>,
+    primary_url: Option<Secret>,
+    primary_password: Option<Secret>,
+    primary_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +61,9 @@ pub struct PostgresConfig {
     /// an existing slot), so that standbys sync it. `false` never turns an
     /// existing slot's failover off.
     pub slot_failover: bool,
+    /// `postgres.primary_url`, parsed: where walnats writes what a hot
+    /// standby (`url`) cannot. `None` when not set.
+    pub primary: Option<PgConnectConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +95,12 @@ impl PostgresConfig {
         // Every URL parameter is checked now, before anything is touched,
         // and kept parsed for every connection made later.
         let connect = PgConnectConfig::parse(url.expose(), password.clone())?;
+        let primary = primary(
+            raw.primary_url,
+            raw.primary_password,
+            raw.primary_password_file,
+            password.as_ref(),
+        )?;
         Ok(PostgresConfig {
             url,
             password,
@@ -99,8 +111,48 @@ impl PostgresConfig {
             status_interval,
             heartbeat_interval,
             slot_failover: raw.slot_failover.unwrap_or(false),
+            primary,
         })
     }
+}
+
+/// `postgres.primary_url`, checked as `url` is. Its password: from
+/// `primary_password`, `primary_password_file` or
+/// `WALNATS_POSTGRES_PRIMARY_PASSWORD`, else the one in `primary_url`, else
+/// `postgres.password` (a physical standby has the primary's roles and
+/// passwords). Empty means "not set".
+fn primary(
+    url: Option<Secret>,
+    password: Option<Secret>,
+    password_file: Option<PathBuf>,
+    url_password: Option<&Secret>,
+) -> Result<Option<PgConnectConfig>> {
+    let own = one_secret(password, password_file, "postgres.primary_password")?;
+    let Some(url) = url.filter(|u| !u.expose().trim().is_empty()) else {
+        if own.is_some() {
+            return Err(config_err(
+                "postgres.primary_password is set but postgres.primary_url is not: \
+                 set primary_url (the primary, when postgres.url is a hot standby) or drop the password",
+            ));
+        }
+        return Ok(None);
+    };
+    if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+        return Err(config_err(
+            "postgres.primary_url must start with postgres:// or postgresql://",
+        ));
+    }
+    let mut cfg = PgConnectConfig::parse(url.expose(), own.clone()).map_err(|e| {
+        // The parser names postgres.url; this is the other key.
+        let msg = e
+            .message()
+            .replacen("postgres.url", "postgres.primary_url", 1);
+        config_err(msg)
+    })?;
+    if own.is_none() && cfg.password.is_none() {
+        cfg.password = url_password.cloned();
+    }
+    Ok(Some(cfg))
 }
 
 fn url_given(url: Option<Secret>) -> Result<Secret> {
@@ -824,6 +876,88 @@ mod tests {
         ];
         for (raw, key, fix) in cases {
             assert_refused(section(raw), key, fix);
+        }
+    }
+
+    #[test]
+    fn primary_url_is_checked_as_url_is_and_takes_a_password() {
+        let raw = RawPostgres::default;
+        let url = |u: &str| Some(Secret::new(u));
+        let primary = |raw: RawPostgres| section(raw).unwrap().primary;
+        assert!(primary(raw()).is_none());
+        assert!(
+            primary(RawPostgres {
+                primary_url: url(""),
+                ..raw()
+            })
+            .is_none()
+        );
+        let p = primary(RawPostgres {
+            primary_url: url("postgres://w:inurl@prim:6000/app?sslmode=require"),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.sslmode),
+            ("prim", 6000, SslMode::Require)
+        );
+        assert_eq!(p.password.as_ref().map(Secret::expose), Some("inurl"));
+        assert!(!p.redacted_url().contains("inurl"), "{}", p.redacted_url());
+        // Its own password wins over the URL's; postgres.password fills in
+        // when neither is given (a standby has the primary's roles).
+        let own = primary(RawPostgres {
+            primary_url: url("postgres://w:inurl@prim/app"),
+            primary_password: url("own"),
+            password: url("standby"),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(own.password.as_ref().map(Secret::expose), Some("own"));
+        let inherited = primary(RawPostgres {
+            primary_url: url("postgres://w@prim/app"),
+            password: url("standby"),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            inherited.password.as_ref().map(Secret::expose),
+            Some("standby")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "fromfile\n").unwrap();
+        let from_file = primary(RawPostgres {
+            primary_url: url("postgres://w:inurl@prim/app"),
+            primary_password_file: Some(file),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            from_file.password.as_ref().map(Secret::expose),
+            Some("fromfile")
+        );
+    }
+
+    #[test]
+    fn primary_url_mistakes_name_primary_url_and_never_the_password() {
+        let raw = RawPostgres::default;
+        let url = |u: &str| Some(Secret::new(u));
+        #[rustfmt::skip]
+        let cases = [
+            (RawPostgres { primary_url: url("http://h/app"), ..raw() }, "postgres.primary_url", "postgres:// or postgresql://"),
+            (RawPostgres { primary_url: url("postgres://u:hunter2@h/a?sslmode=x"), ..raw() }, "postgres.primary_url", "sslmode"),
+            (RawPostgres { primary_url: url("postgres://u:hunter2@h/a?bogus=1"), ..raw() }, "postgres.primary_url", "unknown parameter"),
+            (RawPostgres { primary_password: url("pw"), ..raw() }, "postgres.primary_password", "set primary_url"),
+            (RawPostgres { primary_url: url("postgres://h/a"), primary_password: url("pw"), primary_password_file: Some("/x".into()), ..raw() }, "postgres.primary_password", "keep one"),
+        ];
+        for (raw, key, fix) in cases {
+            let e = section(raw).unwrap_err();
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+            assert!(
+                !e.to_string().starts_with("postgres.url"),
+                "names the wrong key: {e}"
+            );
+            assert_refused(Err::<(), _>(e), key, fix);
         }
     }
 

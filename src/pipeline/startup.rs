@@ -33,8 +33,9 @@ use crate::pgoutput;
 use crate::publish::Outlet;
 use crate::sink::oversize::OversizeStore;
 use crate::sink::{self, Publisher, StreamSetup};
-use crate::snapshot::{self, window::Windows};
+use crate::snapshot::{self, reread, window::Windows};
 use crate::source::feedback::Feedback;
+use crate::source::standby::{self, Server};
 use crate::source::upkeep::{self, WalWatch};
 use crate::source::{self, ReplicationConn, setup};
 
@@ -47,9 +48,9 @@ pub(super) async fn session(
     wal_watch: &Arc<WalWatch>,
     seen: &primary::ServerSeen,
 ) -> Result<Ended> {
-    let (c, store, mut st) = connect_and_lock(cfg).await?;
+    let (c, store, mut st, server) = connect_and_lock(cfg).await?;
     let mut conn = primary::connect_replication(&c, seen).await?;
-    let mut start = find_start(&c, cfg, &store, &mut conn, &mut st).await?;
+    let mut start = find_start(&c, cfg, &store, &mut conn, &mut st, &server).await?;
     let mut out = open_outlet(&c, cfg, &start).await?;
     if start.resume.state.snapshot.is_some() {
         health.set_ready(true);
@@ -89,10 +90,12 @@ pub(super) async fn session(
     // Counting starts at the checkpoint: the replayed messages that are
     // already in the stream bring it up to `resume.last_seq`.
     out.publisher = streaming_publisher(&c, cfg, &mut st, resume.state.stream_seq).await?;
-    let s = assemble(cfg, &c, conn, store, &st, start, out, health)?;
+    let marks = reread::Marks::of(&server);
+    let s = assemble(cfg, &c, conn, store, &st, start, out, health, marks)?;
     // Stops with the session.
     let _upkeep = upkeep::start(
         Arc::clone(&c.sql),
+        server.writer(&c.sql).cloned(),
         cfg.postgres.slot.clone(),
         cfg.postgres.heartbeat_interval,
         cfg.wal_retained_warn,
@@ -104,7 +107,7 @@ pub(super) async fn session(
 
 /// Both sides connected, walnats' slot lock held, the database ready for
 /// logical decoding, the publication and the stream there.
-async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, StreamSetup)> {
+async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, StreamSetup, Server)> {
     let c = connect::both(cfg).await?;
     primary::check_server(&c, cfg).await?;
     sink::require_jetstream(&c.js).await?;
@@ -112,7 +115,10 @@ async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, Stream
     let store = Arc::new(c.store(cfg).await?);
     hold_slot_lock(&c.sql, &cfg.postgres.slot, &store).await?;
     setup::require_logical_wal(&c.sql).await?;
-    setup::ensure_publication(&c.sql, &cfg.postgres).await?;
+    // A hot standby (PostgreSQL 16+) decodes too; what it cannot write
+    // goes to postgres.primary_url.
+    let server = standby::probe(&c.sql, &cfg.postgres).await?;
+    standby::ensure_publication(&c.sql, &server, &cfg.postgres).await?;
     let problems = source::outbox::outbox_problems(&c.sql, &cfg.postgres, &cfg.outbox).await?;
     if !problems.is_empty() {
         let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -125,7 +131,7 @@ async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, Stream
     if st.created {
         info!(stream = %c.stream_name, subjects = %format!("{}.>", c.prefix), "stream created");
     }
-    Ok((c, store, st))
+    Ok((c, store, st, server))
 }
 
 /// Where a session starts, proven, and the settings it publishes with.
@@ -148,11 +154,13 @@ async fn find_start(
     store: &Store,
     conn: &mut ReplicationConn,
     st: &mut StreamSetup,
+    server: &Server,
 ) -> Result<Start> {
     let slot = &cfg.postgres.slot;
     let existing = setup::slot_state(&c.sql, slot).await?;
     let want_snapshot = cfg.snapshot == SnapshotMode::Initial;
-    let (created_at, exported) = take_slot(c, cfg, store, conn, st, existing.as_ref()).await?;
+    let (created_at, exported) =
+        take_slot(c, cfg, store, conn, st, existing.as_ref(), server).await?;
     let src = encode::Source {
         db: c.db.clone(),
         slot: slot.clone(),
@@ -167,7 +175,7 @@ async fn find_start(
     )
     .await?;
     if resume.from_checkpoint {
-        check_not_past_wal_end(&c.sql, &resume.state).await?;
+        check_not_past_wal_end(&c.sql, &resume.state, server.standby().is_some()).await?;
     }
     let (shape, switch_to) = choose_shape(c, cfg, &mut resume, &st.stream).await?;
     if let Some(cp) = created_at {
@@ -298,6 +306,7 @@ fn assemble(
     start: Start,
     out: Outlet,
     health: &Arc<Health>,
+    marks: reread::Marks,
 ) -> Result<Session> {
     let state = start.resume.state;
     let meters = Meters {
@@ -334,6 +343,7 @@ fn assemble(
         writer: Writer::new(store),
         windows: Windows::new(
             Arc::clone(&c.sql),
+            marks,
             &cfg.postgres.publication,
             server_version_num,
         )?,
@@ -419,7 +429,13 @@ async fn lock_holder(sql: &tokio_postgres::Client, lock: i64) -> Result<(i32, St
 /// The resume position must lie in the WAL that exists: a checkpoint past
 /// the server's WAL end (edited by hand, or from another cluster restored
 /// under the same name) would confirm the slot past every change to come.
-async fn check_not_past_wal_end(sql: &tokio_postgres::Client, cp: &Checkpoint) -> Result<()> {
+/// A standby's end is what it has replayed, which after its restart is
+/// behind for a while: there walnats waits (retries) instead of refusing.
+async fn check_not_past_wal_end(
+    sql: &tokio_postgres::Client,
+    cp: &Checkpoint,
+    standby: bool,
+) -> Result<()> {
     let Some(end) = setup::wal_end(sql).await? else {
         return Ok(());
     };
@@ -428,6 +444,16 @@ async fn check_not_past_wal_end(sql: &tokio_postgres::Client, cp: &Checkpoint) -
         .flatten()
         .max()
         .unwrap_or(Lsn::ZERO);
+    if furthest > end && standby {
+        return Err(Error::new(
+            Kind::PgQuery,
+            format!(
+                "walnats' checkpoint is at {furthest}, past what the standby has replayed ({end}): waiting for \
+                 it to catch up (after a restart it replays from its last restartpoint); if this goes on, the \
+                 checkpoint belongs to another cluster of the same name: `walnats slot drop --yes` starts over"
+            ),
+        ));
+    }
     if furthest > end {
         return Err(Error::new(
             Kind::Checkpoint,
@@ -521,6 +547,7 @@ async fn take_slot(
     conn: &mut ReplicationConn,
     st: &mut StreamSetup,
     existing: Option<&setup::SlotState>,
+    server: &Server,
 ) -> Result<(Option<Lsn>, Option<String>)> {
     let slot = &cfg.postgres.slot;
     if let Some(s) = existing {
@@ -580,8 +607,7 @@ async fn take_slot(
             .await?;
     }
     let failover = cfg.postgres.slot_failover;
-    let made = conn
-        .create_logical_slot(slot, want_snapshot, failover)
+    let made = standby::create_slot(conn, server, slot, want_snapshot, failover)
         .await
         .map_err(|e| primary::refused_failover(e, slot, "create the failover"))?;
     info!(%slot, consistent_point = %made.consistent_point, failover, "replication slot created");

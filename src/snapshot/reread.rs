@@ -22,6 +22,17 @@
 //!    rest as `read` events at the high watermark's position, as one atomic
 //!    batch announced in the checkpoint first (as the initial snapshot's).
 //!
+//! On a hot standby (`source::standby`) the chunk is read on the standby
+//! and the watermarks are written on the primary (`postgres.primary_url`),
+//! whose WAL the standby replays and decodes in order ([`Marks`]). A
+//! standby's snapshot sees exactly the transactions whose commit records it
+//! has replayed, so: write the low watermark on the primary, wait until the
+//! standby has replayed past it (every commit before it is then visible),
+//! SELECT on the standby, then write the high watermark on the primary. The
+//! standby cannot have replayed what the primary had not yet written, so
+//! every commit the SELECT saw lies before the high watermark, and every
+//! commit between the two is dropped from the chunk as on a primary.
+//!
 //! A consumer that applies events in stream order ends with the table's
 //! current state. Only a plain SELECT runs: no lock beyond what it takes.
 //! A table without a primary key cannot be chunked this way and is refused.
@@ -34,6 +45,8 @@ use super::catalog::{self, Chunk, TablePlan};
 use crate::checkpoint::{Cursor, Target};
 use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
+use crate::lsn::Lsn;
+use crate::source::standby;
 
 /// The logical message prefix of a request.
 pub const REQUEST_PREFIX: &str = "walnats.snapshot";
@@ -190,7 +203,35 @@ pub async fn still_names(sql: &Client, t: &Target) -> Result<bool> {
         .is_some_and(|r| r.get::<_, String>(0) == t.schema && r.get::<_, String>(1) == t.table))
 }
 
-/// Low watermark, the chunk, high watermark: in that order, on `sql`.
+/// Where a window's watermarks are written, given where its chunk is read.
+#[derive(Clone)]
+pub enum Marks {
+    /// On the server that is read: a primary.
+    Here,
+    /// On the primary of the standby that is read (`postgres.primary_url`).
+    Primary(std::sync::Arc<Client>),
+    /// Nowhere: a standby without `postgres.primary_url`, where no window
+    /// can open.
+    Nowhere,
+}
+
+impl Marks {
+    /// Where a session on `server` writes its watermarks.
+    pub fn of(server: &standby::Server) -> Marks {
+        match server {
+            standby::Server::Primary => Marks::Here,
+            standby::Server::Standby(s) => s.primary.clone().map_or(Marks::Nowhere, Marks::Primary),
+        }
+    }
+}
+
+/// Why a standby without `primary_url` re-reads nothing.
+pub const NO_PRIMARY: &str = "a re-read writes its watermarks into the WAL, which a hot standby cannot: set \
+     postgres.primary_url to the standby's primary";
+
+/// Low watermark, the chunk, high watermark: in that order, on `sql`, or
+/// with the watermarks on the primary when `sql` is a standby (see the
+/// module's header).
 ///
 /// One more step makes the window exact: a transaction can have its commit
 /// record in the WAL (so the stream delivers its change before the low
@@ -202,12 +243,24 @@ pub async fn still_names(sql: &Client, t: &Target) -> Result<bool> {
 /// watermark, inside the window, and its rows are dropped from the chunk.
 pub async fn read_window(
     sql: &Client,
+    marks: &Marks,
     plan: &TablePlan,
     after: &Cursor,
     id: &str,
     limit: usize,
     max_bytes: usize,
 ) -> Result<Chunk> {
+    match marks {
+        Marks::Here => {}
+        Marks::Primary(primary) => {
+            let low = emit_watermark(primary, &format!("low:{id}")).await?;
+            standby::wait_replayed(sql, low).await?;
+            let chunk = catalog::read_chunk(sql, plan, after, limit, max_bytes).await?;
+            emit_watermark(primary, &format!("high:{id}")).await?;
+            return Ok(chunk);
+        }
+        Marks::Nowhere => return Err(Error::new(Kind::Config, NO_PRIMARY)),
+    }
     emit_watermark(sql, &format!("low:{id}")).await?;
     let row = sql
         .query_one(
@@ -254,14 +307,18 @@ pub async fn read_window(
     Ok(chunk)
 }
 
-async fn emit_watermark(sql: &Client, content: &str) -> Result<()> {
-    sql.execute(
-        "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)",
-        &[&WATERMARK_PREFIX, &content],
-    )
-    .await
-    .map_err(|e| pg_query_err("writing a snapshot watermark", e))?;
-    Ok(())
+/// Writes a watermark; returns the end of its WAL record.
+async fn emit_watermark(sql: &Client, content: &str) -> Result<Lsn> {
+    let row = sql
+        .query_one(
+            "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text",
+            &[&WATERMARK_PREFIX, &content],
+        )
+        .await
+        .map_err(|e| pg_query_err("writing a snapshot watermark", e))?;
+    row.get::<_, String>(0).parse().map_err(|e| {
+        Error::with_source(Kind::Protocol, "bad LSN from pg_logical_emit_message()", e)
+    })
 }
 
 #[cfg(test)]

@@ -152,17 +152,28 @@ pub struct Windows {
     /// database user writes: 128 random bits, never guessable.
     run_id: String,
     sql: Arc<Client>,
+    /// Where the watermarks go (the primary, when `sql` is a standby).
+    marks: reread::Marks,
+    /// A request that could not start was warned about.
+    warned: bool,
     publication: String,
     server_version_num: u32,
 }
 
 impl Windows {
-    pub fn new(sql: Arc<Client>, publication: &str, server_version_num: u32) -> Result<Windows> {
+    pub fn new(
+        sql: Arc<Client>,
+        marks: reread::Marks,
+        publication: &str,
+        server_version_num: u32,
+    ) -> Result<Windows> {
         Ok(Windows {
             current: None,
             opened: 0,
             run_id: crate::nonce::new()?,
             sql,
+            marks,
+            warned: false,
             publication: publication.to_owned(),
             server_version_num,
         })
@@ -179,6 +190,14 @@ impl Windows {
         let Some(r) = head.filter(|_| self.current.is_none()) else {
             return Ok(Started::No);
         };
+        if matches!(self.marks, reread::Marks::Nowhere) {
+            // The queue waits in the checkpoint for a session that can.
+            if !std::mem::replace(&mut self.warned, true) {
+                warn!(schema = %r.target.schema, table = %r.target.table,
+                    "snapshot of table not started: {}", reread::NO_PRIMARY);
+            }
+            return Ok(Started::No);
+        }
         let plan = catalog::plan(
             &self.sql,
             &self.publication,
@@ -206,11 +225,12 @@ impl Windows {
         let rel = cache.describe(&plan.relation).await?;
         self.opened += 1;
         let id = format!("{}-{}", self.run_id, self.opened);
-        let sql = Arc::clone(&self.sql);
+        let (sql, marks) = (Arc::clone(&self.sql), self.marks.clone());
         let (task_id, after, pk) = (id.clone(), r.after.clone(), plan.pk_names.clone());
         let task = tokio::spawn(async move {
             reread::read_window(
                 &sql,
+                &marks,
                 &plan,
                 &after,
                 &task_id,

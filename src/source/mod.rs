@@ -1,7 +1,8 @@
 //! The PostgreSQL side: the replication connection (startup, auth, TLS,
 //! CopyBoth framing, keepalives, standby status), the SQL connection, the
 //! authentication policy both follow, publication/slot state, the outbox
-//! tables' start-up checks, heartbeats and the slot's retained WAL. It
+//! tables' start-up checks, heartbeats and the slot's retained WAL, and
+//! decoding from a hot standby (`standby`). It
 //! never decodes pgoutput and never decides what may be confirmed.
 
 pub mod auth;
@@ -11,6 +12,7 @@ mod protocol;
 pub mod replication;
 pub mod setup;
 pub mod sql;
+pub mod standby;
 pub mod tls;
 pub mod upkeep;
 

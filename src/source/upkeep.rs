@@ -8,7 +8,10 @@
 //! publishes it (`pipeline::is_own_heartbeat`). Retained WAL (the server's
 //! WAL position minus the slot's `restart_lsn`) goes to the gauge
 //! `walnats_slot_wal_retained_bytes` and, past `limits.wal_retained_warn`,
-//! to one warning per crossing. Nothing here touches the replication
+//! to one warning per crossing. On a hot standby the heartbeat is written
+//! on the primary (`postgres.primary_url`): the standby replays it and the
+//! slot there decodes it; without one there are no heartbeats
+//! (`standby::probe` warned). Nothing here touches the replication
 //! connection or decides what is confirmed; a failure here is logged, never
 //! fatal to the session.
 
@@ -62,17 +65,20 @@ impl Drop for Upkeep {
 }
 
 /// Starts the upkeep of a session on `slot`: heartbeats every `heartbeat`
-/// (`None`: off), retained WAL every few seconds, warned about above
-/// `warn_above` bytes (`None`: never).
+/// (`None`: off) written through `writer` (the primary; `None`: a standby
+/// without `primary_url`, no heartbeats), retained WAL read on `sql` every
+/// few seconds, warned about above `warn_above` bytes (`None`: never).
 pub fn start(
     sql: Arc<tokio_postgres::Client>,
+    writer: Option<Arc<tokio_postgres::Client>>,
     slot: String,
     heartbeat: Option<Duration>,
     warn_above: Option<u64>,
     watch: Arc<WalWatch>,
 ) -> Upkeep {
+    let beats = writer.zip(heartbeat);
     let task = tokio::spawn(tracing::Instrument::instrument(
-        run(sql, slot, heartbeat, warn_above, watch),
+        run(sql, slot, beats, warn_above, watch),
         tracing::info_span!("upkeep"),
     ));
     Upkeep { task }
@@ -81,20 +87,22 @@ pub fn start(
 async fn run(
     sql: Arc<tokio_postgres::Client>,
     slot: String,
-    heartbeat: Option<Duration>,
+    beats: Option<(Arc<tokio_postgres::Client>, Duration)>,
     warn_above: Option<u64>,
     watch: Arc<WalWatch>,
 ) {
     // An interval of a day stands for "off": its ticks are skipped.
-    let mut beat = tokio::time::interval(heartbeat.unwrap_or(Duration::from_secs(86_400)));
+    let every = beats.as_ref().map(|b| b.1);
+    let mut beat = tokio::time::interval(every.unwrap_or(Duration::from_secs(86_400)));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(RETAINED_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat_failed = false;
     loop {
         tokio::select! {
-            _ = beat.tick(), if heartbeat.is_some() => {
-                let sent = sql
+            _ = beat.tick(), if every.is_some() => {
+                let Some((writer, _)) = &beats else { continue };
+                let sent = writer
                     .execute(
                         "SELECT pg_catalog.pg_logical_emit_message(false, $1, '')",
                         &[&HEARTBEAT_PREFIX],
