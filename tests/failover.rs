@@ -328,6 +328,7 @@ async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
             "CREATE TABLE {TABLE} (id int8 PRIMARY KEY, v text NOT NULL)"
         ))
         .await;
+    pair.wait_replayed().await;
     let standby_url = format!("{}?sslmode=disable", pair.standby.url(&world.db));
     let cfg = with_postgres_key(
         &world.config().replace(&world.pg_url(), &standby_url),

@@ -122,6 +122,38 @@ impl PgPair {
         }
     }
 
+    /// Waits until the standby has replayed everything the primary wrote
+    /// so far (a database or table just created there, say).
+    pub async fn wait_replayed(&self) {
+        let primary = self.primary.client("postgres").await;
+        let standby = self.standby.client("postgres").await;
+        let lsn: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done: bool = standby
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not replay up to {lsn}:\n{}",
+                self.standby.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the logical slot `slot` is synced and ready on the
     /// standby (`synced and not temporary and invalidation_reason is
     /// null`): only then does it survive a promotion. Logs a running-xacts
