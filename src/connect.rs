@@ -15,6 +15,7 @@ use crate::source::{self, setup};
 /// Everything a session needs from PostgreSQL's SQL side and NATS, set up
 /// and checked; shared by `run`, `check` and `status`.
 pub struct Connected {
+    /// `postgres.url` pinned to the one server this session uses.
     pub pg: PgConnectConfig,
     pub sql: Arc<tokio_postgres::Client>,
     pub db: String,
@@ -56,8 +57,10 @@ impl Connected {
 /// PostgreSQL's SQL side and NATS, with the names that follow from the
 /// database's.
 pub async fn both(cfg: &Config) -> Result<Connected> {
-    let pg = cfg.postgres.connect.clone();
-    let sql = Arc::new(source::connect_sql(&pg).await?);
+    // The server is chosen once: `pg` is pinned to it, so that every other
+    // connection of the session (replication, snapshot readers) goes there.
+    let (sql, pg) = source::connect_session(&cfg.postgres.connect).await?;
+    let sql = Arc::new(sql);
     let db = setup::database_name(&sql).await?;
     let nats = sink::connect(&cfg.nats).await?;
     let js = sink::context(nats, &cfg.nats);

@@ -11,6 +11,7 @@ mod cluster;
 mod exactly_once;
 mod examples;
 mod failover;
+mod failover_config;
 mod hostile_owner;
 mod house;
 mod http;

@@ -37,7 +37,10 @@ pub use limits::OversizePolicy;
 pub use nats::{FastIngest, NatsAuth, NatsConfig, valid_stream_name, valid_subject_prefix};
 pub use outbox::{OutboxConfig, OutboxSource};
 pub use output::{OutputConfig, OutputFormat, SnapshotMode, publishes_message};
-pub use postgres::{PgConnectConfig, PostgresConfig, SslMode, TableSelector};
+pub use postgres::{
+    PgConnectConfig, PgHost, PostgresConfig, ServerState, SslMode, TableSelector,
+    TargetSessionAttrs, choose_server,
+};
 pub use secret::Secret;
 
 use crate::error::{Error, Kind, Result};

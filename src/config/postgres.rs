@@ -35,6 +35,7 @@ pub(super) struct RawPostgres {
     tables: Option<Vec<String>>,
     status_interval_ms: Option<u64>,
     heartbeat_interval: Option<String>,
+    slot_failover: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,10 @@ pub struct PostgresConfig {
     pub status_interval: Duration,
     /// `pg_logical_emit_message` heartbeats; `None`: off.
     pub heartbeat_interval: Option<Duration>,
+    /// PostgreSQL 17+: create the slot with `FAILOVER` (and turn it on for
+    /// an existing slot), so that standbys sync it. `false` never turns an
+    /// existing slot's failover off.
+    pub slot_failover: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +98,7 @@ impl PostgresConfig {
             tables,
             status_interval,
             heartbeat_interval,
+            slot_failover: raw.slot_failover.unwrap_or(false),
         })
     }
 }
@@ -290,10 +296,112 @@ impl SslMode {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct PgConnectConfig {
+/// One server of `postgres.url`: walnats connects by TCP only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgHost {
     pub host: String,
     pub port: u16,
+}
+
+impl std::fmt::Display for PgHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// libpq's `target_session_attrs`: which of the listed servers a session
+/// may use. Checked after connecting, on each server in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the connection.
+    #[default]
+    Any,
+    /// Not read-only: `transaction_read_only` is off (a primary, unless
+    /// `default_transaction_read_only` is on for the role or database).
+    ReadWrite,
+    /// `transaction_read_only` is on (a standby, or read-only by default).
+    ReadOnly,
+    /// Not in recovery.
+    Primary,
+    /// In recovery (a hot standby).
+    Standby,
+    /// A standby if any server is one, else any server.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TargetSessionAttrs> {
+        Some(match s {
+            "any" => TargetSessionAttrs::Any,
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "read-only" => TargetSessionAttrs::ReadOnly,
+            "primary" => TargetSessionAttrs::Primary,
+            "standby" => TargetSessionAttrs::Standby,
+            "prefer-standby" => TargetSessionAttrs::PreferStandby,
+            _ => return None,
+        })
+    }
+
+    /// Whether a server in this state is one to keep at once (for
+    /// `prefer-standby`: a standby; the fallback is [`choose_server`]'s).
+    pub fn accepts(self, s: ServerState) -> bool {
+        match self {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::ReadWrite => !s.read_only,
+            TargetSessionAttrs::ReadOnly => s.read_only,
+            TargetSessionAttrs::Primary => !s.in_recovery,
+            TargetSessionAttrs::Standby | TargetSessionAttrs::PreferStandby => s.in_recovery,
+        }
+    }
+}
+
+/// What a session on a server reported: `pg_is_in_recovery()` and
+/// `transaction_read_only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerState {
+    pub in_recovery: bool,
+    pub read_only: bool,
+}
+
+/// Which server a session uses, libpq's way: the first, in the URL's
+/// order, that `attrs` accepts; for `prefer-standby` with no standby, the
+/// first reachable one. `observed[i]` is `None` for a server that could not
+/// be reached.
+pub fn choose_server(attrs: TargetSessionAttrs, observed: &[Option<ServerState>]) -> Option<usize> {
+    observed
+        .iter()
+        .position(|s| s.is_some_and(|s| attrs.accepts(s)))
+        .or_else(|| {
+            (attrs == TargetSessionAttrs::PreferStandby)
+                .then(|| observed.iter().position(Option::is_some))
+                .flatten()
+        })
+}
+
+#[derive(Debug, Clone)]
+pub struct PgConnectConfig {
+    /// The server this config connects to: the first of `hosts`, or the
+    /// one a session was pinned to ([`PgConnectConfig::pinned`]).
+    pub host: String,
+    pub port: u16,
+    /// Every server of the URL, in its order (one after pinning).
+    pub hosts: Vec<PgHost>,
+    pub target_session_attrs: TargetSessionAttrs,
     pub user: String,
     pub password: Option<Secret>,
     pub dbname: String,
@@ -328,17 +436,151 @@ fn pct_decode(s: &str) -> Result<String> {
     String::from_utf8(out).map_err(|_| bad("percent-encoding is not UTF-8"))
 }
 
+/// Stands in for the URL's host list, which the `url` crate cannot read
+/// (`a:5432,b:5432`): the rest of the URL is parsed with the crate.
+const HOSTS_STAND_IN: &str = "walnats-host-list.invalid";
+
+/// A URL's authority split libpq's way: the URL with its host list
+/// replaced by [`HOSTS_STAND_IN`], the host list as written, and each
+/// host with its port (`None`: none written).
+struct SplitUrl {
+    single: String,
+    host_list: String,
+    hosts: Vec<(String, Option<u16>)>,
+}
+
+fn split_hosts(url_text: &str) -> Result<SplitUrl> {
+    let (scheme, rest) = url_text
+        .split_once("://")
+        .ok_or_else(|| bad("not a URL: use postgres://user@host:5432/db"))?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host_list) = match authority.rfind('@') {
+        Some(at) => (
+            authority.get(..=at).unwrap_or(""),
+            authority.get(at + 1..).unwrap_or(""),
+        ),
+        None => ("", authority),
+    };
+    let hosts = if host_list.is_empty() {
+        Vec::new()
+    } else {
+        host_list.split(',').map(host_port).collect::<Result<_>>()?
+    };
+    // Also for no host at all (`postgres://u@/db?host=a,b`), which the url
+    // crate refuses when a user is given.
+    Ok(SplitUrl {
+        single: format!("{scheme}://{userinfo}{HOSTS_STAND_IN}{tail}"),
+        host_list: host_list.to_owned(),
+        hosts,
+    })
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn host_port(s: &str) -> Result<(String, Option<u16>)> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("an IPv6 address misses its closing ]: write [::1]:5432"))?;
+            match after {
+                "" => (host.to_owned(), None),
+                p => (
+                    host.to_owned(),
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| bad("write an IPv6 host as [::1]:5432"))?,
+                    ),
+                ),
+            }
+        }
+        None => match s.split_once(':') {
+            Some((h, p)) => (pct_decode(h)?, Some(p)),
+            None => (pct_decode(s)?, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(bad(
+            "a host in the list is empty: write postgres://user@a:5432,b:5432/db",
+        ));
+    }
+    let port = port.filter(|p| !p.is_empty()).map(parse_port).transpose()?;
+    Ok((host, port))
+}
+
+fn parse_port(p: &str) -> Result<u16> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| bad("port must be a number from 1 to 65535"))
+}
+
+/// The hosts with their ports, libpq's way: one port for every host, or
+/// one per host; a host without a port gets 5432.
+fn pair_ports(hosts: Vec<String>, ports: Vec<Option<u16>>) -> Result<Vec<PgHost>> {
+    let ports = if ports.iter().all(Option::is_none) {
+        Vec::new()
+    } else {
+        ports
+    };
+    let port_of = |i: usize| -> Option<u16> {
+        match ports.len() {
+            1 => ports.first().copied().flatten(),
+            _ => ports.get(i).copied().flatten(),
+        }
+    };
+    if ports.len() > 1 && ports.len() != hosts.len() {
+        return Err(bad(format!(
+            "{} ports for {} hosts: give one port for all, or one per host",
+            ports.len(),
+            hosts.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(hosts.len());
+    for (i, host) in hosts.into_iter().enumerate() {
+        if host.is_empty() {
+            return Err(bad(
+                "a host in the list is empty: write host=a,b with a name or address each",
+            ));
+        }
+        if host.starts_with('/') {
+            return Err(bad(
+                "Unix sockets are not supported: use a TCP host such as 127.0.0.1",
+            ));
+        }
+        out.push(PgHost {
+            host,
+            port: port_of(i).unwrap_or(5432),
+        });
+    }
+    Ok(out)
+}
+
+/// The URL with its password masked and every host kept, for logs, errors
+/// and `status`.
+fn redact_pg_url(url_text: &str) -> String {
+    match split_hosts(url_text) {
+        Ok(split) => {
+            let masked = redact_url(&split.single);
+            // The url crate writes the stand-in as given (lower case).
+            masked.replacen(HOSTS_STAND_IN, &split.host_list, 1)
+        }
+        Err(_) => redact_url(url_text),
+    }
+}
+
 impl PgConnectConfig {
     /// `password`, when given (from `postgres.password`, a file or the
     /// environment), wins over a password in the URL.
     pub fn parse(url_text: &str, password: Option<Secret>) -> Result<PgConnectConfig> {
-        let u = url::Url::parse(url_text)
+        let split = split_hosts(url_text)?;
+        let u = url::Url::parse(&split.single)
             .map_err(|e| bad(format!("not a URL ({e}): use postgres://user@host:5432/db")))?;
         if !matches!(u.scheme(), "postgres" | "postgresql") {
             return Err(bad("must start with postgres:// or postgresql://"));
         }
-        let mut host = u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned());
-        let mut port = u.port();
+        let (mut hosts, mut ports): (Vec<String>, Vec<Option<u16>>) =
+            split.hosts.into_iter().unzip();
         let mut user = (!u.username().is_empty())
             .then(|| pct_decode(u.username()))
             .transpose()?;
@@ -347,6 +589,7 @@ impl PgConnectConfig {
         let mut sslrootcert = None;
         let mut application_name = "walnats".to_owned();
         let mut connect_timeout = Duration::from_secs(10);
+        let mut target_session_attrs = TargetSessionAttrs::Any;
         let mut dbname = {
             let p = u.path().trim_start_matches('/');
             (!p.is_empty()).then(|| pct_decode(p)).transpose()?
@@ -376,45 +619,82 @@ impl PgConnectConfig {
                         .map_err(|_| bad("connect_timeout must be whole seconds"))?;
                     connect_timeout = Duration::from_secs(secs.max(1));
                 }
-                "host" => host = Some(v),
-                "port" => port = Some(v.parse().map_err(|_| bad("port must be a number"))?),
+                "target_session_attrs" => {
+                    target_session_attrs = TargetSessionAttrs::parse(&v).ok_or_else(|| {
+                        bad(
+                            "target_session_attrs is unknown: use any, read-write, read-only, primary, \
+                             standby or prefer-standby",
+                        )
+                    })?;
+                }
+                "host" => hosts = v.split(',').map(str::to_owned).collect(),
+                "port" => {
+                    ports = v
+                        .split(',')
+                        .map(|p| (!p.is_empty()).then(|| parse_port(p)).transpose())
+                        .collect::<Result<_>>()?;
+                }
                 "user" => user = Some(v),
                 "password" => url_password = Some(v),
                 "dbname" => dbname = Some(v),
                 other => {
                     return Err(bad(format!(
-                        "unknown parameter {other:?}: supported are sslmode, sslrootcert, application_name, connect_timeout, host, port, user, password, dbname"
+                        "unknown parameter {other:?}: supported are sslmode, sslrootcert, application_name, \
+                         connect_timeout, target_session_attrs, host, port, user, password, dbname"
                     )));
                 }
             }
         }
-        let host = host
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no host: use postgres://user@host:5432/db"))?;
-        if host.starts_with('/') {
-            return Err(bad(
-                "Unix sockets are not supported: use a TCP host such as 127.0.0.1",
-            ));
+        if hosts.is_empty() {
+            return Err(bad("no host: use postgres://user@host:5432/db"));
         }
+        let hosts = pair_ports(hosts, ports)?;
+        let first = hosts
+            .first()
+            .cloned()
+            .ok_or_else(|| bad("no host: use postgres://user@host:5432/db"))?;
         let user = user.unwrap_or_else(|| "postgres".to_owned());
         let sslmode = settle_sslmode(sslmode, sslrootcert.is_some())?;
         Ok(PgConnectConfig {
             dbname: dbname.unwrap_or_else(|| user.clone()),
-            host,
-            port: port.unwrap_or(5432),
+            host: first.host,
+            port: first.port,
+            hosts,
+            target_session_attrs,
             password: password.or(url_password.map(Secret::new)),
             user,
             sslmode,
             sslrootcert,
             application_name,
             connect_timeout,
-            redacted: redact_url(url_text),
+            redacted: redact_pg_url(url_text),
         })
     }
 
     /// The URL with its password masked, for logs and errors.
     pub fn redacted_url(&self) -> String {
         self.redacted.clone()
+    }
+
+    /// This config, for `host` alone: what one session's every connection
+    /// uses once the session has chosen its server. TLS names and checks
+    /// `host` itself.
+    pub fn pinned(&self, host: &PgHost) -> PgConnectConfig {
+        PgConnectConfig {
+            host: host.host.clone(),
+            port: host.port,
+            hosts: vec![host.clone()],
+            target_session_attrs: TargetSessionAttrs::Any,
+            ..self.clone()
+        }
+    }
+
+    /// The server this config connects to.
+    pub fn server(&self) -> PgHost {
+        PgHost {
+            host: self.host.clone(),
+            port: self.port,
+        }
     }
 }
 
@@ -625,5 +905,192 @@ mod tests {
         let c = PgConnectConfig::parse("postgres://u:hunter2@h/d", None).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(!c.redacted_url().contains("hunter2"));
+    }
+    fn hosts(url: &str) -> Vec<String> {
+        PgConnectConfig::parse(url, None)
+            .unwrap()
+            .hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_url_lists_several_hosts_as_libpq_does() {
+        assert_eq!(
+            hosts("postgres://u:pw@a:5433,b,[::1]:6000,[fe80::2]/app"),
+            ["a:5433", "b:5432", "[::1]:6000", "[fe80::2]:5432"]
+        );
+        let c = PgConnectConfig::parse(
+            "postgresql://u:pw@a:5433,b:5434/app?target_session_attrs=read-write&sslmode=require",
+            None,
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("a", 5433));
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!((c.user.as_str(), c.dbname.as_str()), ("u", "app"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("pw"));
+        assert_eq!(c.sslmode, SslMode::Require);
+        // host= and port= as comma lists; one port for all, or one each.
+        assert_eq!(
+            hosts("postgres://u@/app?host=a,b&port=6000"),
+            ["a:6000", "b:6000"]
+        );
+        assert_eq!(
+            hosts("postgres://u@/app?host=a,b,c&port=1,,3"),
+            ["a:1", "b:5432", "c:3"]
+        );
+        assert_eq!(hosts("postgres://x:7/app?host=a,b"), ["a:7", "b:7"]);
+        assert_eq!(
+            hosts("postgres:///app?host=::1,h"),
+            ["[::1]:5432", "h:5432"]
+        );
+        let one = PgConnectConfig::parse("postgres://u@h/app", None).unwrap();
+        assert_eq!(one.target_session_attrs, TargetSessionAttrs::Any);
+        assert_eq!(
+            one.hosts,
+            [PgHost {
+                host: "h".into(),
+                port: 5432
+            }]
+        );
+        for (attrs, want) in [
+            ("any", TargetSessionAttrs::Any),
+            ("read-only", TargetSessionAttrs::ReadOnly),
+            ("primary", TargetSessionAttrs::Primary),
+            ("standby", TargetSessionAttrs::Standby),
+            ("prefer-standby", TargetSessionAttrs::PreferStandby),
+        ] {
+            let c = PgConnectConfig::parse(
+                &format!("postgres://a,b/d?target_session_attrs={attrs}"),
+                None,
+            )
+            .unwrap();
+            assert_eq!(c.target_session_attrs, want);
+            assert_eq!(want.as_str(), attrs);
+        }
+    }
+
+    #[test]
+    fn a_bad_host_list_is_refused_with_the_fix_and_no_password() {
+        for (url, fix) in [
+            ("postgres://u:hunter2@a,,b/d", "empty"),
+            ("postgres://u:hunter2@a,/d", "empty"),
+            ("postgres://u:hunter2@a:x,b/d", "port must be a number"),
+            ("postgres://u:hunter2@a:0/d", "port must be a number"),
+            ("postgres://u:hunter2@a:70000/d", "port must be a number"),
+            ("postgres://u:hunter2@[::1/d", "closing ]"),
+            ("postgres://u:hunter2@[::1]x/d", "[::1]:5432"),
+            (
+                "postgres://u:hunter2@/d?host=a,b&port=1,2,3",
+                "3 ports for 2 hosts",
+            ),
+            (
+                "postgres://u:hunter2@a:1,b:2,c:3/d?host=a,b",
+                "3 ports for 2 hosts",
+            ),
+            ("postgres://u:hunter2@/d?host=a,/tmp", "Unix sockets"),
+            (
+                "postgres://u:hunter2@a,b/d?target_session_attrs=master",
+                "prefer-standby",
+            ),
+        ] {
+            let e = PgConnectConfig::parse(url, None).unwrap_err();
+            assert_eq!(e.kind(), Kind::Config, "{url}");
+            let text = e.to_string();
+            assert!(text.starts_with("postgres.url"), "{url}: {text}");
+            assert!(text.contains(fix), "{url}: {text}");
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn the_redacted_url_keeps_every_host_and_no_password() {
+        let c = PgConnectConfig::parse(
+            "postgres://u:hunter2@a:5432,[::1]:5433,b/app?target_session_attrs=read-write&password=hunter3",
+            None,
+        )
+        .unwrap();
+        let shown = c.redacted_url();
+        assert!(shown.contains("a:5432,[::1]:5433,b/app"), "{shown}");
+        assert!(shown.contains("target_session_attrs=read-write"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        // One host: as before.
+        let one = PgConnectConfig::parse("postgres://u:hunter2@h:1/d", None).unwrap();
+        assert_eq!(one.redacted_url(), "postgres://u:***@h:1/d");
+    }
+
+    #[test]
+    fn a_pinned_config_connects_to_its_one_host() {
+        let c = PgConnectConfig::parse(
+            "postgres://u@a:1,b:2/d?target_session_attrs=read-write&sslmode=verify-full",
+            None,
+        )
+        .unwrap();
+        let second = c.hosts[1].clone();
+        let p = c.pinned(&second);
+        assert_eq!((p.host.as_str(), p.port), ("b", 2));
+        assert_eq!(p.hosts, std::slice::from_ref(&second));
+        assert_eq!(p.target_session_attrs, TargetSessionAttrs::Any);
+        assert_eq!(p.sslmode, SslMode::VerifyFull);
+        assert_eq!(p.server(), second);
+        assert_eq!(p.redacted_url(), c.redacted_url());
+    }
+
+    #[test]
+    fn the_session_attributes_pick_the_server_as_libpq_does() {
+        use TargetSessionAttrs as T;
+        let primary = Some(ServerState {
+            in_recovery: false,
+            read_only: false,
+        });
+        let standby = Some(ServerState {
+            in_recovery: true,
+            read_only: true,
+        });
+        // A primary whose role or database defaults to read-only.
+        let ro_primary = Some(ServerState {
+            in_recovery: false,
+            read_only: true,
+        });
+        let down = None;
+        type Case<'a> = (T, &'a [Option<ServerState>], Option<usize>);
+        let cases: &[Case] = &[
+            (T::Any, &[down, standby, primary], Some(1)),
+            (T::Any, &[down, down], None),
+            (T::ReadWrite, &[standby, ro_primary, primary], Some(2)),
+            (T::ReadWrite, &[standby, ro_primary], None),
+            (T::ReadOnly, &[primary, ro_primary, standby], Some(1)),
+            (T::Primary, &[standby, ro_primary, primary], Some(1)),
+            (T::Primary, &[standby, down], None),
+            (T::Standby, &[primary, down, standby], Some(2)),
+            (T::Standby, &[primary, ro_primary], None),
+            (T::PreferStandby, &[primary, standby], Some(1)),
+            (T::PreferStandby, &[down, primary, ro_primary], Some(1)),
+            (T::PreferStandby, &[down, down], None),
+        ];
+        for (attrs, observed, want) in cases {
+            assert_eq!(
+                choose_server(*attrs, observed),
+                *want,
+                "{attrs:?} {observed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn slot_failover_is_off_unless_asked_for() {
+        let c = section(RawPostgres::default()).unwrap();
+        assert!(!c.slot_failover);
+        let c = section(RawPostgres {
+            slot_failover: Some(true),
+            ..RawPostgres::default()
+        })
+        .unwrap();
+        assert!(c.slot_failover);
     }
 }

@@ -17,6 +17,7 @@
 //! `snapshot::window`, `source::feedback`, `publish`.
 
 mod emit;
+mod primary;
 mod rereads;
 mod session;
 mod startup;
@@ -54,6 +55,7 @@ pub async fn run(
     let mut failures: u32 = 0;
     let mut standby = false;
     let wal_watch = Arc::new(WalWatch::default());
+    let seen = primary::ServerSeen::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -64,6 +66,7 @@ pub async fn run(
             shutdown.clone(),
             &health,
             &wal_watch,
+            &seen,
         ))
         .await;
         health.set_ready(false);

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Ended;
+use super::primary;
 use super::session::{Readiness, Replayed, Session, Settings, Wal};
 use crate::checkpoint::ledger::{Ledger, Meters};
 use crate::checkpoint::replay::Replay;
@@ -44,9 +45,10 @@ pub(super) async fn session(
     mut shutdown: watch::Receiver<bool>,
     health: &Arc<Health>,
     wal_watch: &Arc<WalWatch>,
+    seen: &primary::ServerSeen,
 ) -> Result<Ended> {
     let (c, store, mut st) = connect_and_lock(cfg).await?;
-    let mut conn = ReplicationConn::connect(&c.pg).await?;
+    let mut conn = primary::connect_replication(&c, seen).await?;
     let mut start = find_start(&c, cfg, &store, &mut conn, &mut st).await?;
     let mut out = open_outlet(&c, cfg, &start).await?;
     if start.resume.state.snapshot.is_some() {
@@ -67,7 +69,7 @@ pub(super) async fn session(
         .await?;
         start.resume.last_seq = start.resume.state.stream_seq;
         // The connection that exported the snapshot has done its job.
-        conn = ReplicationConn::connect(&c.pg).await?;
+        conn = primary::connect_replication(&c, seen).await?;
     }
     let resume = &start.resume;
     if resume.skip() == 0 && resume.from_checkpoint && !start.created {
@@ -104,6 +106,7 @@ pub(super) async fn session(
 /// logical decoding, the publication and the stream there.
 async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, StreamSetup)> {
     let c = connect::both(cfg).await?;
+    primary::check_server(&c, cfg).await?;
     sink::require_jetstream(&c.js).await?;
     // The lock's secret lives in the checkpoint bucket.
     let store = Arc::new(c.store(cfg).await?);
@@ -531,6 +534,7 @@ async fn take_slot(
                 ),
             ));
         }
+        primary::enable_failover(cfg, conn, s).await?;
         return Ok((None, None));
     }
     // A checkpoint without its slot: the slot was dropped (by hand, by a
@@ -547,11 +551,13 @@ async fn take_slot(
         return Err(Error::new(
             Kind::Checkpoint,
             format!(
-                "slot {slot:?} is gone but walnats' checkpoint for it is there (last confirmed {}): \
-                 the slot was dropped (by hand, a major upgrade, a failover), so changes written since \
-                 were never published; run `walnats slot drop --yes` to remove the checkpoint and start \
-                 over (a new slot takes an initial snapshot with snapshot.mode = \"initial\"; or re-read \
-                 tables with `walnats snapshot`)",
+                "slot {slot:?} is gone but walnats' checkpoint for it is there (PostgreSQL at {}, last \
+                 confirmed {}): the slot was dropped (by hand, a major upgrade), or this server became the \
+                 primary in a failover before it had synced the slot (a slot not yet synced at promotion is \
+                 lost; see docs/high-availability.md), so changes written since were never published; run \
+                 `walnats slot drop --yes` to remove the checkpoint and start over (a new slot takes an \
+                 initial snapshot with snapshot.mode = \"initial\"; or re-read tables with `walnats snapshot`)",
+                c.pg.server(),
                 cp.confirmed
             ),
         ));
@@ -573,8 +579,12 @@ async fn take_slot(
             })
             .await?;
     }
-    let made = conn.create_logical_slot(slot, want_snapshot).await?;
-    info!(%slot, consistent_point = %made.consistent_point, "replication slot created");
+    let failover = cfg.postgres.slot_failover;
+    let made = conn
+        .create_logical_slot(slot, want_snapshot, failover)
+        .await
+        .map_err(|e| primary::refused_failover(e, slot, "create the failover"))?;
+    info!(%slot, consistent_point = %made.consistent_point, failover, "replication slot created");
     Ok((Some(made.consistent_point), made.snapshot_name))
 }
 

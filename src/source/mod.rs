@@ -15,4 +15,4 @@ pub mod tls;
 pub mod upkeep;
 
 pub use replication::{CreatedSlot, ReplicationConn, ReplicationMessage, SystemId};
-pub use sql::connect_sql;
+pub use sql::{connect_session, connect_sql};

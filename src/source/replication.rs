@@ -162,6 +162,33 @@ pub fn server_error(e: ServerError, cfg: &PgConnectConfig) -> Error {
     Error::with_source(kind, what, e)
 }
 
+/// The CREATE_REPLICATION_SLOT command. Without failover, the old
+/// keyword form every supported server knows; with it, the option list
+/// (PostgreSQL 15+; FAILOVER needs 17+).
+pub fn create_slot_sql(slot: &str, export_snapshot: bool, failover: bool) -> String {
+    let name = super::setup::quote_ident(slot);
+    match (failover, export_snapshot) {
+        (false, true) => format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput EXPORT_SNAPSHOT"),
+        (false, false) => {
+            format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+        }
+        (true, true) => format!(
+            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)"
+        ),
+        (true, false) => format!(
+            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        ),
+    }
+}
+
+/// The ALTER_REPLICATION_SLOT command that makes `slot` a failover slot.
+pub fn alter_slot_failover_sql(slot: &str) -> String {
+    format!(
+        "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+        super::setup::quote_ident(slot)
+    )
+}
+
 /// What TLS gave the connection.
 struct Transport {
     io: Box<dyn Io>,
@@ -555,20 +582,17 @@ impl ReplicationConn {
         })
     }
 
+    /// CREATE_REPLICATION_SLOT, exporting the snapshot when asked; with
+    /// `failover` (PostgreSQL 17+) the slot is made a failover slot in the
+    /// same command, since any other command on this connection would
+    /// end the exported snapshot.
     pub async fn create_logical_slot(
         &mut self,
         slot: &str,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<CreatedSlot> {
-        let snap = if export_snapshot {
-            "EXPORT_SNAPSHOT"
-        } else {
-            "NOEXPORT_SNAPSHOT"
-        };
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}",
-            super::setup::quote_ident(slot)
-        );
+        let sql = create_slot_sql(slot, export_snapshot, failover);
         let rows = self.simple_query(&sql).await?;
         let r = rows
             .first()
@@ -582,6 +606,31 @@ impl ReplicationConn {
                 .ok_or_else(|| proto("CREATE_REPLICATION_SLOT: bad consistent_point"))?,
             snapshot_name: r.get(2).cloned().flatten(),
         })
+    }
+
+    /// ALTER_REPLICATION_SLOT ... ( FAILOVER true ) (PostgreSQL 17+): the
+    /// slot must not be in use, so walnats does it while it holds its slot
+    /// lock and before START_REPLICATION.
+    pub async fn enable_slot_failover(&mut self, slot: &str) -> Result<()> {
+        self.simple_query(&alter_slot_failover_sql(slot))
+            .await
+            .map(drop)
+    }
+
+    /// Whether this connection reaches the same server as the SQL session
+    /// whose backend is `pid`, started at `backend_start` (as
+    /// `pg_stat_activity` prints it): a replication connection with
+    /// `replication=database` runs simple SQL. A host name that resolves
+    /// elsewhere by now (DNS after a failover) fails this.
+    pub async fn sees_backend(&mut self, pid: i32, backend_start: &str) -> Result<bool> {
+        let rows = self
+            .simple_query(&format!(
+                "SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = {pid} \
+                 AND backend_start::text = '{}'",
+                backend_start.replace('\'', "''")
+            ))
+            .await?;
+        Ok(!rows.is_empty())
     }
 
     /// START_REPLICATION; returns once the server is in CopyBoth mode.
@@ -671,5 +720,34 @@ impl ReplicationConn {
         frontend::terminate(&mut self.out);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.flush_out()).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_commands_ask_for_failover_in_the_command_that_makes_the_slot() {
+        assert_eq!(
+            create_slot_sql("walnats", true, false),
+            "CREATE_REPLICATION_SLOT \"walnats\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_sql("walnats", false, false),
+            "CREATE_REPLICATION_SLOT \"walnats\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_sql("walnats", true, true),
+            "CREATE_REPLICATION_SLOT \"walnats\" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)"
+        );
+        assert_eq!(
+            create_slot_sql("w\"x", false, true),
+            "CREATE_REPLICATION_SLOT \"w\"\"x\" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        );
+        assert_eq!(
+            alter_slot_failover_sql("walnats"),
+            "ALTER_REPLICATION_SLOT \"walnats\" ( FAILOVER true )"
+        );
     }
 }

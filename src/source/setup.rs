@@ -127,14 +127,25 @@ pub struct SlotState {
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
     pub two_phase: bool,
+    /// PostgreSQL 17+ (`None` below): synced to standbys that sync slots.
+    pub failover: Option<bool>,
+    /// PostgreSQL 17+: a copy a standby's slot sync worker keeps.
+    pub synced: Option<bool>,
+    /// PostgreSQL 17+: why the slot cannot be used any more.
+    pub invalidation_reason: Option<String>,
 }
 
 pub async fn slot_state(sql: &Client, slot: &str) -> Result<Option<SlotState>> {
     let rows = sql
         .query(
+            // The PostgreSQL 17 columns through to_jsonb, so that one query
+            // serves every version (absent: NULL).
             "SELECT plugin::text, database::text, active, active_pid, confirmed_flush_lsn::text, \
-                    restart_lsn::text, wal_status, two_phase \
-             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                    restart_lsn::text, wal_status, two_phase, \
+                    (pg_catalog.to_jsonb(s) ->> 'failover')::bool, \
+                    (pg_catalog.to_jsonb(s) ->> 'synced')::bool, \
+                    pg_catalog.to_jsonb(s) ->> 'invalidation_reason' \
+             FROM pg_catalog.pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -153,7 +164,28 @@ pub async fn slot_state(sql: &Client, slot: &str) -> Result<Option<SlotState>> {
         restart_lsn: lsn(5),
         wal_status: r.get(6),
         two_phase: r.get::<_, Option<bool>>(7).unwrap_or(false),
+        failover: r.get(8),
+        synced: r.get(9),
+        invalidation_reason: r.get(10),
     }))
+}
+
+/// This SQL session's backend pid and start time (as text in the
+/// session's settings), which a replication connection looks up to prove
+/// it reached the same server.
+pub async fn backend_identity(sql: &Client) -> Result<(i32, String)> {
+    let row = sql
+        .query_one(
+            "SELECT pid, backend_start::text FROM pg_catalog.pg_stat_activity \
+             WHERE pid = pg_catalog.pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_query_err("reading this session's backend", e))?;
+    Ok((
+        row.get(0),
+        row.get::<_, Option<String>>(1).unwrap_or_default(),
+    ))
 }
 
 /// Refuses a slot walnats cannot stream from, with the fix.

@@ -24,10 +24,102 @@ use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use super::auth::{self, AuthWatch, Refusal};
 use super::replication::{SEARCH_PATH, SESSION_SETTINGS, connect_tcp};
 use super::tls;
-use crate::config::{PgConnectConfig, SslMode};
-use crate::error::{Error, Kind, Result};
+use crate::config::{PgConnectConfig, ServerState, SslMode, TargetSessionAttrs, choose_server};
+use crate::error::{Error, Kind, Result, Retry};
 
+/// A SQL connection to the server `cfg`'s `target_session_attrs` picks
+/// (see [`connect_session`]).
 pub async fn connect_sql(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client> {
+    connect_session(cfg).await.map(|(client, _)| client)
+}
+
+/// A SQL connection to the first server of `cfg`, in the URL's order,
+/// that accepts it and that `target_session_attrs` accepts (libpq's
+/// rules, [`choose_server`]), and `cfg` pinned to that server: every
+/// other connection of the session must go there too, never to another
+/// host of the list.
+pub async fn connect_session(
+    cfg: &PgConnectConfig,
+) -> Result<(tokio_postgres::Client, PgConnectConfig)> {
+    let attrs = cfg.target_session_attrs;
+    if let [only] = cfg.hosts.as_slice()
+        && attrs == TargetSessionAttrs::Any
+    {
+        let pinned = cfg.pinned(only);
+        return Ok((connect_one(&pinned).await?, pinned));
+    }
+    let mut observed = Vec::with_capacity(cfg.hosts.len());
+    let mut kept = Vec::with_capacity(cfg.hosts.len());
+    let mut failures = Vec::new();
+    for host in &cfg.hosts {
+        let pinned = cfg.pinned(host);
+        let attempt = match connect_one(&pinned).await {
+            Ok(client) => server_state(&client).await.map(|state| (client, state)),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok((client, state)) if attrs.accepts(state) => return Ok((client, pinned)),
+            Ok((client, state)) => {
+                failures.push(format!("{host} is {}", describe(state)));
+                observed.push(Some(state));
+                kept.push(Some((client, pinned)));
+            }
+            Err(e) => {
+                tracing::debug!(%host, error = %e, "PostgreSQL server not usable");
+                failures.push(format!("{host}: {e}"));
+                observed.push(None);
+                kept.push(None);
+                // A refusal retrying cannot fix (a password, pg_hba.conf, a
+                // database that does not exist) is the answer.
+                if e.retry() == Retry::Definite {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    if let Some(chosen) = choose_server(attrs, &observed)
+        .and_then(|i| kept.get_mut(i))
+        .and_then(Option::take)
+    {
+        return Ok(chosen);
+    }
+    Err(Error::new(
+        Kind::PgConnect,
+        format!(
+            "no server of postgres.url ({}) is usable with target_session_attrs={}: {}",
+            cfg.redacted_url(),
+            attrs.as_str(),
+            failures.join("; ")
+        ),
+    ))
+}
+
+fn describe(state: ServerState) -> &'static str {
+    match (state.in_recovery, state.read_only) {
+        (true, _) => "a standby (in recovery)",
+        (false, true) => "read-only (transaction_read_only = on)",
+        (false, false) => "a read-write primary",
+    }
+}
+
+/// Whether the server is in recovery and whether a session is read-only
+/// there (`default_transaction_read_only`, or a standby), as libpq checks.
+pub async fn server_state(client: &tokio_postgres::Client) -> Result<ServerState> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only') = 'on'",
+            &[],
+        )
+        .await
+        .map_err(|e| crate::error::pg_query_err("reading whether the server is a standby", e))?;
+    Ok(ServerState {
+        in_recovery: row.get(0),
+        read_only: row.get(1),
+    })
+}
+
+/// A SQL connection to the one server `cfg.host`, `cfg.port`.
+async fn connect_one(cfg: &PgConnectConfig) -> Result<tokio_postgres::Client> {
     let mut c = tokio_postgres::Config::new();
     c.host(&cfg.host)
         .port(cfg.port)
