@@ -414,32 +414,3 @@ async fn wait_streaming_on_standby(pair: &PgPair, world: &World<'_>, w: &mut Wal
     world.wait_streaming_on(&pair.standby, w).await;
     poke.abort();
 }
-
-/// `slot_failover = true` on PostgreSQL 15 (failover slots came in 17): one
-/// line naming the key and the version, and no slot made.
-#[tokio::test]
-async fn slot_failover_on_postgres_15_is_refused_in_one_line() {
-    let world = World::new(crate::support::shared(PgVersion::V15)).await;
-    let cfg = with_postgres_key(&world.config(), "slot_failover = true");
-    let mut w = world.spawn_with(&cfg, &[]);
-    let status = w.wait_exit(Duration::from_secs(60));
-    let out = w.output();
-    assert!(!status.success(), "{out}");
-    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("walnats: ")).collect();
-    assert_eq!(errors.len(), 1, "not one line:\n{out}");
-    for want in ["slot_failover", "17"] {
-        assert!(errors[0].contains(want), "{want:?} not in {:?}", errors[0]);
-    }
-    assert!(!out.contains("panicked"), "{out}");
-    let slots: i64 = world
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&world.slot()],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0, "a slot was made before the refusal");
-}
