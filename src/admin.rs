@@ -63,18 +63,22 @@ pub async fn check(cfg: &Config) -> bool {
 }
 
 async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
-    let pg = &cfg.postgres.connect;
-    let sql = match source::connect_sql(pg).await {
+    let (sql, pg) = match source::connect_session(&cfg.postgres.connect).await {
         Ok(s) => s,
         Err(e) => {
             c.fail(
-                &format!("PostgreSQL at {}: {e}", pg.redacted_url()),
+                &format!("PostgreSQL at {}: {e}", cfg.postgres.connect.redacted_url()),
                 "check postgres.url, the server and pg_hba.conf",
             );
             return None;
         }
     };
-    c.pass(&format!("PostgreSQL reachable at {}", pg.redacted_url()));
+    let pg = &pg;
+    c.pass(&format!(
+        "PostgreSQL reachable at {} (server {})",
+        pg.redacted_url(),
+        pg.server()
+    ));
     let db = setup::database_name(&sql).await.ok()?;
     match setup::require_logical_wal(&sql).await {
         Ok(()) => c.pass("wal_level = logical"),
@@ -182,7 +186,175 @@ async fn check_postgres(cfg: &Config, c: &mut Checklist) -> Option<String> {
         ),
     }
     check_outboxes(cfg, &sql, c).await;
+    check_failover(cfg, &sql, pg, &db, c).await;
     Some(db)
+}
+
+/// PostgreSQL 17+: the primary's `synchronized_standby_slots` (a physical
+/// slot named there that is missing or inactive stalls logical decoding of
+/// failover slots), and with `slot_failover` every other host of the URL
+/// that is a standby: does it sync walnats' slot, and is its copy ready.
+async fn check_failover(
+    cfg: &Config,
+    sql: &tokio_postgres::Client,
+    pg: &crate::config::PgConnectConfig,
+    db: &str,
+    c: &mut Checklist,
+) {
+    let version = setup::server_version(sql).await.unwrap_or(0);
+    if version < 170_000 {
+        if cfg.postgres.slot_failover {
+            c.fail(
+                &format!("postgres.slot_failover = true needs PostgreSQL 17 or later ({} runs {version})", pg.server()),
+                "upgrade PostgreSQL, or set postgres.slot_failover = false",
+            );
+        }
+        return;
+    }
+    let setting = |name: &'static str| async move {
+        sql.query_one("SELECT pg_catalog.current_setting($1)", &[&name])
+            .await
+            .map(|r| r.get::<_, String>(0))
+    };
+    let standby_slots = setting("synchronized_standby_slots")
+        .await
+        .unwrap_or_default();
+    let names: Vec<&str> = standby_slots
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        let line = "synchronized_standby_slots is empty: a standby promoted after a failover may lack changes \
+                    walnats already published from this server";
+        if cfg.postgres.slot_failover {
+            c.warn(line, "name the standbys' physical slots in synchronized_standby_slots (docs/high-availability.md)");
+        }
+    } else {
+        c.note(&format!("synchronized_standby_slots = {standby_slots:?}"));
+    }
+    for name in names {
+        let row = sql
+            .query_opt(
+                "SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'",
+                &[&name],
+            )
+            .await;
+        match row {
+            Ok(Some(r)) if r.get::<_, bool>(0) => {
+                c.pass(&format!("physical slot {name:?} of synchronized_standby_slots is active"))
+            }
+            Ok(found) => c.warn(
+                &format!(
+                    "synchronized_standby_slots names physical slot {name:?}, which {}: logical decoding of \
+                     failover slots on this server waits for it (walnats stalls)",
+                    if found.is_some() { "is inactive (its standby is not connected)" } else { "does not exist" }
+                ),
+                "bring the standby back, or take the slot out of synchronized_standby_slots",
+            ),
+            Err(e) => c.warn(&format!("cannot read slot {name:?}: {e}"), "check the role's permissions"),
+        }
+    }
+    if !cfg.postgres.slot_failover {
+        return;
+    }
+    for host in cfg
+        .postgres
+        .connect
+        .hosts
+        .iter()
+        .filter(|h| **h != pg.server())
+    {
+        check_standby(cfg, &pg.pinned(host), db, c).await;
+    }
+}
+
+/// One other host of the URL, when it can be reached and is a standby.
+async fn check_standby(
+    cfg: &Config,
+    pg: &crate::config::PgConnectConfig,
+    db: &str,
+    c: &mut Checklist,
+) {
+    let host = pg.server();
+    let Ok(sql) = source::connect_sql(pg).await else {
+        c.note(&format!(
+            "{host}: cannot connect; its slot sync is not checked"
+        ));
+        return;
+    };
+    match source::sql::server_state(&sql).await {
+        Ok(s) if s.in_recovery => {}
+        _ => {
+            c.note(&format!(
+                "{host}: not a standby; its slot sync is not checked"
+            ));
+            return;
+        }
+    }
+    for (name, want) in [
+        ("sync_replication_slots", "on"),
+        ("hot_standby_feedback", "on"),
+    ] {
+        match sql
+            .query_one("SELECT pg_catalog.current_setting($1)", &[&name])
+            .await
+        {
+            Ok(r) if r.get::<_, String>(0) == want => {
+                c.pass(&format!("standby {host}: {name} = {want}"))
+            }
+            Ok(r) => c.warn(
+                &format!(
+                    "standby {host}: {name} = {}: walnats' slot is not synced there",
+                    r.get::<_, String>(0)
+                ),
+                &format!(
+                    "ALTER SYSTEM SET {name} = {want} on the standby; SELECT pg_reload_conf()"
+                ),
+            ),
+            Err(e) => c.warn(
+                &format!("standby {host}: cannot read {name}: {e}"),
+                "check the role's permissions",
+            ),
+        }
+    }
+    match sql
+        .query_one("SELECT pg_catalog.current_setting('primary_conninfo')", &[])
+        .await
+    {
+        Ok(r) if r.get::<_, String>(0).contains("dbname=") => {
+            c.pass(&format!("standby {host}: primary_conninfo has a dbname"))
+        }
+        Ok(_) => c.warn(
+            &format!("standby {host}: primary_conninfo has no dbname: slot sync needs one"),
+            "add dbname=... to primary_conninfo on the standby",
+        ),
+        Err(_) => c.note(&format!(
+            "standby {host}: primary_conninfo cannot be read by this role (pg_read_all_settings)"
+        )),
+    }
+    let slot = &cfg.postgres.slot;
+    let ready = sql
+        .query_opt(
+            "SELECT synced AND NOT temporary AND invalidation_reason IS NULL, database::text \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await;
+    match ready {
+        Ok(Some(r)) if r.get::<_, Option<bool>>(0) == Some(true) && r.get::<_, Option<String>>(1).as_deref() == Some(db) => {
+            c.pass(&format!("standby {host}: slot {slot:?} is synced and ready for a failover"))
+        }
+        Ok(Some(_)) => c.warn(
+            &format!("standby {host}: slot {slot:?} is there but not ready (synced, not temporary, not invalidated)"),
+            "wait for the sync worker; SELECT pg_log_standby_snapshot() on the primary speeds it up",
+        ),
+        Ok(None) => c.warn(
+            &format!("standby {host}: slot {slot:?} is not synced there: a failover to it now loses the slot"),
+            "check sync_replication_slots, hot_standby_feedback and primary_conninfo on the standby",
+        ),
+        Err(e) => c.warn(&format!("standby {host}: cannot read its slots: {e}"), "check the role's permissions"),
+    }
 }
 
 /// The `[[outbox]]` tables against the catalog; nothing without one.
@@ -328,6 +500,9 @@ async fn check_nats(cfg: &Config, db: Option<&str>, c: &mut Checklist) {
 #[derive(Serialize)]
 pub struct Status {
     database: String,
+    /// The server of `postgres.url` this status was read from (the one
+    /// `target_session_attrs` picks, as `run` does).
+    host: String,
     slot: SlotStatus,
     checkpoint: Option<Checkpoint>,
     stream: Option<StreamStatus>,
@@ -344,6 +519,11 @@ struct SlotStatus {
     confirmed_flush_lsn: Option<Lsn>,
     restart_lsn: Option<Lsn>,
     wal_status: Option<String>,
+    /// PostgreSQL 17+ (`null` below): a failover slot, a synced copy, and
+    /// why the slot was invalidated.
+    failover: Option<bool>,
+    synced: Option<bool>,
+    invalidation_reason: Option<String>,
     current_wal_lsn: Lsn,
     /// Bytes of WAL between the server's position and the confirmed one.
     lag_bytes: Option<u64>,
@@ -392,6 +572,7 @@ pub async fn gather_status(cfg: &Config) -> Result<Status> {
     };
     let st = Status {
         database: c.db.clone(),
+        host: c.pg.server().to_string(),
         slot: SlotStatus {
             name: cfg.postgres.slot.clone(),
             exists: slot.is_some(),
@@ -400,6 +581,9 @@ pub async fn gather_status(cfg: &Config) -> Result<Status> {
             confirmed_flush_lsn: slot.as_ref().and_then(|s| s.confirmed_flush),
             restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
             wal_status: slot.as_ref().and_then(|s| s.wal_status.clone()),
+            failover: slot.as_ref().and_then(|s| s.failover),
+            synced: slot.as_ref().and_then(|s| s.synced),
+            invalidation_reason: slot.as_ref().and_then(|s| s.invalidation_reason.clone()),
             current_wal_lsn: current,
             lag_bytes: slot
                 .as_ref()
@@ -425,9 +609,16 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         say!("{text}");
         return Ok(());
     }
-    say!("database   {}", st.database);
+    say!("database   {} on {}", st.database, st.host);
     let s = &st.slot;
     if s.exists {
+        if let Some(failover) = s.failover {
+            say!(
+                "slot       failover {failover}, synced {}, invalidation_reason {}",
+                s.synced.unwrap_or(false),
+                s.invalidation_reason.as_deref().unwrap_or("-")
+            );
+        }
         say!(
             "slot       {} ({}), confirmed {}, lag {} bytes, WAL retained {} bytes, wal_status {}",
             s.name,
