@@ -12,9 +12,11 @@
 //! for a slot that does not exist there).
 
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::postgres::{PgServer, PgVersion};
+use super::process;
 
 /// The standby's physical slot on the primary.
 pub const PHYSICAL_SLOT: &str = "standby1";
@@ -22,6 +24,9 @@ pub const PHYSICAL_SLOT: &str = "standby1";
 pub struct PgPair {
     pub primary: PgServer,
     pub standby: PgServer,
+    /// The primary's walsender to the standby, while `stall_standby`
+    /// holds it stopped.
+    stalled: Mutex<Option<u32>>,
 }
 
 impl PgPair {
@@ -81,7 +86,11 @@ impl PgPair {
                 "wal_receiver_status_interval=1s",
             ],
         );
-        let pair = PgPair { primary, standby };
+        let pair = PgPair {
+            primary,
+            standby,
+            stalled: Mutex::new(None),
+        };
         pair.wait_standby_streaming().await;
         pair
     }
@@ -192,9 +201,36 @@ impl PgPair {
         }
     }
 
+    /// Stops (SIGSTOP) the primary's walsender to the standby, as a
+    /// network stall would: from now on the primary commits WAL the
+    /// standby never receives (and, with `synchronized_standby_slots`, its
+    /// logical walsenders send none of it). Lasts until `kill_primary`.
+    pub async fn stall_standby(&self) {
+        let pid: i32 = self
+            .primary
+            .client("postgres")
+            .await
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&PHYSICAL_SLOT],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let pid = u32::try_from(pid).unwrap();
+        // A child of the postmaster this harness started.
+        process::signal(pid, libc::SIGSTOP);
+        *self.stalled.lock().unwrap() = Some(pid);
+    }
+
     /// `pg_ctl stop -m immediate` of the primary: no shutdown checkpoint,
-    /// nothing more sent to the standby.
+    /// nothing more sent to the standby. A stalled walsender is killed
+    /// first (it would not see the shutdown until continued, and then
+    /// could still send).
     pub fn kill_primary(&self) {
+        if let Some(pid) = self.stalled.lock().unwrap().take() {
+            process::signal(pid, libc::SIGKILL);
+        }
         self.primary.stop_immediate();
     }
 
