@@ -117,6 +117,18 @@ async fn slot_failover_turns_failover_on_for_an_existing_slot_and_never_off() {
     world.wait_streaming(&mut w).await;
     assert_eq!(slot_failover(&world).await, Some(true));
     world.wait_changes(2, &w).await;
+    // status shows the slot's PostgreSQL 17 columns and the server.
+    let (code, out, err) = crate::cli::run(&["status", "--json"], &world.config(), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["slot"]["failover"], true, "{out}");
+    assert_eq!(st["slot"]["synced"], false, "{out}");
+    assert!(st["slot"]["invalidation_reason"].is_null(), "{out}");
+    assert_eq!(
+        st["host"],
+        format!("127.0.0.1:{}", world.pg.port()),
+        "{out}"
+    );
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
     world.wait_slot_released().await;
@@ -153,6 +165,22 @@ async fn a_dead_first_host_is_skipped_for_the_next_one() {
         "the log does not say which server walnats uses:\n{out}"
     );
     assert!(!out.contains("hunter2"), "{out}");
+    // status goes to the same server, says which, and on PostgreSQL 15
+    // has no failover columns (null).
+    let (code, out, err) = crate::cli::run(
+        &["status", "--json"],
+        &world.config(),
+        &[("WALNATS_POSTGRES_URL", &url)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        st["host"],
+        format!("127.0.0.1:{}", world.pg.port()),
+        "{out}"
+    );
+    assert_eq!(st["slot"]["exists"], true, "{out}");
+    assert!(st["slot"]["failover"].is_null(), "{out}");
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
@@ -202,4 +230,47 @@ async fn read_write_skips_a_read_only_server() {
     assert_eq!((slots, pubs), (0, 0), "walnats used the read-only server");
     w.sigterm();
     assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// `walnats check` on PostgreSQL 18 prints the primary's
+/// `synchronized_standby_slots` and warns when a physical slot named there
+/// is inactive (decoding of failover slots waits for it). A server of its
+/// own: the setting would stall every failover slot of a shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_an_inactive_slot_in_synchronized_standby_slots() {
+    let pg = PgServer::start(PgVersion::V18);
+    let world = World::new(&pg).await;
+    for stmt in [
+        "SELECT pg_create_physical_replication_slot('standby_gone')",
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_gone'",
+        "SELECT pg_reload_conf()",
+    ] {
+        pg.execute("postgres", stmt).await;
+    }
+    // The reload is asynchronous: wait until a new session sees it.
+    for _ in 0..100 {
+        let rows = pg
+            .client("postgres")
+            .await
+            .query("SHOW synchronized_standby_slots", &[])
+            .await
+            .unwrap();
+        if rows[0].get::<_, String>(0) == "standby_gone" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, out, err) = crate::cli::run(
+        &["check"],
+        &world.config(),
+        &[("WALNATS_POSTGRES_SLOT_FAILOVER", "true")],
+    );
+    assert!(
+        out.contains("synchronized_standby_slots = \"standby_gone\""),
+        "{out}{err}"
+    );
+    assert!(
+        out.contains("[warn] synchronized_standby_slots names physical slot \"standby_gone\", which is inactive"),
+        "{out}{err}"
+    );
 }
