@@ -192,11 +192,22 @@ impl PgPair {
                     .unwrap();
             }
             tries += 1;
-            assert!(
-                Instant::now() < deadline,
-                "slot {slot} is not synced on the standby:\n{}",
-                self.standby.log_tail()
-            );
+            if Instant::now() >= deadline {
+                let row = "SELECT concat_ws(' ', slot_name, synced, temporary, invalidation_reason, \
+                           restart_lsn, confirmed_flush_lsn, catalog_xmin) FROM pg_replication_slots";
+                let show = |rows: Vec<tokio_postgres::Row>| {
+                    rows.iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                let on_standby = show(standby.query(row, &[]).await.unwrap_or_default());
+                let on_primary = show(primary.query(row, &[]).await.unwrap_or_default());
+                panic!(
+                    "slot {slot} is not synced on the standby\nstandby's slots:\n{on_standby}\nprimary's:\n{on_primary}\nstandby log:\n{}",
+                    self.standby.log_tail()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
