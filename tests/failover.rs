@@ -191,7 +191,22 @@ fn with_postgres_key(config: &str, line: &str) -> String {
 /// table), each once, in commit order, and the contract's order and
 /// uniqueness hold for every message.
 fn assert_stream_is(msgs: &[Msg], truth: &[i64]) {
-    assert_exactly_once_in_order(msgs);
+    // Re-read rows (`read`) have an order of their own; ids stay unique.
+    let mut ids = BTreeSet::new();
+    for m in msgs {
+        assert!(
+            ids.insert(m.header("Nats-Msg-Id")),
+            "duplicate message {} at stream seq {}",
+            m.header("Nats-Msg-Id"),
+            m.seq
+        );
+    }
+    let changes: Vec<Msg> = msgs
+        .iter()
+        .filter(|m| !m.subject.ends_with(".read"))
+        .cloned()
+        .collect();
+    assert_exactly_once_in_order(&changes);
     let streamed = streamed_ids(msgs);
     let have: BTreeSet<i64> = truth.iter().copied().collect();
     let extra: Vec<i64> = streamed
@@ -381,9 +396,13 @@ async fn slot_on(pg: &PgServer, slot: &str) -> (Option<bool>, Option<String>) {
 }
 
 /// Decoding from a hot standby (`postgres.url` the standby,
-/// `postgres.primary_url` the primary) under a write load on the primary,
-/// with the standby restarted once while walnats runs: every committed
-/// row once, in commit order.
+/// `postgres.primary_url` the primary) under a write load on the primary:
+/// walnats makes its slot on the standby (it logs running-xacts records on
+/// the primary meanwhile), `walnats snapshot` re-reads the table (its
+/// watermarks written on the primary, its chunks read on the standby),
+/// and the standby is restarted once while walnats runs: every committed
+/// row once, in commit order, and the re-read holds every row committed
+/// before it was asked for, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
     let pair = PgPair::start(PgVersion::V18).await;
@@ -401,12 +420,21 @@ async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
     );
     create_stream_forgetting_ids(&world).await;
     let mut w = world.spawn_with(&cfg, &[]);
-    wait_streaming_on_standby(&pair, &world, &mut w).await;
+    world.wait_streaming_on(&pair.standby, &mut w).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
     let load = start_numbered_load(world.pg_url(), Arc::clone(&stop), Arc::clone(&acked));
     wait_acked(&acked, None, 0, 150, "the load's first rows").await;
+    // A re-read while decoding from the standby.
+    let requested_at = acked_by(&acked, None);
+    let (code, out, err) = crate::cli::run(&["snapshot", &format!("public.{TABLE}")], &cfg, &[]);
+    assert_eq!(code, 0, "walnats snapshot on a standby:\n{out}{err}");
+    wait_until(Duration::from_secs(60), "the re-read to complete", || {
+        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+        async move { log.contains("snapshot of table complete") }
+    })
+    .await;
     // Down for longer than the stream's duplicate window: a replay walnats
     // re-published would stay in the stream as a copy.
     pair.standby.stop_fast();
@@ -430,29 +458,30 @@ async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
     assert_eq!(acked, truth, "the primary lost an acknowledged row");
     let msgs = settle(&world, &mut w, *truth.last().unwrap()).await;
     assert_stream_is(&msgs, &truth);
+    let read_subject = format!("{PREFIX}.public.{TABLE}.read");
+    let reads: Vec<i64> = msgs
+        .iter()
+        .filter(|m| m.subject == read_subject)
+        .map(|m| m.json()["after"]["id"].as_i64().unwrap())
+        .collect();
+    let read_set: BTreeSet<i64> = reads.iter().copied().collect();
+    assert_eq!(read_set.len(), reads.len(), "a row was read twice");
+    let unread: Vec<i64> = acked[..requested_at]
+        .iter()
+        .filter(|i| !read_set.contains(i))
+        .copied()
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "rows committed before the re-read was asked for and not read: {unread:?}"
+    );
+    let have: BTreeSet<i64> = truth.iter().copied().collect();
+    assert!(
+        read_set.is_subset(&have),
+        "rows read that the table never had"
+    );
     assert!(w.is_running(), "walnats stopped:\n{}", w.output());
     // The slot is the standby's own; the primary has none.
     assert_eq!(slot_on(&pair.primary, &world.slot()).await, (None, None));
     w.sigterm();
-}
-
-/// Waits until walnats holds its slot on the standby and streams. Creating
-/// a slot on a standby waits for the primary's next running-xacts record:
-/// this logs one every second (PostgreSQL does every 15 s).
-async fn wait_streaming_on_standby(pair: &PgPair, world: &World<'_>, w: &mut WalnatsProc) {
-    let primary = pair.primary.client("postgres").await;
-    let poke = tokio::spawn(async move {
-        loop {
-            if primary
-                .batch_execute("SELECT pg_log_standby_snapshot()")
-                .await
-                .is_err()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    world.wait_streaming_on(&pair.standby, w).await;
-    poke.abort();
 }
