@@ -430,11 +430,19 @@ async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
     let requested_at = acked_by(&acked, None);
     let (code, out, err) = crate::cli::run(&["snapshot", &format!("public.{TABLE}")], &cfg, &[]);
     assert_eq!(code, 0, "walnats snapshot on a standby:\n{out}{err}");
-    wait_until(Duration::from_secs(60), "the re-read to complete", || {
-        let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-        async move { log.contains("snapshot of table complete") }
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&world.log)
+        .unwrap_or_default()
+        .contains("snapshot of table complete")
+    {
+        assert!(w.is_running(), "walnats exited:\n{}", w.output());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-read did not complete:\n{}",
+            w.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Down for longer than the stream's duplicate window: a replay walnats
     // re-published would stay in the stream as a copy.
     pair.standby.stop_fast();
