@@ -175,6 +175,9 @@ async fn create_stream_forgetting_ids(world: &World<'_>) {
             subjects: vec![format!("{PREFIX}.>")],
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(1),
+            // As walnats makes it: re-read chunks are atomic batches.
+            allow_atomic_publish: true,
+            allow_direct: true,
             ..Default::default()
         })
         .await
