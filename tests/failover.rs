@@ -475,6 +475,15 @@ async fn decoding_from_a_restarted_standby_loses_and_duplicates_nothing_pg18() {
         .filter(|m| m.subject == read_subject)
         .map(|m| m.json()["after"]["id"].as_i64().unwrap())
         .collect();
+    eprintln!(
+        "{} rows streamed, {} re-read ({requested_at} committed before the request)",
+        truth.len(),
+        reads.len()
+    );
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("resuming")) {
+        eprintln!("walnats: {line}");
+    }
     let read_set: BTreeSet<i64> = reads.iter().copied().collect();
     assert_eq!(read_set.len(), reads.len(), "a row was read twice");
     let unread: Vec<i64> = acked[..requested_at]
