@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod exactly_once;
 mod examples;
+mod failover;
 mod failover_config;
 mod hostile_owner;
 mod house;

@@ -90,7 +90,14 @@ impl<'a> World<'a> {
     /// transactions to end, the slot is already active but has no
     /// consistent point, and a row written then is before the slot).
     pub async fn wait_streaming(&self, w: &mut WalnatsProc) {
-        let client = self.client().await;
+        self.wait_streaming_on(self.pg, w).await;
+    }
+
+    /// As `wait_streaming`, for a slot on `pg`, which holds this world's
+    /// database too (a standby of `self.pg`, or the server promoted in its
+    /// place).
+    pub async fn wait_streaming_on(&self, pg: &PgServer, w: &mut WalnatsProc) {
+        let client = pg.client(&self.db).await;
         let slot = self.slot();
         let mut tries = 0;
         loop {

@@ -13,6 +13,7 @@ pub mod nats;
 pub mod nats_jwt;
 pub mod postgres;
 pub mod process;
+pub mod standby;
 pub mod walnats;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 pub use nats::NatsServer;
 pub use postgres::{PgServer, PgVersion, shared_pg};
+pub use standby::PgPair;
 pub use walnats::WalnatsProc;
 
 /// A port nobody listens on right now, from 20000-32000: below the

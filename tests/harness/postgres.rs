@@ -64,15 +64,11 @@ impl PgServer {
 
     /// `settings` are extra `name=value` server settings.
     pub fn start_with(version: PgVersion, settings: &[&str]) -> PgServer {
-        let bin = version.bin_dir();
-        let dir = super::temp_dir("walnats-pg-");
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let dir = Self::new_dir();
         let data = dir.join("data");
         std::fs::create_dir(&data).unwrap();
         process::chown_to_postgres(&data);
-        process::chown_to_postgres(&dir);
-        let mut initdb = Command::new(bin.join("initdb"));
+        let mut initdb = Self::tool_of(version, "initdb");
         initdb
             .args(["-D"])
             .arg(&data)
@@ -87,19 +83,31 @@ impl PgServer {
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(lib) = version.lib_dir() {
-            initdb.env("LD_LIBRARY_PATH", lib);
-        }
-        process::as_postgres(&mut initdb);
         let out = initdb.output().expect("cannot run initdb");
         assert!(
             out.status.success(),
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        Self::start_on(version, &dir, data, settings)
+    }
+
+    /// A fresh temp dir the postgres OS user may write in (removed when
+    /// the test binary exits).
+    pub fn new_dir() -> PathBuf {
+        let dir = super::temp_dir("walnats-pg-");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        process::chown_to_postgres(&dir);
+        dir
+    }
+
+    /// Starts a server on `data`, a data dir made elsewhere (by initdb or
+    /// pg_basebackup), logging to `dir`/postgres.log, on a free port.
+    pub fn start_on(version: PgVersion, dir: &Path, data: PathBuf, settings: &[&str]) -> PgServer {
         let server = PgServer {
             version,
-            bin,
+            bin: version.bin_dir(),
             log: dir.join("postgres.log"),
             data,
             port: super::free_port(),
@@ -108,6 +116,17 @@ impl PgServer {
         };
         server.launch();
         server
+    }
+
+    /// A PostgreSQL program of `version` (`pg_basebackup`, `pg_ctl`...),
+    /// run as the postgres OS user with the libraries it needs.
+    pub fn tool_of(version: PgVersion, tool: &str) -> Command {
+        let mut cmd = Command::new(version.bin_dir().join(tool));
+        if let Some(lib) = version.lib_dir() {
+            cmd.env("LD_LIBRARY_PATH", lib);
+        }
+        process::as_postgres(&mut cmd);
+        cmd
     }
 
     fn launch(&self) {
@@ -152,9 +171,8 @@ impl PgServer {
         loop {
             let log = std::fs::read(&self.log).unwrap_or_default();
             let fresh = log.get(log_offset as usize..).unwrap_or_default();
-            if String::from_utf8_lossy(fresh)
-                .contains("database system is ready to accept connections")
-            {
+            // A hot standby is "ready to accept read-only connections".
+            if String::from_utf8_lossy(fresh).contains("database system is ready to accept") {
                 return;
             }
             let exited = self
