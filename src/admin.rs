@@ -817,16 +817,22 @@ pub async fn snapshot_request(cfg: &Config, tables: &[String]) -> Result<()> {
     let slot = &cfg.postgres.slot;
     // A standby cannot write the request into the WAL: its primary does,
     // and the standby replays it to the walnats decoding there.
-    let server = standby::probe(sql, &cfg.postgres).await?;
-    let Some(writer) = server.writer(&c.sql) else {
-        return Err(Error::new(
-            Kind::Config,
-            format!(
-                "postgres.url is a hot standby and postgres.primary_url is not set: {}",
-                reread::NO_PRIMARY
-            ),
-        ));
+    let primary = if standby::in_recovery(sql).await? {
+        standby::look(sql, &cfg.postgres).await?;
+        let Some(p) = &cfg.postgres.primary else {
+            return Err(Error::new(
+                Kind::Config,
+                format!(
+                    "postgres.url is a hot standby and postgres.primary_url is not set: {}",
+                    reread::NO_PRIMARY
+                ),
+            ));
+        };
+        Some(standby::connect_primary(sql, p).await?)
+    } else {
+        None
     };
+    let writer = primary.as_ref().unwrap_or(&**sql);
     if setup::slot_state(sql, slot).await?.is_none() {
         return Err(Error::new(
             Kind::Config,
