@@ -199,3 +199,58 @@ async fn a_core_subscriber_of_a_table_subject_gets_only_its_changes(fast_ingest:
     assert_exactly_once_in_order(&held);
     w.sigterm();
 }
+
+/// `walnats snapshot` on a stream made without atomic batches (by an
+/// operator, before walnats): the first re-read chunk is refused, and the
+/// next session turns `allow_atomic` on because a re-read is queued; the
+/// re-read then finishes with every row once (it used to retry forever).
+#[tokio::test]
+async fn a_reread_on_a_stream_without_atomic_batches_turns_them_on() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    world
+        .sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 50) g")
+        .await;
+    let js = world.js().await;
+    js.create_stream(stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec![format!("{PREFIX}.>")],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg = world.config();
+    let mut w = world.spawn_with(&cfg, &[]);
+    world.wait_streaming(&mut w).await;
+    let (code, out, err) = crate::cli::run(&["snapshot", "public.t"], &cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for _ in 0..600 {
+        if w.output().contains("snapshot of table complete") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = w.output();
+    assert!(
+        out.contains("snapshot of table complete"),
+        "the re-read never finished:\n{out}"
+    );
+    let info = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert!(info.config.allow_atomic_publish, "allow_atomic still off");
+    let msgs = world.read_stream().await;
+    let mut reads: Vec<i64> = msgs
+        .iter()
+        .filter(|m| m.header("Cdc-Op") == "read")
+        .map(|m| m.json()["after"]["id"].as_i64().unwrap())
+        .collect();
+    reads.sort_unstable();
+    assert_eq!(reads, (1..=50).collect::<Vec<_>>());
+    w.sigterm();
+}

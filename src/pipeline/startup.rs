@@ -190,8 +190,13 @@ async fn find_start(
     } else if let Some(s) = &existing {
         check_slot_not_ahead(slot, s, &resume.state)?;
     }
-    if resume.state.snapshot.is_some() {
+    if resume.state.snapshot.is_some() || !resume.state.rereads.is_empty() {
+        // A queued `walnats snapshot` re-read publishes atomic batches too:
+        // a stream made without them (or changed while walnats was down)
+        // refuses its first chunk, and this session's successor lands here.
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
+    }
+    if resume.state.snapshot.is_some() {
         resume.state.settle_snapshot(resume.last_seq)?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
