@@ -222,9 +222,9 @@ pub fn validate_slot(s: &SlotState, slot: &str, db: &str) -> Result<()> {
         return Err(Error::new(
             Kind::PgSetup,
             format!(
-                "slot {slot:?} was invalidated (wal_status = lost, max_slot_wal_keep_size exceeded): \
-                 changes are missing and walnats will not recreate it silently; \
-                 run `walnats slot drop --yes` and re-snapshot"
+                "slot {slot:?} was invalidated (wal_status = lost: max_slot_wal_keep_size exceeded, or on a \
+                 standby a recovery conflict, see invalidation_reason in pg_replication_slots): changes are \
+                 missing and walnats will not recreate it silently; run `walnats slot drop --yes` and re-snapshot"
             ),
         ));
     }
