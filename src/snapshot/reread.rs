@@ -249,7 +249,7 @@ pub async fn read_window(
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    let chunk = catalog::read_chunk(sql, plan, after, limit, max_bytes).await?;
+    let chunk = catalog::read_chunk(sql, plan, None, after, limit, max_bytes).await?;
     emit_watermark(sql, &format!("high:{id}")).await?;
     Ok(chunk)
 }
