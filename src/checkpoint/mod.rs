@@ -32,7 +32,7 @@ mod store;
 
 pub use record::{
     Checkpoint, Cursor, PendingChunk, PendingReread, RangeProgress, Reread, RunStart, Shape,
-    SnapshotState, Span, TableProgress, Target,
+    SnapshotProgress, SnapshotState, Span, TableProgress, TableRate, Target,
 };
 pub use resume::{Resume, StoredReader, resume};
 pub use store::{Store, Writer};

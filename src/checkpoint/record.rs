@@ -297,6 +297,96 @@ impl SnapshotState {
     }
 }
 
+/// How far the snapshot is and how fast it goes, as `walnats status`
+/// shows it: computed from the checkpoint, so any process can.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotProgress {
+    pub rows: u64,
+    pub estimate: u64,
+    /// Rows per second since this walnats process started on the snapshot.
+    pub rows_per_second: Option<u64>,
+    /// Seconds left at that rate, from the planner's estimate.
+    pub eta_seconds: Option<u64>,
+    pub tables: Vec<TableRate>,
+}
+
+/// One table's part of [`SnapshotProgress`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableRate {
+    pub schema: String,
+    pub table: String,
+    pub rows: u64,
+    pub estimate: u64,
+    pub done: bool,
+    /// Work units: 1, or its ranges.
+    pub units: usize,
+    pub units_done: usize,
+    /// While it is read: rows per second since its first chunk of this run.
+    pub rows_per_second: Option<u64>,
+    pub eta_seconds: Option<u64>,
+}
+
+/// Rows per second from `since` to `now_ms` with `rows` done now, and the
+/// seconds left to `estimate`; none within the first second.
+fn rate(
+    since: Option<RunStart>,
+    rows: u64,
+    estimate: u64,
+    now_ms: u64,
+) -> (Option<u64>, Option<u64>) {
+    let Some(s) = since else {
+        return (None, None);
+    };
+    let ms = now_ms.saturating_sub(s.at_ms);
+    if ms < 1000 {
+        return (None, None);
+    }
+    let per_s = rows.saturating_sub(s.rows).saturating_mul(1000) / ms;
+    let eta = (per_s > 0).then(|| estimate.saturating_sub(rows).div_ceil(per_s));
+    (Some(per_s), eta)
+}
+
+impl SnapshotState {
+    /// Rows done, estimate, rate and ETA, overall and per table, at
+    /// `now_ms` (milliseconds since the Unix epoch).
+    pub fn progress(&self, now_ms: u64) -> SnapshotProgress {
+        let (rows_per_second, eta_seconds) = rate(self.run, self.rows, self.estimate, now_ms);
+        let tables = self
+            .tables
+            .iter()
+            .map(|t| {
+                let (r, eta) = if t.done {
+                    (None, Some(0))
+                } else {
+                    rate(t.run, t.rows, t.estimate, now_ms)
+                };
+                TableRate {
+                    schema: t.schema.clone(),
+                    table: t.table.clone(),
+                    rows: t.rows,
+                    estimate: t.estimate,
+                    done: t.done,
+                    units: t.ranges.len().max(1),
+                    units_done: if t.ranges.is_empty() {
+                        usize::from(t.done)
+                    } else {
+                        t.ranges.iter().filter(|r| r.done).count()
+                    },
+                    rows_per_second: r,
+                    eta_seconds: eta,
+                }
+            })
+            .collect();
+        SnapshotProgress {
+            rows: self.rows,
+            estimate: self.estimate,
+            rows_per_second,
+            eta_seconds,
+            tables,
+        }
+    }
+}
+
 impl TableProgress {
     /// Where the unit `range` (or the whole table) goes on, unless done.
     pub fn unit_after(&self, range: Option<usize>) -> Option<&Cursor> {
@@ -698,6 +788,37 @@ mod tests {
         let back: Checkpoint =
             serde_json::from_str(&serde_json::to_string(&landed).unwrap()).unwrap();
         assert_eq!(back, landed);
+    }
+
+    #[test]
+    fn progress_gives_each_table_its_rate_and_eta() {
+        let mut cp = four_in_flight(100);
+        let s = cp.snapshot.as_mut().unwrap();
+        s.rows = 3000;
+        s.estimate = 10_000;
+        s.run = Some(RunStart {
+            at_ms: 10_000,
+            rows: 1000,
+        });
+        let t = &mut s.tables[0];
+        t.rows = 3000;
+        t.estimate = 10_000;
+        t.run = Some(RunStart {
+            at_ms: 11_000,
+            rows: 2000,
+        });
+        t.ranges[0].done = true;
+        let p = s.progress(12_000);
+        // 2000 rows in 2 s overall; 1000 rows in 1 s for the table.
+        assert_eq!((p.rows_per_second, p.eta_seconds), (Some(1000), Some(7)));
+        let t = &p.tables[0];
+        assert_eq!((t.rows_per_second, t.eta_seconds), (Some(1000), Some(7)));
+        assert_eq!((t.units, t.units_done, t.done), (2, 1, false));
+        // Within the first second: no rate yet.
+        assert_eq!(s.progress(11_500).tables[0].rows_per_second, None);
+        // Not started in this run: no rate.
+        s.tables[0].run = None;
+        assert_eq!(s.progress(12_000).tables[0].eta_seconds, None);
     }
 
     #[test]
