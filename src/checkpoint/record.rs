@@ -206,6 +206,15 @@ pub struct SnapshotState {
     /// (each batch names where the one before it ends).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub in_flight: Vec<PendingChunk>,
+    /// Chains of chunks that earlier starts announced and found not (yet)
+    /// landed, newest last, all after this same `stream_seq`: a batch sent
+    /// just before a crash can still be stored after the next start read
+    /// the stream's end. It then holds a prefix of one of these chains
+    /// (or of `in_flight`: each chain's first batch names the same
+    /// sequence, so only one chain can start), told apart by batch id.
+    /// Cleared once anything lands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<Vec<PendingChunk>>,
     /// When this process started reading, and the rows done then: the
     /// rate and ETA `walnats status` shows, from any process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,7 +291,17 @@ pub struct PendingChunk {
     pub next_seq: u32,
     /// The `_schema` the batch carries.
     pub schema: Option<(u32, u64)>,
+    /// The batch's `Nats-Batch-Id`, stored with each of its messages:
+    /// which announcement the stream's messages belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
+
+/// Chains of chunks kept as possibly landing late: a start with more
+/// restarts in a row than this, without any chunk landing, forgets the
+/// oldest (seconds have passed: a batch of a dead connection is stored
+/// or dropped by then).
+const LATE_CHAINS: usize = 16;
 
 impl SnapshotState {
     /// The position shared by every read: one byte before the consistent
@@ -518,7 +537,12 @@ impl Checkpoint {
     /// landed (the stream grew by exactly the size of a prefix of them:
     /// the longest such prefix); moves the snapshot state past those. The
     /// announcement is cleared either way: the rest are read again.
-    pub fn settle_snapshot(&mut self, last_seq: u64) -> Result<()> {
+    ///
+    /// `first_batch` is the `Nats-Batch-Id` of the stream's first message
+    /// after the checkpoint: the chain it starts is the one that landed,
+    /// the announcement of this checkpoint's last start or of one before
+    /// it whose batches were stored late (see `SnapshotState::late`).
+    pub fn settle_snapshot(&mut self, last_seq: u64, first_batch: Option<&str>) -> Result<()> {
         let extra = last_seq.saturating_sub(self.stream_seq);
         let Some(snap) = self.snapshot.as_mut() else {
             return Ok(());
@@ -529,10 +553,50 @@ impl Checkpoint {
             .into_iter()
             .chain(std::mem::take(&mut snap.in_flight))
             .collect();
-        let k = landed_prefix(&announced, extra)?;
-        for p in &announced[..k] {
+        let mut late = std::mem::take(&mut snap.late);
+        // Whether `first_batch` is the batch of the chain's first message.
+        let starts = |chain: &[PendingChunk]| {
+            chain
+                .iter()
+                .find(|p| p.messages > 0)
+                .is_some_and(|p| p.batch.is_some() && p.batch.as_deref() == first_batch)
+        };
+        let chain = if extra == 0 || starts(&announced) {
+            announced
+        } else {
+            match late.iter().rposition(|c| starts(c)) {
+                Some(i) => late.swap_remove(i),
+                None => announced,
+            }
+        };
+        let k = landed_prefix(&chain, extra)?;
+        let landed = chain[..k].iter().find(|p| p.messages > 0);
+        if landed.is_some_and(|p| p.batch.is_some()) && !starts(&chain) {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "the stream's messages after the checkpoint are of batch {first_batch:?}, which the checkpoint \
+                     never announced: another client publishes to the stream's subjects; walnats must be its \
+                     only writer"
+                ),
+            ));
+        }
+        for p in &chain[..k] {
             let seq = self.stream_seq + p.messages;
             self.apply_chunk(p, seq);
+        }
+        // What was sent and is not in the stream may still be stored: the
+        // rest of the chain that landed, or, when none did, every chain.
+        let rest = chain[k..].to_vec();
+        let mut keep = if landed.is_some() { Vec::new() } else { late };
+        if rest.iter().any(|p| p.messages > 0) {
+            keep.push(rest);
+        }
+        if keep.len() > LATE_CHAINS {
+            keep.remove(0);
+        }
+        if let Some(snap) = self.snapshot.as_mut() {
+            snap.late = keep;
         }
         Ok(())
     }
@@ -609,6 +673,7 @@ mod tests {
                     rows: messages - 1,
                     next_seq: 9,
                     schema: Some((1, 42)),
+                    batch: None,
                 }),
                 ..Default::default()
             }),
@@ -619,7 +684,7 @@ mod tests {
     #[test]
     fn a_chunk_that_landed_is_applied() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(8).unwrap();
+        cp.settle_snapshot(8, None).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert!(s.tables[0].done);
@@ -632,7 +697,7 @@ mod tests {
     #[test]
     fn a_chunk_that_did_not_land_is_read_again() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(5).unwrap();
+        cp.settle_snapshot(5, None).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert_eq!(s.tables[0].after, Cursor::Start);
@@ -644,9 +709,9 @@ mod tests {
     #[test]
     fn part_of_a_chunk_means_another_writer() {
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(7).is_err());
+        assert!(cp.settle_snapshot(7, None).is_err());
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(9).is_err());
+        assert!(cp.settle_snapshot(9, None).is_err());
     }
 
     /// A table in two key ranges with four chunks announced in publish
@@ -671,6 +736,7 @@ mod tests {
                     },
                     next_seq,
                     schema,
+                    batch: Some(format!("b{next_seq}")),
                 }
             };
         let mut cp = in_progress(stream_seq, 3);
@@ -700,7 +766,8 @@ mod tests {
         let sizes = [0, 11, 21, 26, 33];
         for (k, extra) in sizes.into_iter().enumerate() {
             let mut cp = four_in_flight(100);
-            cp.settle_snapshot(100 + extra).unwrap();
+            let first = (k > 0).then_some("b10");
+            cp.settle_snapshot(100 + extra, first).unwrap();
             assert_eq!(cp.stream_seq, 100 + extra, "prefix {k}");
             let s = cp.snapshot.as_ref().unwrap();
             assert!(s.in_flight.is_empty() && s.pending.is_none());
@@ -734,7 +801,7 @@ mod tests {
     fn a_count_that_is_no_prefix_means_another_writer() {
         for extra in [1, 10, 12, 20, 22, 25, 27, 32, 34, 100] {
             let mut cp = four_in_flight(100);
-            let e = cp.settle_snapshot(100 + extra).unwrap_err();
+            let e = cp.settle_snapshot(100 + extra, Some("b10")).unwrap_err();
             assert_eq!(e.kind(), Kind::Checkpoint);
             assert!(e.to_string().contains("only writer"), "{e}");
             assert!(e.to_string().contains("[11, 10, 5, 7]"), "{e}");
@@ -748,14 +815,60 @@ mod tests {
         // Every row of range 1's first chunk was skipped as oversized.
         snap.in_flight[1].messages = 0;
         snap.in_flight[1].rows = 10;
-        cp.clone().settle_snapshot(100).unwrap();
+        cp.clone().settle_snapshot(100, None).unwrap();
         let mut none = cp.clone();
-        none.settle_snapshot(100).unwrap();
+        none.settle_snapshot(100, None).unwrap();
         assert_eq!(none.snapshot.as_ref().unwrap().rows, 0);
-        cp.settle_snapshot(111).unwrap();
+        cp.settle_snapshot(111, Some("b10")).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert_eq!(s.rows, 20, "the empty chunk after the first landed with it");
         assert_eq!(cp.stream_seq, 111);
+    }
+
+    /// A start found none of its predecessor's batches in the stream, and
+    /// announced its own; then the predecessor's first batch was stored
+    /// late (its connection's bytes were still on their way), so the new
+    /// one could not land. The next start applies the late chain by its
+    /// batch id, not the new announcement of the same size.
+    #[test]
+    fn a_chain_stored_after_the_next_start_is_told_apart_by_batch_id() {
+        let mut cp = four_in_flight(100);
+        cp.settle_snapshot(100, None).unwrap();
+        let s = cp.snapshot.as_mut().unwrap();
+        assert_eq!(s.late.len(), 1, "kept: it may still land");
+        // The new start read range 1 first: a chunk of the same size.
+        let mut n1 = s.late[0][1].clone();
+        n1.messages = 11;
+        n1.rows = 11;
+        n1.batch = Some("n1".into());
+        s.in_flight = vec![n1];
+        let mut late = cp.clone();
+        late.settle_snapshot(111, Some("b10")).unwrap();
+        let s = late.snapshot.as_ref().unwrap();
+        assert_eq!(
+            s.tables[0].ranges[0].after,
+            Cursor::Key {
+                values: vec!["10".into()]
+            },
+            "the late chunk of range 0 landed"
+        );
+        assert_eq!(s.tables[0].ranges[1].after, Cursor::Start, "not n1");
+        assert_eq!(s.late.len(), 1, "the rest of the late chain may still land");
+        assert_eq!(s.late[0].len(), 3);
+        // The new announcement landed: applied as usual.
+        let mut new = cp.clone();
+        new.settle_snapshot(111, Some("n1")).unwrap();
+        let s = new.snapshot.as_ref().unwrap();
+        assert_eq!(
+            s.tables[0].ranges[1].after,
+            Cursor::Key {
+                values: vec!["60".into()]
+            }
+        );
+        assert!(s.late.is_empty(), "no older chain can land after it");
+        // A batch nobody announced.
+        let e = cp.settle_snapshot(111, Some("x")).unwrap_err();
+        assert!(e.to_string().contains("never announced"), "{e}");
     }
 
     #[test]
@@ -769,12 +882,12 @@ mod tests {
             "last":true,"messages":4,"rows":4,"next_seq":8,"schema":null}}}"#;
         let cp: Checkpoint = serde_json::from_str(old).unwrap();
         let mut landed = cp.clone();
-        landed.settle_snapshot(9).unwrap();
+        landed.settle_snapshot(9, None).unwrap();
         let s = landed.snapshot.as_ref().unwrap();
         assert!(s.tables[0].done && s.pending.is_none());
         assert_eq!((s.rows, s.next_seq, landed.stream_seq), (7, 8, 9));
         let mut not = cp.clone();
-        not.settle_snapshot(5).unwrap();
+        not.settle_snapshot(5, None).unwrap();
         let s = not.snapshot.as_ref().unwrap();
         assert_eq!(
             s.tables[0].after,
@@ -783,7 +896,7 @@ mod tests {
             }
         );
         assert!(!s.tables[0].done && s.pending.is_none());
-        assert!(cp.clone().settle_snapshot(7).is_err());
+        assert!(cp.clone().settle_snapshot(7, None).is_err());
         // Written back, it has no `pending` and reads the same.
         let back: Checkpoint =
             serde_json::from_str(&serde_json::to_string(&landed).unwrap()).unwrap();
@@ -901,8 +1014,8 @@ mod tests {
     fn without_an_announced_chunk_the_snapshot_allows_no_extra_message() {
         let mut cp = in_progress(5, 3);
         cp.snapshot.as_mut().unwrap().pending = None;
-        assert!(cp.settle_snapshot(5).is_ok());
-        assert!(cp.settle_snapshot(6).is_err());
+        assert!(cp.settle_snapshot(5, None).is_ok());
+        assert!(cp.settle_snapshot(6, None).is_err());
         let mut cp = rereading(5, 3);
         cp.pending_reread = None;
         assert!(cp.settle_reread(9).is_ok(), "streaming went on");

@@ -128,6 +128,23 @@ async fn refuse_foreign_tail(stream: &Stream, last_seq: u64, src: &encode::Sourc
     ))
 }
 
+/// The `Nats-Batch-Id` of the stream's message at `seq` (the first after
+/// the checkpoint): which announced chain of snapshot chunks landed. `None`
+/// when the message is gone or has none.
+pub async fn batch_id_at(stream: &Stream, seq: u64) -> Result<Option<String>> {
+    let got = stream.get_raw_message(seq).await;
+    let Some(msg) = unless_gone(got, || {
+        format!("cannot read the stream's message at sequence {seq}")
+    })?
+    else {
+        return Ok(None);
+    };
+    Ok(msg
+        .headers
+        .get("Nats-Batch-Id")
+        .map(|v| v.as_str().to_owned()))
+}
+
 /// Reads the checkpoint and the stream's tail and decides where to resume.
 /// `slot_created` is true when this start created the slot: a stream that
 /// holds messages then holds them from an earlier slot. `snapshot_wanted`:

@@ -181,7 +181,13 @@ async fn find_start(
     }
     if resume.state.snapshot.is_some() {
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
-        resume.state.settle_snapshot(resume.last_seq)?;
+        let first = match resume.last_seq > resume.state.stream_seq {
+            true => checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
+            false => None,
+        };
+        resume
+            .state
+            .settle_snapshot(resume.last_seq, first.as_deref())?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
         {

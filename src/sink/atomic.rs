@@ -137,7 +137,8 @@ impl Pipe {
 
     /// Sends `msgs` as one atomic batch that must start right after stream
     /// sequence `expected`, without waiting; returns where it ends.
-    pub(super) async fn send(&mut self, expected: u64, msgs: Vec<OutMsg>) -> Result<u64> {
+    /// `id` must be unique to this batch (at most 64 characters).
+    pub(super) async fn send(&mut self, expected: u64, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
         let n = msgs.len();
         if n == 0 {
             return Ok(expected);
@@ -153,7 +154,7 @@ impl Pipe {
         }
         let token = self.next;
         self.next += 1;
-        let id = batch_id(expected);
+        let id = id.to_owned();
         let mut digits = itoa::Buffer::new();
         let token_text = digits.format(token).to_owned();
         for (i, m) in msgs.into_iter().enumerate() {
@@ -255,6 +256,19 @@ fn too_big(n: usize) -> Error {
         Kind::Publish,
         format!("a batch of {n} messages is over nats-server's limit of {MAX_BATCH}"),
     )
+}
+
+/// A batch id unique to this process and attempt, for [`Pipe::send`]:
+/// `walnats-<nanoseconds at start>-<n>`.
+pub fn unique_batch_id(n: u64) -> String {
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    });
+    format!("walnats-{start}-{}-{n}", std::process::id())
 }
 
 /// Unique per attempt (a retried chunk must not join an abandoned batch);

@@ -234,14 +234,14 @@ impl Publisher {
     /// Returns the stream sequence it ends at; its commit comes from
     /// [`Publisher::batch_landed`], in order. At most
     /// [`atomic::MAX_IN_FLIGHT`] wait.
-    pub async fn send_batch(&mut self, msgs: Vec<OutMsg>) -> Result<u64> {
+    pub async fn send_batch(&mut self, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
         let pipe = match &mut self.batches {
             Some(p) => p,
             None => self
                 .batches
                 .insert(atomic::Pipe::new(self.js.client()).await?),
         };
-        self.last_seq = pipe.send(self.last_seq, msgs).await?;
+        self.last_seq = pipe.send(self.last_seq, id, msgs).await?;
         Ok(self.last_seq)
     }
 

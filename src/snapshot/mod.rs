@@ -56,7 +56,7 @@ use crate::error::{Error, Kind, Result};
 use crate::event::{RelationCache, RelationInfo, outbox};
 use crate::lsn::{Lsn, Position};
 use crate::publish::Outlet;
-use crate::sink::{MAX_BATCH, MAX_BATCHES_IN_FLIGHT};
+use crate::sink::{MAX_BATCH, MAX_BATCHES_IN_FLIGHT, unique_batch_id};
 use crate::source;
 
 /// Rows per re-read chunk: one atomic batch holds at most 1000 messages,
@@ -92,6 +92,9 @@ struct Got {
     range: Option<usize>,
     chunk: catalog::Chunk,
 }
+
+/// Batches this process announced: their ids' numbers.
+static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A chunk encoded and not yet announced.
 type Staged = (PendingChunk, Vec<OutMsg>);
@@ -375,6 +378,9 @@ impl Snapshotter<'_> {
                 rows,
                 next_seq: reads.next_seq,
                 schema: reads.schema,
+                batch: (!reads.msgs.is_empty()).then(|| {
+                    unique_batch_id(BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                }),
             };
             staged.push((pending, reads.msgs));
         }
@@ -398,9 +404,9 @@ impl Snapshotter<'_> {
         self.store.save(cp).await?;
         let t1 = Instant::now();
         let chunks = staged.len();
-        for (_, msgs) in staged.drain(..) {
-            if !msgs.is_empty() {
-                self.out.publisher.send_batch(msgs).await?;
+        for (p, msgs) in staged.drain(..) {
+            if let Some(id) = &p.batch {
+                self.out.publisher.send_batch(id, msgs).await?;
             }
         }
         debug!(
