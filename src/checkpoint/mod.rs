@@ -34,5 +34,5 @@ pub use record::{
     Checkpoint, Cursor, PendingChunk, PendingReread, RangeProgress, Reread, RunStart, Shape,
     SnapshotProgress, SnapshotState, Span, TableProgress, TableRate, Target,
 };
-pub use resume::{Resume, StoredReader, batch_id_at, resume};
+pub use resume::{Resume, StoredReader, batch_id_at, quiet_last_seq, resume};
 pub use store::{Store, Writer};

@@ -304,6 +304,11 @@ pub struct PendingChunk {
 const LATE_CHAINS: usize = 16;
 
 impl SnapshotState {
+    /// Whether chunks were announced that may not be in the stream yet.
+    pub fn announced(&self) -> bool {
+        self.pending.is_some() || !self.in_flight.is_empty() || !self.late.is_empty()
+    }
+
     /// The position shared by every read: one byte before the consistent
     /// point.
     pub fn read_lsn(&self) -> Lsn {

@@ -128,6 +128,38 @@ async fn refuse_foreign_tail(stream: &Stream, last_seq: u64, src: &encode::Sourc
     ))
 }
 
+/// The stream's last sequence once it has not moved for `quiet`: batches a
+/// crashed walnats sent just before it died may still be stored a moment
+/// after a new start first reads the stream (its connection's last bytes
+/// are still on their way), and a new announcement sent meanwhile could
+/// land among them. Called only when a snapshot announcement may be out.
+pub async fn quiet_last_seq(
+    stream: &mut Stream,
+    mut last_seq: u64,
+    quiet: std::time::Duration,
+) -> Result<u64> {
+    let step = std::time::Duration::from_millis(250);
+    let mut still = std::time::Duration::ZERO;
+    while still < quiet {
+        tokio::time::sleep(step).await;
+        let now = stream
+            .info()
+            .await
+            .map_err(|e| {
+                Error::with_source(Kind::NatsConnect, "cannot read the stream's state", e)
+            })?
+            .state
+            .last_sequence;
+        if now == last_seq {
+            still += step;
+        } else {
+            last_seq = now;
+            still = std::time::Duration::ZERO;
+        }
+    }
+    Ok(last_seq)
+}
+
 /// The `Nats-Batch-Id` of the stream's message at `seq` (the first after
 /// the checkpoint): which announced chain of snapshot chunks landed. `None`
 /// when the message is gone or has none.

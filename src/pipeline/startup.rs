@@ -181,6 +181,19 @@ async fn find_start(
     }
     if resume.state.snapshot.is_some() {
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
+        if resume
+            .state
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.announced())
+        {
+            resume.last_seq = checkpoint::quiet_last_seq(
+                &mut st.stream,
+                resume.last_seq,
+                std::time::Duration::from_secs(2),
+            )
+            .await?;
+        }
         let first = match resume.last_seq > resume.state.stream_seq {
             true => checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
             false => None,
