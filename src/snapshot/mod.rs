@@ -625,3 +625,50 @@ impl Progress {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::TupleData;
+
+    fn chunk(n: usize, last: bool) -> catalog::Chunk {
+        catalog::Chunk {
+            rows: (0..n).map(|_| TupleData::from_values(Vec::new())).collect(),
+            keys: (0..n).map(|i| vec![i.to_string()]).collect(),
+            end: Cursor::Key {
+                values: vec![(n - 1).to_string()],
+            },
+            last,
+        }
+    }
+
+    /// A table's first chunk of 1000 rows needs 1001 messages with its
+    /// `_schema`: it goes out as 999 rows (ending at the 999th key) and 1.
+    #[test]
+    fn a_full_chunk_with_its_schema_becomes_two_batches() {
+        let parts = split_for_schema(chunk(1000, true)).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].rows.len(), 999);
+        assert_eq!(
+            parts[0].end,
+            Cursor::Key {
+                values: vec!["998".into()]
+            }
+        );
+        assert!(!parts[0].last);
+        assert_eq!(parts[1].rows.len(), 1);
+        assert_eq!(
+            parts[1].end,
+            Cursor::Key {
+                values: vec!["999".into()]
+            }
+        );
+        assert!(
+            parts[1].last,
+            "the second part ends the unit as the chunk did"
+        );
+        let mut unkeyed = chunk(1000, false);
+        unkeyed.keys = vec![Vec::new(); 1000];
+        assert!(split_for_schema(unkeyed).is_err());
+    }
+}
