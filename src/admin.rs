@@ -563,6 +563,10 @@ pub struct Status {
     host: String,
     slot: SlotStatus,
     checkpoint: Option<Checkpoint>,
+    /// While the initial snapshot runs: rows done, estimate, rate and ETA,
+    /// overall and per table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_progress: Option<crate::checkpoint::SnapshotProgress>,
     stream: Option<StreamStatus>,
     /// `null` when `postgres.url` is a primary.
     standby: Option<StandbyStatus>,
@@ -675,6 +679,10 @@ pub async fn gather_status(cfg: &Config) -> Result<Status> {
                 .and_then(|s| s.restart_lsn)
                 .map(|r| current.bytes_since(r)),
         },
+        snapshot_progress: checkpoint
+            .as_ref()
+            .and_then(|c| c.snapshot.as_ref())
+            .map(|s| s.progress(now_ms())),
         checkpoint,
         stream,
         standby: standby.map(|s| StandbyStatus {
@@ -747,19 +755,34 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         None => say!("checkpoint none"),
     }
     if let Some(snap) = st.checkpoint.as_ref().and_then(|c| c.snapshot.as_ref()) {
-        let current = snap
-            .tables
-            .iter()
-            .find(|t| !t.done)
-            .map(|t| format!(", reading {}.{}", t.schema, t.table))
-            .unwrap_or_default();
+        let p = st
+            .snapshot_progress
+            .clone()
+            .unwrap_or_else(|| snap.progress(now_ms()));
         say!(
-            "snapshot   running: {} of ~{} rows, {} of {} tables done{current}",
-            snap.rows,
-            snap.estimate,
+            "snapshot   running: {} of ~{} rows, {} of {} tables done{}",
+            p.rows,
+            p.estimate,
             snap.tables_done(),
-            snap.tables.len()
+            snap.tables.len(),
+            rate_text(p.rows_per_second, p.eta_seconds)
         );
+        let queued = p.tables.iter().filter(|t| !t.done && t.rows == 0).count();
+        for t in p.tables.iter().filter(|t| !t.done && t.rows > 0) {
+            say!(
+                "snapshot   reading {}.{}: {} of ~{} rows, {} of {} ranges done{}",
+                t.schema,
+                t.table,
+                t.rows,
+                t.estimate,
+                t.units_done,
+                t.units,
+                rate_text(t.rows_per_second, t.eta_seconds)
+            );
+        }
+        if queued > 0 {
+            say!("snapshot   {queued} table(s) not started yet");
+        }
     }
     for (i, r) in st
         .checkpoint
@@ -788,6 +811,22 @@ pub async fn status(cfg: &Config, json: bool) -> Result<()> {
         None => say!("stream     {} (missing)", st.stream_name),
     }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `, 1234 rows/s, about 56 s left`, or nothing before a rate is known.
+fn rate_text(rate: Option<u64>, eta: Option<u64>) -> String {
+    match (rate, eta) {
+        (Some(r), Some(e)) => format!(", {r} rows/s, about {e} s left"),
+        (Some(r), None) => format!(", {r} rows/s"),
+        _ => String::new(),
+    }
 }
 
 /// Drops the slot and the checkpoint; the publication and the stream stay.

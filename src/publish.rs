@@ -104,6 +104,12 @@ impl Outlet {
         self.schemas.before(ev)
     }
 
+    /// Whether the stream has (or will have, from what was handed over)
+    /// `rel`'s column set on `_schema`.
+    pub fn schema_sent(&self, rel: &RelationInfo) -> bool {
+        self.schemas.0.get(&rel.oid.0) == Some(&rel.schema_hash)
+    }
+
     /// Encodes `ev` and applies the oversize policy. `skippable`: the event
     /// has a position of its own that the policy may drop (a change or a
     /// read; not a `_schema` or a BEGIN marker, which others depend on).

@@ -41,7 +41,7 @@ fn key_token(s: &str) -> String {
 }
 
 /// `<stream>.<database>.<slot>`, as `checkpoint::Store` names it.
-fn checkpoint_key(world: &World<'_>) -> String {
+pub(crate) fn checkpoint_key(world: &World<'_>) -> String {
     format!(
         "{}.{}.{}",
         key_token(STREAM),
@@ -52,7 +52,7 @@ fn checkpoint_key(world: &World<'_>) -> String {
 
 /// The world's checkpoint as the KV bucket holds it, byte for byte;
 /// `None` without a bucket or a key.
-async fn checkpoint(world: &World<'_>) -> Option<Vec<u8>> {
+pub(crate) async fn checkpoint(world: &World<'_>) -> Option<Vec<u8>> {
     let js = world.js().await;
     let kv = js.get_key_value(BUCKET).await.ok()?;
     kv.get(checkpoint_key(world))

@@ -198,8 +198,35 @@ pub struct SnapshotState {
     /// The planner's estimate of all rows, for progress reports.
     pub estimate: u64,
     /// A chunk that may be in the stream: the checkpoint is written before
-    /// its batch is published.
+    /// its batch is published. Only in checkpoints from before `in_flight`
+    /// (read on resume, never written).
     pub pending: Option<PendingChunk>,
+    /// The chunks announced before their batches were published, in
+    /// publish order: after `stream_seq` the stream holds a prefix of them
+    /// (each batch names where the one before it ends).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight: Vec<PendingChunk>,
+    /// Chains of chunks that earlier starts announced and found not (yet)
+    /// landed, newest last, all after this same `stream_seq`: a batch sent
+    /// just before a crash can still be stored after the next start read
+    /// the stream's end. It then holds a prefix of one of these chains
+    /// (or of `in_flight`: each chain's first batch names the same
+    /// sequence, so only one chain can start), told apart by batch id.
+    /// Cleared once anything lands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<Vec<PendingChunk>>,
+    /// When this process started reading, and the rows done then: the
+    /// rate and ETA `walnats status` shows, from any process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunStart>,
+}
+
+/// The start of one process's part of the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStart {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub rows: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,15 +234,54 @@ pub struct TableProgress {
     pub oid: u32,
     pub schema: String,
     pub table: String,
+    /// Where the next chunk starts, for a table read as one unit.
     pub after: Cursor,
     pub done: bool,
     pub rows: u64,
     pub estimate: u64,
+    /// A big table read in ranges, each a work unit with its own cursor;
+    /// empty: the table is one unit (`after`). Set once, before any of
+    /// its rows is announced; the table is done when all are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<RangeProgress>,
+    /// When this process published the table's first chunk, and its rows
+    /// done then: its rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunStart>,
+}
+
+/// One range of a big table: a work unit of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeProgress {
+    pub span: Span,
+    /// Where the range's next chunk starts.
+    pub after: Cursor,
+    pub done: bool,
+    pub rows: u64,
+}
+
+/// Which rows a range holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Span {
+    /// Rows whose leading primary key column is above `above` (if any)
+    /// and at most `upto` (if any), as text of the column's type.
+    Key {
+        above: Option<String>,
+        upto: Option<String>,
+    },
+    /// Heap pages from `from` up to, not including, `to` (the table's end
+    /// if none).
+    Page { from: u64, to: Option<u64> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingChunk {
     pub table: usize,
+    /// The range of the table (its index in `ranges`), or none when the
+    /// table is one unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<usize>,
     pub end: Cursor,
     pub last: bool,
     /// Messages in the batch: the stream grows by exactly this many if it
@@ -225,9 +291,24 @@ pub struct PendingChunk {
     pub next_seq: u32,
     /// The `_schema` the batch carries.
     pub schema: Option<(u32, u64)>,
+    /// The batch's `Nats-Batch-Id`, stored with each of its messages:
+    /// which announcement the stream's messages belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
+/// Chains of chunks kept as possibly landing late: a start with more
+/// restarts in a row than this, without any chunk landing, forgets the
+/// oldest (seconds have passed: a batch of a dead connection is stored
+/// or dropped by then).
+const LATE_CHAINS: usize = 16;
+
 impl SnapshotState {
+    /// Whether chunks were announced that may not be in the stream yet.
+    pub fn announced(&self) -> bool {
+        self.pending.is_some() || !self.in_flight.is_empty() || !self.late.is_empty()
+    }
+
     /// The position shared by every read: one byte before the consistent
     /// point.
     pub fn read_lsn(&self) -> Lsn {
@@ -237,6 +318,107 @@ impl SnapshotState {
 
     pub fn tables_done(&self) -> usize {
         self.tables.iter().filter(|t| t.done).count()
+    }
+}
+
+/// How far the snapshot is and how fast it goes, as `walnats status`
+/// shows it: computed from the checkpoint, so any process can.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotProgress {
+    pub rows: u64,
+    pub estimate: u64,
+    /// Rows per second since this walnats process started on the snapshot.
+    pub rows_per_second: Option<u64>,
+    /// Seconds left at that rate, from the planner's estimate.
+    pub eta_seconds: Option<u64>,
+    pub tables: Vec<TableRate>,
+}
+
+/// One table's part of [`SnapshotProgress`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableRate {
+    pub schema: String,
+    pub table: String,
+    pub rows: u64,
+    pub estimate: u64,
+    pub done: bool,
+    /// Work units: 1, or its ranges.
+    pub units: usize,
+    pub units_done: usize,
+    /// While it is read: rows per second since its first chunk of this run.
+    pub rows_per_second: Option<u64>,
+    pub eta_seconds: Option<u64>,
+}
+
+/// Rows per second from `since` to `now_ms` with `rows` done now, and the
+/// seconds left to `estimate`; none within the first second.
+fn rate(
+    since: Option<RunStart>,
+    rows: u64,
+    estimate: u64,
+    now_ms: u64,
+) -> (Option<u64>, Option<u64>) {
+    let Some(s) = since else {
+        return (None, None);
+    };
+    let ms = now_ms.saturating_sub(s.at_ms);
+    if ms < 1000 {
+        return (None, None);
+    }
+    let per_s = rows.saturating_sub(s.rows).saturating_mul(1000) / ms;
+    let eta = (per_s > 0).then(|| estimate.saturating_sub(rows).div_ceil(per_s));
+    (Some(per_s), eta)
+}
+
+impl SnapshotState {
+    /// Rows done, estimate, rate and ETA, overall and per table, at
+    /// `now_ms` (milliseconds since the Unix epoch).
+    pub fn progress(&self, now_ms: u64) -> SnapshotProgress {
+        let (rows_per_second, eta_seconds) = rate(self.run, self.rows, self.estimate, now_ms);
+        let tables = self
+            .tables
+            .iter()
+            .map(|t| {
+                let (r, eta) = if t.done {
+                    (None, Some(0))
+                } else {
+                    rate(t.run, t.rows, t.estimate, now_ms)
+                };
+                TableRate {
+                    schema: t.schema.clone(),
+                    table: t.table.clone(),
+                    rows: t.rows,
+                    estimate: t.estimate,
+                    done: t.done,
+                    units: t.ranges.len().max(1),
+                    units_done: if t.ranges.is_empty() {
+                        usize::from(t.done)
+                    } else {
+                        t.ranges.iter().filter(|r| r.done).count()
+                    },
+                    rows_per_second: r,
+                    eta_seconds: eta,
+                }
+            })
+            .collect();
+        SnapshotProgress {
+            rows: self.rows,
+            estimate: self.estimate,
+            rows_per_second,
+            eta_seconds,
+            tables,
+        }
+    }
+}
+
+impl TableProgress {
+    /// Where the unit `range` (or the whole table) goes on, unless done.
+    pub fn unit_after(&self, range: Option<usize>) -> Option<&Cursor> {
+        match range {
+            None if !self.done => Some(&self.after),
+            Some(r) => self.ranges.get(r).filter(|r| !r.done).map(|r| &r.after),
+            None => None,
+        }
     }
 }
 
@@ -297,14 +479,54 @@ fn landed(announced: u64, extra: u64, more_may_follow: bool) -> Result<bool> {
     }
 }
 
+/// How many of the `announced` chunks (in publish order) landed, given
+/// that the stream holds `extra` messages after the checkpoint's
+/// `stream_seq`: the longest prefix whose messages add up to `extra`
+/// (a chunk of no message lands with the one before it). Batch k+1 names
+/// where batch k ends, so the stream holds a prefix or nothing; any other
+/// count means another client wrote to the stream.
+fn landed_prefix(announced: &[PendingChunk], extra: u64) -> Result<usize> {
+    let mut sum = 0u64;
+    let mut found = (extra == 0).then_some(0);
+    for (i, p) in announced.iter().enumerate() {
+        sum = sum.saturating_add(p.messages);
+        if sum == extra {
+            found = Some(i + 1);
+        } else if sum > extra {
+            break;
+        }
+    }
+    found.ok_or_else(|| {
+        let sizes: Vec<String> = announced.iter().map(|p| p.messages.to_string()).collect();
+        Error::new(
+            Kind::Checkpoint,
+            format!(
+                "the stream holds {extra} message(s) after the checkpoint, which is no prefix of the snapshot \
+                 chunks it announced (of [{}] messages): another client publishes to the stream's subjects; \
+                 walnats must be its only writer",
+                sizes.join(", ")
+            ),
+        )
+    })
+}
+
 impl Checkpoint {
     /// Records an initial-snapshot chunk as in the stream.
     pub fn apply_chunk(&mut self, p: &PendingChunk, stream_seq: u64) {
         if let Some(snap) = self.snapshot.as_mut() {
-            snap.pending = None;
             if let Some(t) = snap.tables.get_mut(p.table) {
-                t.after = p.end.clone();
-                t.done = p.last;
+                match p.range.and_then(|r| t.ranges.get_mut(r)) {
+                    Some(r) => {
+                        r.after = p.end.clone();
+                        r.done = p.last;
+                        r.rows += p.rows;
+                        t.done = t.ranges.iter().all(|r| r.done);
+                    }
+                    None => {
+                        t.after = p.end.clone();
+                        t.done = p.last;
+                    }
+                }
                 t.rows += p.rows;
             }
             snap.rows += p.rows;
@@ -316,19 +538,70 @@ impl Checkpoint {
         }
     }
 
-    /// On resume: whether the snapshot chunk the checkpoint announced
-    /// landed; moves the snapshot state past it if so.
-    pub fn settle_snapshot(&mut self, last_seq: u64) -> Result<()> {
+    /// On resume: which of the snapshot chunks the checkpoint announced
+    /// landed (the stream grew by exactly the size of a prefix of them:
+    /// the longest such prefix); moves the snapshot state past those. The
+    /// announcement is cleared either way: the rest are read again.
+    ///
+    /// `first_batch` is the `Nats-Batch-Id` of the stream's first message
+    /// after the checkpoint: the chain it starts is the one that landed,
+    /// the announcement of this checkpoint's last start or of one before
+    /// it whose batches were stored late (see `SnapshotState::late`).
+    pub fn settle_snapshot(&mut self, last_seq: u64, first_batch: Option<&str>) -> Result<()> {
         let extra = last_seq.saturating_sub(self.stream_seq);
         let Some(snap) = self.snapshot.as_mut() else {
             return Ok(());
         };
-        let pending = snap.pending.take();
-        let announced = pending.as_ref().map_or(0, |p| p.messages);
-        if landed(announced, extra, false)?
-            && let Some(p) = pending
-        {
-            self.apply_chunk(&p, last_seq);
+        let announced: Vec<PendingChunk> = snap
+            .pending
+            .take()
+            .into_iter()
+            .chain(std::mem::take(&mut snap.in_flight))
+            .collect();
+        let mut late = std::mem::take(&mut snap.late);
+        // Whether `first_batch` is the batch of the chain's first message.
+        let starts = |chain: &[PendingChunk]| {
+            chain
+                .iter()
+                .find(|p| p.messages > 0)
+                .is_some_and(|p| p.batch.is_some() && p.batch.as_deref() == first_batch)
+        };
+        let chain = if extra == 0 || starts(&announced) {
+            announced
+        } else {
+            match late.iter().rposition(|c| starts(c)) {
+                Some(i) => late.swap_remove(i),
+                None => announced,
+            }
+        };
+        let k = landed_prefix(&chain, extra)?;
+        let landed = chain[..k].iter().find(|p| p.messages > 0);
+        if landed.is_some_and(|p| p.batch.is_some()) && !starts(&chain) {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "the stream's messages after the checkpoint are of batch {first_batch:?}, which the checkpoint \
+                     never announced: another client publishes to the stream's subjects; walnats must be its \
+                     only writer"
+                ),
+            ));
+        }
+        for p in &chain[..k] {
+            let seq = self.stream_seq + p.messages;
+            self.apply_chunk(p, seq);
+        }
+        // What was sent and is not in the stream may still be stored: the
+        // rest of the chain that landed, or, when none did, every chain.
+        let rest = chain[k..].to_vec();
+        let mut keep = if landed.is_some() { Vec::new() } else { late };
+        if rest.iter().any(|p| p.messages > 0) {
+            keep.push(rest);
+        }
+        if keep.len() > LATE_CHAINS {
+            keep.remove(0);
+        }
+        if let Some(snap) = self.snapshot.as_mut() {
+            snap.late = keep;
         }
         Ok(())
     }
@@ -391,9 +664,12 @@ mod tests {
                     done: false,
                     rows: 0,
                     estimate: 10,
+                    ranges: Vec::new(),
+                    run: None,
                 }],
                 pending: Some(PendingChunk {
                     table: 0,
+                    range: None,
                     end: Cursor::Key {
                         values: vec!["7".into()],
                     },
@@ -402,6 +678,7 @@ mod tests {
                     rows: messages - 1,
                     next_seq: 9,
                     schema: Some((1, 42)),
+                    batch: None,
                 }),
                 ..Default::default()
             }),
@@ -412,7 +689,7 @@ mod tests {
     #[test]
     fn a_chunk_that_landed_is_applied() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(8).unwrap();
+        cp.settle_snapshot(8, None).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert!(s.tables[0].done);
@@ -425,7 +702,7 @@ mod tests {
     #[test]
     fn a_chunk_that_did_not_land_is_read_again() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(5).unwrap();
+        cp.settle_snapshot(5, None).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert_eq!(s.tables[0].after, Cursor::Start);
@@ -437,9 +714,229 @@ mod tests {
     #[test]
     fn part_of_a_chunk_means_another_writer() {
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(7).is_err());
+        assert!(cp.settle_snapshot(7, None).is_err());
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(9).is_err());
+        assert!(cp.settle_snapshot(9, None).is_err());
+    }
+
+    /// A table in two key ranges with four chunks announced in publish
+    /// order: range 0's two chunks (the first with the `_schema`), then
+    /// range 1's two.
+    fn four_in_flight(stream_seq: u64) -> Checkpoint {
+        let key = |k: &str| Cursor::Key {
+            values: vec![k.into()],
+        };
+        let chunk =
+            |range, end: &str, last, messages: u64, next_seq, schema: Option<(u32, u64)>| {
+                PendingChunk {
+                    table: 0,
+                    range: Some(range),
+                    end: key(end),
+                    last,
+                    messages,
+                    rows: if schema.is_some() {
+                        messages - 1
+                    } else {
+                        messages
+                    },
+                    next_seq,
+                    schema,
+                    batch: Some(format!("b{next_seq}")),
+                }
+            };
+        let mut cp = in_progress(stream_seq, 3);
+        let snap = cp.snapshot.as_mut().unwrap();
+        snap.pending = None;
+        let range = |above: Option<&str>, upto: Option<&str>| RangeProgress {
+            span: Span::Key {
+                above: above.map(str::to_owned),
+                upto: upto.map(str::to_owned),
+            },
+            after: Cursor::Start,
+            done: false,
+            rows: 0,
+        };
+        snap.tables[0].ranges = vec![range(None, Some("50")), range(Some("50"), None)];
+        snap.in_flight = vec![
+            chunk(0, "10", false, 11, 10, Some((1, 42))),
+            chunk(1, "60", false, 10, 20, None),
+            chunk(0, "50", true, 5, 25, None),
+            chunk(1, "99", true, 7, 32, None),
+        ];
+        cp
+    }
+
+    #[test]
+    fn every_prefix_of_the_chunks_in_flight_is_applied_in_order() {
+        let sizes = [0, 11, 21, 26, 33];
+        for (k, extra) in sizes.into_iter().enumerate() {
+            let mut cp = four_in_flight(100);
+            let first = (k > 0).then_some("b10");
+            cp.settle_snapshot(100 + extra, first).unwrap();
+            assert_eq!(cp.stream_seq, 100 + extra, "prefix {k}");
+            let s = cp.snapshot.as_ref().unwrap();
+            assert!(s.in_flight.is_empty() && s.pending.is_none());
+            let t = &s.tables[0];
+            let rows = [0, 10, 20, 25, 32][k];
+            assert_eq!((s.rows, t.rows), (rows, rows), "prefix {k}");
+            assert_eq!(s.next_seq, [0, 10, 20, 25, 32][k]);
+            assert_eq!(cp.schemas.contains_key(&1), k >= 1);
+            let after = |r: usize| t.ranges[r].after.clone();
+            let key = |v: &str| Cursor::Key {
+                values: vec![v.into()],
+            };
+            match k {
+                0 => assert_eq!((after(0), after(1)), (Cursor::Start, Cursor::Start)),
+                1 => assert_eq!((after(0), after(1)), (key("10"), Cursor::Start)),
+                2 => assert_eq!((after(0), after(1)), (key("10"), key("60"))),
+                _ => assert_eq!(after(0), key("50")),
+            }
+            assert_eq!(t.ranges[0].done, k >= 3);
+            assert_eq!(t.ranges[1].done, k >= 4);
+            assert_eq!(t.done, k == 4, "a table is done when all its ranges are");
+            assert_eq!(
+                t.after,
+                Cursor::Start,
+                "a table in ranges keeps no cursor of its own"
+            );
+        }
+    }
+
+    #[test]
+    fn a_count_that_is_no_prefix_means_another_writer() {
+        for extra in [1, 10, 12, 20, 22, 25, 27, 32, 34, 100] {
+            let mut cp = four_in_flight(100);
+            let e = cp.settle_snapshot(100 + extra, Some("b10")).unwrap_err();
+            assert_eq!(e.kind(), Kind::Checkpoint);
+            assert!(e.to_string().contains("only writer"), "{e}");
+            assert!(e.to_string().contains("[11, 10, 5, 7]"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_no_message_lands_with_the_one_before_it() {
+        let mut cp = four_in_flight(100);
+        let snap = cp.snapshot.as_mut().unwrap();
+        // Every row of range 1's first chunk was skipped as oversized.
+        snap.in_flight[1].messages = 0;
+        snap.in_flight[1].rows = 10;
+        cp.clone().settle_snapshot(100, None).unwrap();
+        let mut none = cp.clone();
+        none.settle_snapshot(100, None).unwrap();
+        assert_eq!(none.snapshot.as_ref().unwrap().rows, 0);
+        cp.settle_snapshot(111, Some("b10")).unwrap();
+        let s = cp.snapshot.as_ref().unwrap();
+        assert_eq!(s.rows, 20, "the empty chunk after the first landed with it");
+        assert_eq!(cp.stream_seq, 111);
+    }
+
+    /// A start found none of its predecessor's batches in the stream, and
+    /// announced its own; then the predecessor's first batch was stored
+    /// late (its connection's bytes were still on their way), so the new
+    /// one could not land. The next start applies the late chain by its
+    /// batch id, not the new announcement of the same size.
+    #[test]
+    fn a_chain_stored_after_the_next_start_is_told_apart_by_batch_id() {
+        let mut cp = four_in_flight(100);
+        cp.settle_snapshot(100, None).unwrap();
+        let s = cp.snapshot.as_mut().unwrap();
+        assert_eq!(s.late.len(), 1, "kept: it may still land");
+        // The new start read range 1 first: a chunk of the same size.
+        let mut n1 = s.late[0][1].clone();
+        n1.messages = 11;
+        n1.rows = 11;
+        n1.batch = Some("n1".into());
+        s.in_flight = vec![n1];
+        let mut late = cp.clone();
+        late.settle_snapshot(111, Some("b10")).unwrap();
+        let s = late.snapshot.as_ref().unwrap();
+        assert_eq!(
+            s.tables[0].ranges[0].after,
+            Cursor::Key {
+                values: vec!["10".into()]
+            },
+            "the late chunk of range 0 landed"
+        );
+        assert_eq!(s.tables[0].ranges[1].after, Cursor::Start, "not n1");
+        assert_eq!(s.late.len(), 1, "the rest of the late chain may still land");
+        assert_eq!(s.late[0].len(), 3);
+        // The new announcement landed: applied as usual.
+        let mut new = cp.clone();
+        new.settle_snapshot(111, Some("n1")).unwrap();
+        let s = new.snapshot.as_ref().unwrap();
+        assert_eq!(
+            s.tables[0].ranges[1].after,
+            Cursor::Key {
+                values: vec!["60".into()]
+            }
+        );
+        assert!(s.late.is_empty(), "no older chain can land after it");
+        // A batch nobody announced.
+        let e = cp.settle_snapshot(111, Some("x")).unwrap_err();
+        assert!(e.to_string().contains("never announced"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_chunks_in_flight_settles_its_one_chunk() {
+        // Written by a walnats with one chunk in flight: `pending`, no
+        // `in_flight`, no ranges, no `range` in the chunk.
+        let old = r#"{"version":1,"pos":null,"stream_seq":5,"confirmed":"0/100","schemas":{},
+            "snapshot":{"consistent_point":"0/100","planned":true,"tables":[{"oid":1,"schema":"public",
+            "table":"t","after":{"by":"key","values":["3"]},"done":false,"rows":3,"estimate":10}],
+            "next_seq":4,"rows":3,"estimate":10,"pending":{"table":0,"end":{"by":"key","values":["7"]},
+            "last":true,"messages":4,"rows":4,"next_seq":8,"schema":null}}}"#;
+        let cp: Checkpoint = serde_json::from_str(old).unwrap();
+        let mut landed = cp.clone();
+        landed.settle_snapshot(9, None).unwrap();
+        let s = landed.snapshot.as_ref().unwrap();
+        assert!(s.tables[0].done && s.pending.is_none());
+        assert_eq!((s.rows, s.next_seq, landed.stream_seq), (7, 8, 9));
+        let mut not = cp.clone();
+        not.settle_snapshot(5, None).unwrap();
+        let s = not.snapshot.as_ref().unwrap();
+        assert_eq!(
+            s.tables[0].after,
+            Cursor::Key {
+                values: vec!["3".into()]
+            }
+        );
+        assert!(!s.tables[0].done && s.pending.is_none());
+        assert!(cp.clone().settle_snapshot(7, None).is_err());
+        // Written back, it has no `pending` and reads the same.
+        let back: Checkpoint =
+            serde_json::from_str(&serde_json::to_string(&landed).unwrap()).unwrap();
+        assert_eq!(back, landed);
+    }
+
+    #[test]
+    fn progress_gives_each_table_its_rate_and_eta() {
+        let mut cp = four_in_flight(100);
+        let s = cp.snapshot.as_mut().unwrap();
+        s.rows = 3000;
+        s.estimate = 10_000;
+        s.run = Some(RunStart {
+            at_ms: 10_000,
+            rows: 1000,
+        });
+        let t = &mut s.tables[0];
+        t.rows = 3000;
+        t.estimate = 10_000;
+        t.run = Some(RunStart {
+            at_ms: 11_000,
+            rows: 2000,
+        });
+        t.ranges[0].done = true;
+        let p = s.progress(12_000);
+        // 2000 rows in 2 s overall; 1000 rows in 1 s for the table.
+        assert_eq!((p.rows_per_second, p.eta_seconds), (Some(1000), Some(7)));
+        let t = &p.tables[0];
+        assert_eq!((t.rows_per_second, t.eta_seconds), (Some(1000), Some(7)));
+        assert_eq!((t.units, t.units_done, t.done), (2, 1, false));
+        // Within the first second: no rate yet.
+        assert_eq!(s.progress(11_500).tables[0].rows_per_second, None);
+        // Not started in this run: no rate.
+        s.tables[0].run = None;
+        assert_eq!(s.progress(12_000).tables[0].eta_seconds, None);
     }
 
     #[test]
@@ -522,8 +1019,8 @@ mod tests {
     fn without_an_announced_chunk_the_snapshot_allows_no_extra_message() {
         let mut cp = in_progress(5, 3);
         cp.snapshot.as_mut().unwrap().pending = None;
-        assert!(cp.settle_snapshot(5).is_ok());
-        assert!(cp.settle_snapshot(6).is_err());
+        assert!(cp.settle_snapshot(5, None).is_ok());
+        assert!(cp.settle_snapshot(6, None).is_err());
         let mut cp = rereading(5, 3);
         cp.pending_reread = None;
         assert!(cp.settle_reread(9).is_ok(), "streaming went on");

@@ -128,6 +128,55 @@ async fn refuse_foreign_tail(stream: &Stream, last_seq: u64, src: &encode::Sourc
     ))
 }
 
+/// The stream's last sequence once it has not moved for `quiet`: batches a
+/// crashed walnats sent just before it died may still be stored a moment
+/// after a new start first reads the stream (its connection's last bytes
+/// are still on their way), and a new announcement sent meanwhile could
+/// land among them. Called only when a snapshot announcement may be out.
+pub async fn quiet_last_seq(
+    stream: &mut Stream,
+    mut last_seq: u64,
+    quiet: std::time::Duration,
+) -> Result<u64> {
+    let step = std::time::Duration::from_millis(250);
+    let mut still = std::time::Duration::ZERO;
+    while still < quiet {
+        tokio::time::sleep(step).await;
+        let now = stream
+            .info()
+            .await
+            .map_err(|e| {
+                Error::with_source(Kind::NatsConnect, "cannot read the stream's state", e)
+            })?
+            .state
+            .last_sequence;
+        if now == last_seq {
+            still += step;
+        } else {
+            last_seq = now;
+            still = std::time::Duration::ZERO;
+        }
+    }
+    Ok(last_seq)
+}
+
+/// The `Nats-Batch-Id` of the stream's message at `seq` (the first after
+/// the checkpoint): which announced chain of snapshot chunks landed. `None`
+/// when the message is gone or has none.
+pub async fn batch_id_at(stream: &Stream, seq: u64) -> Result<Option<String>> {
+    let got = stream.get_raw_message(seq).await;
+    let Some(msg) = unless_gone(got, || {
+        format!("cannot read the stream's message at sequence {seq}")
+    })?
+    else {
+        return Ok(None);
+    };
+    Ok(msg
+        .headers
+        .get("Nats-Batch-Id")
+        .map(|v| v.as_str().to_owned()))
+}
+
 /// Reads the checkpoint and the stream's tail and decides where to resume.
 /// `slot_created` is true when this start created the slot: a stream that
 /// holds messages then holds them from an earlier slot. `snapshot_wanted`:

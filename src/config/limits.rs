@@ -68,7 +68,7 @@ impl Limits {
 
 /// `"1GiB"`, `"512MiB"`, `"64KiB"` (powers of 1024), `"10GB"`, `"500MB"`,
 /// `"1kB"` (powers of 1000), `"1048576"` or `"1048576B"` (bytes).
-fn parse_bytes(s: &str) -> Option<u64> {
+pub(super) fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

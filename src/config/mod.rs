@@ -36,7 +36,10 @@ use serde::Deserialize;
 pub use limits::OversizePolicy;
 pub use nats::{FastIngest, NatsAuth, NatsConfig, valid_stream_name, valid_subject_prefix};
 pub use outbox::{OutboxConfig, OutboxSource};
-pub use output::{OutputConfig, OutputFormat, SnapshotMode, publishes_message};
+pub use output::{
+    DEFAULT_CHUNK_BYTES, OutputConfig, OutputFormat, SnapshotMode, SnapshotReading,
+    publishes_message,
+};
 pub use postgres::{
     PgConnectConfig, PgHost, PostgresConfig, ServerState, SslMode, TableSelector,
     TargetSessionAttrs, choose_server,
@@ -71,6 +74,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub nats: NatsConfig,
     pub snapshot: SnapshotMode,
+    /// `[snapshot]` parallelism and chunk size.
+    pub snapshot_reading: SnapshotReading,
     pub output: OutputConfig,
     pub on_oversize: OversizePolicy,
     /// The Object Store bucket for oversized bodies (`on_oversize =
@@ -143,7 +148,7 @@ impl RawConfig {
     fn validate(self) -> Result<Config> {
         let postgres = PostgresConfig::from_raw(self.postgres)?;
         let nats = NatsConfig::from_raw(self.nats)?;
-        let snapshot = SnapshotMode::from_raw(self.snapshot)?;
+        let (snapshot, snapshot_reading) = SnapshotMode::from_raw(self.snapshot)?;
         let output = OutputConfig::from_raw(self.output)?;
         let limits = limits::Limits::from_raw(self.limits)?;
         let http = http::Http::from_raw(self.http)?;
@@ -152,6 +157,7 @@ impl RawConfig {
             postgres,
             nats,
             snapshot,
+            snapshot_reading,
             output,
             on_oversize: limits.on_oversize,
             object_store_bucket: limits.object_store_bucket,

@@ -16,6 +16,9 @@ use crate::error::Result;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSnapshot {
     mode: Option<String>,
+    parallelism: Option<i64>,
+    chunk_rows: Option<i64>,
+    chunk_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,16 +52,91 @@ pub struct OutputConfig {
     pub message_prefixes: Vec<String>,
 }
 
-impl SnapshotMode {
-    pub(super) fn from_raw(raw: RawSnapshot) -> Result<SnapshotMode> {
-        match raw.mode.as_deref().unwrap_or("initial") {
-            "initial" => Ok(SnapshotMode::Initial),
-            "never" => Ok(SnapshotMode::Never),
-            _ => Err(config_err(
-                "snapshot.mode is unknown: use \"initial\" or \"never\"",
-            )),
-        }
+/// How the initial snapshot reads: connections at once and the size of a
+/// chunk (one atomic batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReading {
+    /// Connections reading one exported snapshot at once.
+    pub parallelism: usize,
+    /// Rows per chunk, at most the 1000 messages of an atomic batch.
+    pub chunk_rows: usize,
+    /// Bytes of values per chunk (at least one row).
+    pub chunk_bytes: usize,
+}
+
+/// The most connections `snapshot.parallelism` may ask for.
+pub const MAX_SNAPSHOT_PARALLELISM: i64 = 32;
+
+/// The default `snapshot.chunk_bytes`: with the default parallelism and
+/// the chunks a reader holds, waiting and in flight, wide rows stay well
+/// under walnats' 64 MiB memory target.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+impl SnapshotReading {
+    /// What suits the machine: one reader per core, 2 to 4.
+    pub fn default_parallelism() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 4)
     }
+}
+
+impl SnapshotMode {
+    pub(super) fn from_raw(raw: RawSnapshot) -> Result<(SnapshotMode, SnapshotReading)> {
+        let mode = match raw.mode.as_deref().unwrap_or("initial") {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            _ => {
+                return Err(config_err(
+                    "snapshot.mode is unknown: use \"initial\" or \"never\"",
+                ));
+            }
+        };
+        let parallelism = match raw.parallelism {
+            None => SnapshotReading::default_parallelism(),
+            Some(n) => count(n, 1..=MAX_SNAPSHOT_PARALLELISM, "snapshot.parallelism")?,
+        };
+        let chunk_rows = count(
+            raw.chunk_rows.unwrap_or(1000),
+            1..=1000,
+            "snapshot.chunk_rows",
+        )?;
+        let chunk_bytes = match raw.chunk_bytes.as_deref() {
+            None => DEFAULT_CHUNK_BYTES,
+            Some(text) => super::limits::parse_bytes(text)
+                .filter(|b| (1024..=(256 << 20)).contains(b))
+                .and_then(|b| usize::try_from(b).ok())
+                .ok_or_else(|| {
+                    config_err(
+                        "snapshot.chunk_bytes must be a size from \"1KiB\" to \"256MiB\", like \"1MiB\"",
+                    )
+                })?,
+        };
+        Ok((
+            mode,
+            SnapshotReading {
+                parallelism,
+                chunk_rows,
+                chunk_bytes,
+            },
+        ))
+    }
+}
+
+/// `value` as a count within `range`, or the refusal naming `key`.
+fn count(value: i64, range: std::ops::RangeInclusive<i64>, key: &str) -> Result<usize> {
+    range
+        .contains(&value)
+        .then(|| usize::try_from(value).ok())
+        .flatten()
+        .ok_or_else(|| {
+            config_err(format!(
+                "{key} must be between {} and {}",
+                range.start(),
+                range.end()
+            ))
+        })
 }
 
 impl OutputConfig {
@@ -123,9 +201,28 @@ mod tests {
     #[test]
     fn the_sections_take_their_values_and_defaults() {
         let never = Some("never".to_owned());
+        let (mode, reading) = SnapshotMode::from_raw(RawSnapshot {
+            mode: never,
+            ..RawSnapshot::default()
+        })
+        .unwrap();
+        assert_eq!(mode, SnapshotMode::Never);
+        assert!((2..=4).contains(&reading.parallelism));
+        assert_eq!((reading.chunk_rows, reading.chunk_bytes), (1000, 1 << 20));
+        let (_, reading) = SnapshotMode::from_raw(RawSnapshot {
+            parallelism: Some(8),
+            chunk_rows: Some(1),
+            chunk_bytes: Some("64KiB".to_owned()),
+            ..RawSnapshot::default()
+        })
+        .unwrap();
         assert_eq!(
-            SnapshotMode::from_raw(RawSnapshot { mode: never }).unwrap(),
-            SnapshotMode::Never
+            reading,
+            SnapshotReading {
+                parallelism: 8,
+                chunk_rows: 1,
+                chunk_bytes: 64 << 10
+            }
         );
         let format = Some("debezium".to_owned());
         let c = output(RawOutput {
@@ -148,8 +245,32 @@ mod tests {
     #[test]
     fn section_mistakes_name_the_key_and_the_fix() {
         let mode = Some("sometimes".to_owned());
-        let r = SnapshotMode::from_raw(RawSnapshot { mode });
+        let r = SnapshotMode::from_raw(RawSnapshot {
+            mode,
+            ..RawSnapshot::default()
+        });
         assert_refused(r, "snapshot.mode", "use \"initial\" or \"never\"");
+        for n in [0, 33, -1] {
+            let r = SnapshotMode::from_raw(RawSnapshot {
+                parallelism: Some(n),
+                ..RawSnapshot::default()
+            });
+            assert_refused(r, "snapshot.parallelism", "between 1 and 32");
+        }
+        for n in [0, 1001] {
+            let r = SnapshotMode::from_raw(RawSnapshot {
+                chunk_rows: Some(n),
+                ..RawSnapshot::default()
+            });
+            assert_refused(r, "snapshot.chunk_rows", "between 1 and 1000");
+        }
+        for b in ["1", "1GiB", "lots"] {
+            let r = SnapshotMode::from_raw(RawSnapshot {
+                chunk_bytes: Some(b.to_owned()),
+                ..RawSnapshot::default()
+            });
+            assert_refused(r, "snapshot.chunk_bytes", "\"1KiB\" to \"256MiB\"");
+        }
         let format = Some("avro".to_owned());
         let r = output(RawOutput {
             format,

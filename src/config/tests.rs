@@ -55,6 +55,9 @@ fn env_overrides_file_and_keeps_types() {
             ("WALNATS_LIMITS_OBJECT_STORE_BUCKET", "big_rows"),
             ("WALNATS_POSTGRES_HEARTBEAT_INTERVAL", "0"),
             ("WALNATS_LIMITS_WAL_RETAINED_WARN", "512MiB"),
+            ("WALNATS_SNAPSHOT_PARALLELISM", "4"),
+            ("WALNATS_SNAPSHOT_CHUNK_ROWS", "50"),
+            ("WALNATS_SNAPSHOT_CHUNK_BYTES", "2MiB"),
             ("WALNATS_LOG", "debug"),
             ("WALNATS_PG15_BIN", "/x"),
         ],
@@ -67,6 +70,9 @@ fn env_overrides_file_and_keeps_types() {
     assert_eq!(c.object_store_bucket, "big_rows");
     assert_eq!(c.postgres.heartbeat_interval, None);
     assert_eq!(c.wal_retained_warn, Some(512 << 20));
+    assert_eq!(c.snapshot_reading.parallelism, 4);
+    assert_eq!(c.snapshot_reading.chunk_rows, 50);
+    assert_eq!(c.snapshot_reading.chunk_bytes, 2 << 20);
     assert_eq!(
         c.nats.auth,
         NatsAuth::UserPassword {

@@ -197,7 +197,26 @@ async fn find_start(
         sink::allow_atomic_batches(&c.js, &mut st.stream).await?;
     }
     if resume.state.snapshot.is_some() {
-        resume.state.settle_snapshot(resume.last_seq)?;
+        if resume
+            .state
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.announced())
+        {
+            resume.last_seq = checkpoint::quiet_last_seq(
+                &mut st.stream,
+                resume.last_seq,
+                std::time::Duration::from_secs(2),
+            )
+            .await?;
+        }
+        let first = match resume.last_seq > resume.state.stream_seq {
+            true => checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
+            false => None,
+        };
+        resume
+            .state
+            .settle_snapshot(resume.last_seq, first.as_deref())?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
         {

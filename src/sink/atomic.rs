@@ -3,9 +3,27 @@
 //! Snapshots publish each chunk of rows this way.
 //!
 //! It owns the batch headers and checks the replies to the first message
-//! and to the commit. It waits for the commit, so nothing else may be in
-//! flight meanwhile; it never pipelines and never retries: after a failure
-//! walnats resumes from what the stream holds.
+//! and to the commit. [`publish`] waits for the commit, so nothing else
+//! may be in flight meanwhile (re-reads). [`Pipe`] keeps several batches
+//! in flight (the initial snapshot): each names the end of the one before
+//! it in `Nats-Expected-Last-Sequence`, which nats-server checks at the
+//! commit, so batch k+1 lands only if batch k did and the stream holds a
+//! prefix of what was sent. Neither ever retries: after a failure walnats
+//! resumes from what the stream holds.
+//!
+//! What nats-server (2.12+, `server/stream.go`) does with atomic batches:
+//! a batch is staged by its `Nats-Batch-Id` until its commit, so batches
+//! from one client may interleave; a message before the commit that has a
+//! reply subject is answered with an empty reply once staged (or an
+//! error); the commit is checked (expected last sequence included) and
+//! stored under the stream's lock, in the order the commits arrive; a
+//! stream holds at most 50 open batches (`max_batch_inflight_per_stream`),
+//! each at most 1000 messages, abandoned after 10 s without a commit.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use super::OutMsg;
 use super::publisher::{ApiError, refused};
@@ -26,10 +44,7 @@ pub(super) async fn publish(
         return Ok(expected);
     }
     if n > MAX_BATCH {
-        return Err(Error::new(
-            Kind::Publish,
-            format!("a batch of {n} messages is over nats-server's limit of {MAX_BATCH}"),
-        ));
+        return Err(too_big(n));
     }
     let id = batch_id(expected);
     let mut last = None;
@@ -67,6 +82,193 @@ pub(super) async fn publish(
     }
     let reply = last.ok_or_else(|| Error::new(Kind::Publish, "atomic batch: no commit"))?;
     check_commit(&reply.payload, &id, expected, n)
+}
+
+/// At most this many atomic batches of one [`Pipe`] wait for their commit
+/// (nats-server keeps at most 50 open per stream).
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// How long a batch may wait for its commit's acknowledgement.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Atomic batches in flight: their messages go out at once, and the
+/// replies (to each batch's first message and its commit) come back on one
+/// subscription, `<inbox>.<n>.f` and `<inbox>.<n>.c`, in the order
+/// nats-server handled the messages.
+pub(super) struct Pipe {
+    client: async_nats::Client,
+    sub: async_nats::Subscriber,
+    inbox: String,
+    next: u64,
+    /// Committed batches awaiting their acknowledgement, oldest first.
+    sent: VecDeque<Sent>,
+}
+
+struct Sent {
+    n: u64,
+    id: String,
+    expected: u64,
+    len: usize,
+    at: Instant,
+}
+
+impl Pipe {
+    pub(super) async fn new(client: async_nats::Client) -> Result<Pipe> {
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
+            Error::with_source(
+                Kind::NatsConnect,
+                "cannot subscribe to the reply inbox for atomic batch acknowledgements",
+                e,
+            )
+        })?;
+        Ok(Pipe {
+            client,
+            sub,
+            inbox,
+            next: 1,
+            sent: VecDeque::new(),
+        })
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Sends `msgs` as one atomic batch that must start right after stream
+    /// sequence `expected`, without waiting; returns where it ends.
+    /// `id` must be unique to this batch (at most 64 characters).
+    pub(super) async fn send(&mut self, expected: u64, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
+        let n = msgs.len();
+        if n == 0 {
+            return Ok(expected);
+        }
+        if n > MAX_BATCH {
+            return Err(too_big(n));
+        }
+        if self.sent.len() >= MAX_IN_FLIGHT {
+            return Err(Error::new(
+                Kind::Publish,
+                format!("more than {MAX_IN_FLIGHT} atomic batches in flight"),
+            ));
+        }
+        let token = self.next;
+        self.next += 1;
+        let id = id.to_owned();
+        let mut digits = itoa::Buffer::new();
+        let token_text = digits.format(token).to_owned();
+        for (i, m) in msgs.into_iter().enumerate() {
+            let mut headers = m.headers;
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", itoa::Buffer::new().format(i + 1));
+            if i == 0 {
+                headers.insert(
+                    "Nats-Expected-Last-Sequence",
+                    itoa::Buffer::new().format(expected),
+                );
+            }
+            let commit = i + 1 == n;
+            if commit {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            let reply = if commit {
+                Some(format!("{}.{token_text}.c", self.inbox))
+            } else if i == 0 {
+                // So that a refusal (no atomic batches, too many open)
+                // comes back before the commit's.
+                Some(format!("{}.{token_text}.f", self.inbox))
+            } else {
+                None
+            };
+            let sent = match reply {
+                Some(r) => {
+                    self.client
+                        .publish_with_reply_and_headers(m.subject, r, headers, m.payload)
+                        .await
+                }
+                None => {
+                    self.client
+                        .publish_with_headers(m.subject, headers, m.payload)
+                        .await
+                }
+            };
+            sent.map_err(|e| batch_error("cannot publish", Box::new(e)))?;
+        }
+        self.sent.push_back(Sent {
+            n: token,
+            id,
+            expected,
+            len: n,
+            at: Instant::now(),
+        });
+        Ok(expected + n as u64)
+    }
+
+    /// Waits for the oldest batch's commit; returns the stream sequence of
+    /// its last message. Pending forever when no batch is in flight.
+    /// Cancel-safe: a reply is taken off the subscription only to be
+    /// handled at once.
+    pub(super) async fn next_commit(&mut self) -> Result<u64> {
+        loop {
+            let Some(head) = self.sent.front() else {
+                return std::future::pending().await;
+            };
+            let left = COMMIT_TIMEOUT.saturating_sub(head.at.elapsed());
+            let reply = match tokio::time::timeout(left, self.sub.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(Error::new(
+                        Kind::Publish,
+                        "atomic batch: the reply subscription ended",
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::new(
+                        Kind::Publish,
+                        "JetStream did not acknowledge an atomic batch in time: resuming from the stream",
+                    ));
+                }
+            };
+            let mut parts = reply.subject.as_str().rsplit('.');
+            let (kind, token) = (parts.next(), parts.next());
+            match kind {
+                Some("f") => check_batch_reply(&reply.payload)?,
+                Some("c") if token == Some(itoa::Buffer::new().format(head.n)) => {
+                    check_batch_reply(&reply.payload)?;
+                    let seq = check_commit(&reply.payload, &head.id, head.expected, head.len)?;
+                    self.sent.pop_front();
+                    return Ok(seq);
+                }
+                _ => {
+                    check_batch_reply(&reply.payload)?;
+                    return Err(Error::new(
+                        Kind::Publish,
+                        "atomic batch: a commit was acknowledged out of order: resuming from the stream",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn too_big(n: usize) -> Error {
+    Error::new(
+        Kind::Publish,
+        format!("a batch of {n} messages is over nats-server's limit of {MAX_BATCH}"),
+    )
+}
+
+/// A batch id unique to this process and attempt, for [`Pipe::send`]:
+/// `walnats-<nanoseconds at start>-<n>`.
+pub fn unique_batch_id(n: u64) -> String {
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    });
+    format!("walnats-{start}-{}-{n}", std::process::id())
 }
 
 /// Unique per attempt (a retried chunk must not join an abandoned batch);

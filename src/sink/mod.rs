@@ -21,7 +21,7 @@ pub mod oversize;
 mod publisher;
 mod stream;
 
-pub use atomic::MAX_BATCH;
+pub use atomic::{MAX_BATCH, MAX_IN_FLIGHT as MAX_BATCHES_IN_FLIGHT, unique_batch_id};
 pub use connect::{connect, context};
 pub use fast::FAST_BATCH;
 pub use message::{Claim, MSG_ID, OutMsg};

@@ -33,6 +33,8 @@ pub struct Publisher {
     last_seq: u64,
     max_payload: usize,
     acks: Acks,
+    /// Atomic batches in flight (the initial snapshot), opened at the first.
+    batches: Option<atomic::Pipe>,
 }
 
 type EachAck = Pin<Box<dyn Future<Output = Result<u64>> + Send>>;
@@ -60,6 +62,7 @@ impl Publisher {
             last_seq,
             max_payload,
             acks: Acks::Each(FuturesOrdered::new()),
+            batches: None,
         }
     }
 
@@ -222,6 +225,38 @@ impl Publisher {
     pub async fn publish_batch(&mut self, msgs: Vec<OutMsg>) -> Result<u64> {
         self.last_seq = atomic::publish(&self.js.client(), self.last_seq, msgs).await?;
         Ok(self.last_seq)
+    }
+}
+
+impl Publisher {
+    /// Sends `msgs` as one atomic batch right after the last one sent,
+    /// without waiting for earlier batches: it lands only if they did.
+    /// Returns the stream sequence it ends at; its commit comes from
+    /// [`Publisher::batch_landed`], in order. At most
+    /// [`atomic::MAX_IN_FLIGHT`] wait.
+    pub async fn send_batch(&mut self, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
+        let pipe = match &mut self.batches {
+            Some(p) => p,
+            None => self
+                .batches
+                .insert(atomic::Pipe::new(self.js.client()).await?),
+        };
+        self.last_seq = pipe.send(self.last_seq, id, msgs).await?;
+        Ok(self.last_seq)
+    }
+
+    /// Atomic batches sent and not yet acknowledged.
+    pub fn batches_in_flight(&self) -> usize {
+        self.batches.as_ref().map_or(0, atomic::Pipe::in_flight)
+    }
+
+    /// The oldest sent batch's commit: returns the stream sequence of its
+    /// last message. Pending forever when none is in flight; cancel-safe.
+    pub async fn batch_landed(&mut self) -> Result<u64> {
+        match &mut self.batches {
+            Some(p) => p.next_commit().await,
+            None => std::future::pending().await,
+        }
     }
 }
 

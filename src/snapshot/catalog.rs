@@ -22,7 +22,7 @@
 use futures::StreamExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::checkpoint::Cursor;
+use crate::checkpoint::{Cursor, Span};
 use crate::error::pg_query_err;
 use crate::error::{Error, Kind, Result};
 use crate::pgoutput::{Column, Oid, Relation, ReplicaIdentity, TupleData, TupleValue};
@@ -375,9 +375,97 @@ pub struct Chunk {
 /// tuples fit on an 8 KiB page, so three pages stay under a batch.
 const PAGES_PER_CHUNK: u64 = 3;
 
-/// The SELECT of one chunk, and the page it ends before when the table is
-/// read by heap pages.
-fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String, Option<u64>)> {
+/// Tuples an 8 KiB heap page holds at most.
+const TUPLES_PER_PAGE: u64 = 291;
+
+/// Heap pages per chunk for `limit` rows: 1 to 3.
+fn pages_per_chunk(limit: usize) -> u64 {
+    (limit as u64 / TUPLES_PER_PAGE).clamp(1, PAGES_PER_CHUNK)
+}
+
+/// A table smaller than this many heap pages (4 MiB) is one work unit.
+pub const MIN_RANGE_PAGES: u64 = 512;
+
+/// Heap pages a key sample reads, about.
+const SAMPLE_PAGES: u64 = 64;
+
+/// Where to split a big table into about `n` ranges of its own: by the
+/// leading primary key column, at values sampled from the table
+/// (`TABLESAMPLE SYSTEM` of some 64 pages, sorted with pg_catalog's
+/// operator), or by heap pages for a table read by pages. Empty: read the
+/// table as one unit.
+pub async fn split(sql: &Client, plan: &TablePlan, n: usize) -> Result<Vec<Span>> {
+    if n < 2 || plan.pages < 2 * MIN_RANGE_PAGES {
+        return Ok(Vec::new());
+    }
+    let Some(lead) = plan.pk.first() else {
+        return Ok(page_spans(plan.pages, n));
+    };
+    let pct = (100.0 * SAMPLE_PAGES as f64 / plan.pages as f64).min(100.0);
+    let q = format!(
+        "SELECT {k} FROM {t} TABLESAMPLE SYSTEM ({pct:.6}) ORDER BY {k} USING OPERATOR(pg_catalog.<)",
+        k = lead.name,
+        t = plan.qualified
+    );
+    let msgs = sql.simple_query(&q).await.map_err(|e| read_err(plan, e))?;
+    let sample: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    Ok(key_spans(&sample, n))
+}
+
+/// `n` ranges of heap pages; the last runs to the table's end (pages
+/// added since are read too, as a table read whole would).
+fn page_spans(pages: u64, n: usize) -> Vec<Span> {
+    let n = n as u64;
+    (0..n)
+        .map(|i| Span::Page {
+            from: i * pages / n,
+            to: (i + 1 < n).then(|| (i + 1) * pages / n),
+        })
+        .collect()
+}
+
+/// `n` ranges at the quantiles of a sorted `sample` of the leading key
+/// column (fewer when values repeat); empty when it cannot split.
+fn key_spans(sample: &[String], n: usize) -> Vec<Span> {
+    let mut points: Vec<&String> = (1..n)
+        .filter_map(|i| sample.get(i * sample.len() / n))
+        .collect();
+    points.dedup();
+    if points.is_empty() {
+        return Vec::new();
+    }
+    let mut spans = Vec::with_capacity(points.len() + 1);
+    let mut above = None;
+    for p in points {
+        spans.push(Span::Key {
+            above: above.clone(),
+            upto: Some(p.clone()),
+        });
+        above = Some(p.clone());
+    }
+    spans.push(Span::Key { above, upto: None });
+    spans
+}
+
+/// The page a chunk read by heap pages ends before, and the page its range
+/// ends at (none: the table's end).
+type PageEnd = (u64, Option<u64>);
+
+/// The SELECT of one chunk, and, when the table is read by heap pages, the
+/// page it ends before and the page where its range ends (none: the
+/// table's end).
+fn chunk_query(
+    plan: &TablePlan,
+    span: Option<&Span>,
+    after: &Cursor,
+    limit: usize,
+) -> Result<(String, Option<PageEnd>)> {
     let filter = plan
         .row_filter
         .as_ref()
@@ -408,16 +496,33 @@ fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String
             }
             Cursor::Start => String::new(),
             other => {
-                return Err(Error::new(
-                    Kind::Checkpoint,
-                    format!(
-                        "the snapshot of {} resumes from {other:?}, which does not match its primary key: \
-                         the table's key changed during the snapshot; run `walnats snapshot {}` once streaming",
-                        plan.qualified, plan.qualified
-                    ),
-                ));
+                return Err(not_by_key(plan, &format!("{other:?}")));
             }
         };
+        let lead = plan.pk.first().map(|k| (k.name.as_str(), k.cast.as_str()));
+        let range = match (span, lead) {
+            (None, _) => String::new(),
+            (Some(Span::Key { above, upto }), Some((name, cast))) => {
+                let mut r = String::new();
+                if let Some(a) = above {
+                    r.push_str(&format!(
+                        " AND {name} OPERATOR(pg_catalog.>) {}::{cast}",
+                        literal(a)
+                    ));
+                }
+                if let Some(u) = upto {
+                    r.push_str(&format!(
+                        " AND {name} OPERATOR(pg_catalog.<=) {}::{cast}",
+                        literal(u)
+                    ));
+                }
+                r
+            }
+            (Some(other), _) => {
+                return Err(not_by_key(plan, &format!("the range {other:?}")));
+            }
+        };
+        let from = format!("{from}{range}");
         (
             format!(
                 "SELECT {} FROM {} WHERE {filter}{from} ORDER BY {order} LIMIT {limit}",
@@ -426,9 +531,26 @@ fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String
             None,
         )
     } else {
+        let (from, to) = match span {
+            None => (0, None),
+            Some(Span::Page { from, to }) => (*from, *to),
+            Some(Span::Key { .. }) => {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the snapshot of {} resumes in a range of primary key values, but the table can no \
+                         longer be read by key ({}): run `walnats slot drop --yes` and take a new snapshot",
+                        plan.qualified,
+                        plan.unkeyed
+                            .as_deref()
+                            .unwrap_or("it has no primary key now")
+                    ),
+                ));
+            }
+        };
         let start = match after {
             Cursor::Page { page } => *page,
-            Cursor::Start => 0,
+            Cursor::Start => from,
             Cursor::Key { .. } => {
                 // Read by key before: starting over by page would publish
                 // the rows already read again.
@@ -445,7 +567,10 @@ fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String
                 ));
             }
         };
-        let end = start + PAGES_PER_CHUNK;
+        let mut end = start + pages_per_chunk(limit);
+        if let Some(to) = to {
+            end = end.min(to);
+        }
         (
             format!(
                 "SELECT {} FROM {} WHERE {filter} \
@@ -453,10 +578,21 @@ fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String
                  AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid",
                 plan.select, plan.qualified
             ),
-            Some(end),
+            Some((end, to)),
         )
     };
     Ok((query, page_end))
+}
+
+fn not_by_key(plan: &TablePlan, what: &str) -> Error {
+    Error::new(
+        Kind::Checkpoint,
+        format!(
+            "the snapshot of {} resumes from {what}, which does not match its primary key: \
+             the table's key changed during the snapshot; run `walnats snapshot {}` once streaming",
+            plan.qualified, plan.qualified
+        ),
+    )
 }
 
 /// Reads the rows after `after`: at most `limit` in primary key order (and
@@ -464,12 +600,13 @@ fn chunk_query(plan: &TablePlan, after: &Cursor, limit: usize) -> Result<(String
 pub async fn read_chunk(
     sql: &Client,
     plan: &TablePlan,
+    span: Option<&Span>,
     after: &Cursor,
     limit: usize,
     max_bytes: usize,
 ) -> Result<Chunk> {
     let ncols = plan.relation.columns.len();
-    let (query, page_end) = chunk_query(plan, after, limit)?;
+    let (query, page_end) = chunk_query(plan, span, after, limit)?;
     let stream = sql
         .simple_query_raw(&query)
         .await
@@ -516,7 +653,7 @@ pub async fn read_chunk(
         }
     }
     let (end, last) = match page_end {
-        Some(end) => (Cursor::Page { page: end }, end >= plan.pages),
+        Some((end, to)) => (Cursor::Page { page: end }, end >= to.unwrap_or(plan.pages)),
         None => match keys.last() {
             Some(k) => (
                 Cursor::Key { values: k.clone() },
@@ -601,7 +738,7 @@ mod tests {
         let after = Cursor::Key {
             values: vec!["999".into(), "it's".into()],
         };
-        let (q, end) = chunk_query(&keyed(None), &after, 999).unwrap();
+        let (q, end) = chunk_query(&keyed(None), None, &after, 999).unwrap();
         assert_eq!(
             q,
             "SELECT \"v\" FROM \"evil\".\"t\" WHERE true \
@@ -614,18 +751,113 @@ mod tests {
     #[test]
     fn a_table_read_by_key_cannot_go_on_by_pages() {
         let plan = keyed(Some("its key is of type evil.comp"));
-        let (q, end) = chunk_query(&plan, &Cursor::Page { page: 3 }, 999).unwrap();
+        let (q, end) = chunk_query(&plan, None, &Cursor::Page { page: 3 }, 999).unwrap();
         assert!(
             q.contains("ctid OPERATOR(pg_catalog.>=) '(3,0)'::pg_catalog.tid"),
             "{q}"
         );
-        assert_eq!(end, Some(6));
+        assert_eq!(end, Some((6, None)));
         let after = Cursor::Key {
             values: vec!["1".into()],
         };
-        let e = chunk_query(&plan, &after, 999).unwrap_err();
+        let e = chunk_query(&plan, None, &after, 999).unwrap_err();
         assert_eq!(e.kind(), Kind::Checkpoint);
         assert!(e.to_string().contains("evil.comp"), "{e}");
+    }
+
+    #[test]
+    fn a_key_range_bounds_the_leading_column_in_its_type() {
+        let span = Span::Key {
+            above: Some("100".into()),
+            upto: Some("200".into()),
+        };
+        let after = Cursor::Key {
+            values: vec!["150".into(), "x".into()],
+        };
+        let (q, _) = chunk_query(&keyed(None), Some(&span), &after, 10).unwrap();
+        assert!(
+            q.contains(
+                "AND \"id\" OPERATOR(pg_catalog.>) E'100'::\"pg_catalog\".\"int4\" \
+                 AND \"id\" OPERATOR(pg_catalog.<=) E'200'::\"pg_catalog\".\"int4\" ORDER BY"
+            ),
+            "{q}"
+        );
+        assert!(q.contains("OPERATOR(pg_catalog.>) (E'150'"), "{q}");
+        let open = Span::Key {
+            above: None,
+            upto: None,
+        };
+        let (q, _) = chunk_query(&keyed(None), Some(&open), &Cursor::Start, 10).unwrap();
+        assert!(!q.contains("\"id\" OPERATOR"), "{q}");
+        // A page range of a table read by key (its key became usable) or
+        // a key range of one read by pages is refused, never guessed.
+        let pages = Span::Page { from: 0, to: None };
+        assert!(chunk_query(&keyed(None), Some(&pages), &Cursor::Start, 10).is_err());
+        let e = chunk_query(&keyed(Some("no key")), Some(&span), &Cursor::Start, 10).unwrap_err();
+        assert_eq!(e.kind(), Kind::Checkpoint);
+    }
+
+    #[test]
+    fn a_page_range_starts_at_its_first_page_and_stops_at_its_last() {
+        let plan = keyed(Some("no key"));
+        let span = Span::Page {
+            from: 4,
+            to: Some(6),
+        };
+        let (q, end) = chunk_query(&plan, Some(&span), &Cursor::Start, 1000).unwrap();
+        assert!(q.contains("'(4,0)'") && q.contains("'(6,0)'"), "{q}");
+        assert_eq!(end, Some((6, Some(6))));
+        let (_, end) = chunk_query(&plan, Some(&span), &Cursor::Page { page: 5 }, 1000).unwrap();
+        assert_eq!(end, Some((6, Some(6))));
+        // Fewer rows per chunk, fewer pages.
+        let (_, end) = chunk_query(&plan, None, &Cursor::Start, 100).unwrap();
+        assert_eq!(end, Some((1, None)));
+    }
+
+    #[test]
+    fn a_big_table_splits_at_sampled_keys_into_ranges_that_cover_it_once() {
+        let sample: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+        let spans = key_spans(&sample, 4);
+        let bound = |s: &Span| match s {
+            Span::Key { above, upto } => (above.clone(), upto.clone()),
+            Span::Page { .. } => panic!("a key table split by pages"),
+        };
+        let b: Vec<_> = spans.iter().map(bound).collect();
+        assert_eq!(
+            b,
+            vec![
+                (None, Some("025".into())),
+                (Some("025".into()), Some("050".into())),
+                (Some("050".into()), Some("075".into())),
+                (Some("075".into()), None),
+            ]
+        );
+        // Repeated values: no empty range between equal bounds.
+        let same: Vec<String> = vec!["7".into(); 50];
+        assert_eq!(key_spans(&same, 4).len(), 2);
+        assert!(key_spans(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn page_ranges_cover_the_table_once() {
+        let spans = page_spans(1000, 3);
+        assert_eq!(
+            spans,
+            vec![
+                Span::Page {
+                    from: 0,
+                    to: Some(333)
+                },
+                Span::Page {
+                    from: 333,
+                    to: Some(666)
+                },
+                Span::Page {
+                    from: 666,
+                    to: None
+                },
+            ]
+        );
     }
 
     #[test]

@@ -8,17 +8,29 @@
 //!   so the rows are exactly the state at the slot's consistent point and
 //!   the stream continues from there: nothing lost, nothing doubled at the
 //!   boundary.
-//! - Rows go out in chunks (up to 999 rows by primary key; three heap pages
-//!   for a table without one), each published as one JetStream atomic batch:
-//!   a chunk is wholly in the stream or not at all. Before a batch goes out,
-//!   the checkpoint records it (where it ends, how many messages); on
-//!   restart the stream's last sequence says whether it landed. So a
-//!   `kill -9` at any moment neither republishes a row nor loses one.
+//! - `snapshot.parallelism` connections import that one snapshot and take
+//!   work units from one queue: whole tables, and ranges of big ones (of
+//!   the leading primary key column, split at sampled values; or of heap
+//!   pages for a table read by pages), so that several tables and ranges
+//!   are read at once. Each unit has its own cursor in the checkpoint; a
+//!   table is done when all its units are.
+//! - Rows go out in chunks (up to `snapshot.chunk_rows` rows by primary
+//!   key; up to three heap pages for a table without one), each published
+//!   as one JetStream atomic batch: a chunk is wholly in the stream or not
+//!   at all. Up to eight batches are in flight, each naming where the one
+//!   before it ends, so the stream holds a prefix of what was sent. Before
+//!   a batch goes out, the checkpoint lists it among the chunks in flight
+//!   (in order: where each ends, how many messages); on restart the
+//!   stream's growth past the checkpoint says which prefix landed (any
+//!   other growth is another writer: refused). So a `kill -9` at any
+//!   moment neither republishes a row nor loses one.
 //! - An exported snapshot dies with its connection, so after a restart the
 //!   remaining chunks are read in a new snapshot. Rows that changed in
 //!   between are read at their newer state, and their changes still follow
 //!   in the stream (they committed after the consistent point): a consumer
-//!   that applies events in stream order ends with the table's state.
+//!   that applies events in stream order ends with the table's state. A
+//!   key range is fixed by values of the key, not by where rows are, so
+//!   every key still falls in exactly one range, read once.
 //!
 //! Every read's position is (consistent point − 1, n): every streamed
 //! transaction commits at or after the consistent point, so read message
@@ -28,26 +40,32 @@ pub mod catalog;
 pub mod reread;
 pub mod window;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
-use crate::checkpoint::{Checkpoint, Cursor, PendingChunk, Store, TableProgress};
-use crate::config::{Config, PgConnectConfig};
+use crate::checkpoint::{
+    Checkpoint, Cursor, PendingChunk, RangeProgress, RunStart, Span, Store, TableProgress,
+};
+use crate::config::{Config, PgConnectConfig, SnapshotReading};
+use crate::encode::OutMsg;
 use crate::error::{Error, Kind, Result};
-use crate::event::{RelationCache, outbox};
+use crate::event::{RelationCache, RelationInfo, outbox};
 use crate::lsn::{Lsn, Position};
 use crate::publish::Outlet;
-use crate::sink::MAX_BATCH;
+use crate::sink::{MAX_BATCH, MAX_BATCHES_IN_FLIGHT, unique_batch_id};
 use crate::source;
 
-/// Rows per chunk: one atomic batch holds at most 1000 messages, and a
-/// table's first chunk carries its `_schema` message too.
+/// Rows per re-read chunk: one atomic batch holds at most 1000 messages,
+/// and a table's first chunk carries its `_schema` message too.
 pub const CHUNK_ROWS: usize = MAX_BATCH - 1;
 
-/// Values per chunk, roughly: bounds memory when rows are wide.
-pub const CHUNK_BYTES: usize = 16 << 20;
+/// Ranges per reader at most: more units than readers, so that a reader
+/// done early takes another.
+const RANGES_PER_READER: usize = 4;
 
 /// What the snapshot reads with and publishes through.
 pub struct Snapshotter<'a> {
@@ -59,35 +77,59 @@ pub struct Snapshotter<'a> {
     pub server_version_num: u32,
 }
 
+/// One work unit: a whole table, or one range of a big one.
+struct Unit {
+    table: usize,
+    range: Option<usize>,
+    span: Option<Span>,
+    after: Cursor,
+    plan: Arc<catalog::TablePlan>,
+}
+
+/// A chunk a reader read, and the unit it belongs to.
+struct Got {
+    table: usize,
+    range: Option<usize>,
+    chunk: catalog::Chunk,
+}
+
+/// Batches this process announced: their ids' numbers.
+static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A chunk encoded and not yet announced.
+type Staged = (PendingChunk, Vec<OutMsg>);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Snapshotter<'_> {
     /// Reads every table still to do and publishes its rows; `exported` is
     /// the slot's exported snapshot on the first pass. Leaves
     /// `cp.snapshot` empty when done.
     pub async fn run(&mut self, cp: &mut Checkpoint, exported: Option<&str>) -> Result<()> {
-        let sql = source::connect_sql(self.pg).await?;
-        let begin = match exported {
-            Some(name) => format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-                name.replace('\'', "''")
-            ),
-            None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
-        };
-        sql.batch_execute(&begin)
-            .await
-            .map_err(|e| crate::error::pg_query_err("starting the snapshot transaction", e))?;
+        let reading = self.cfg.snapshot_reading;
+        // Every reader imports the exported snapshot before anything else
+        // happens on the connection that exported it.
+        let mut readers = open_readers(self.pg, exported, reading.parallelism).await?;
         let mut snap = cp.snapshot.take().unwrap_or_default();
         if exported.is_none() && snap.planned {
             info!(
                 tables_done = snap.tables_done(),
                 tables = snap.tables.len(),
                 rows_done = snap.rows,
-                "snapshot resumes in a new transaction: rows changed since the slot's consistent point are read \
+                "snapshot resumes in new transactions: rows changed since the slot's consistent point are read \
                  at their current state, and their changes follow in the stream"
             );
         }
         if !snap.planned {
-            let mut listed =
-                catalog::published_tables(&sql, &self.cfg.postgres.publication).await?;
+            let sql = readers
+                .first()
+                .ok_or_else(|| Error::new(Kind::Config, "snapshot.parallelism is 0"))?;
+            let mut listed = catalog::published_tables(sql, &self.cfg.postgres.publication).await?;
             // An outbox table's rows are events, not state: never read.
             listed.retain(|t| outbox::table_entry(&self.cfg.outbox, &t.schema, &t.table).is_none());
             snap.estimate = listed.iter().map(|t| t.estimate).sum();
@@ -101,90 +143,56 @@ impl Snapshotter<'_> {
                     done: false,
                     rows: 0,
                     estimate: t.estimate,
+                    ranges: Vec::new(),
+                    run: None,
                 })
                 .collect();
             snap.planned = true;
             info!(
                 tables = snap.tables.len(),
                 estimated_rows = snap.estimate,
+                parallelism = reading.parallelism,
                 "snapshot started"
             );
         }
+        snap.run = Some(RunStart {
+            at_ms: now_ms(),
+            rows: snap.rows,
+        });
+        for t in &mut snap.tables {
+            t.run = None;
+        }
         cp.snapshot = Some(snap);
+        cp.stream_seq = self.out.publisher.last_seq();
+        let (units, rels) = match readers.first() {
+            Some(sql) => self.plan_units(cp, sql, reading.parallelism).await?,
+            None => (VecDeque::new(), BTreeMap::new()),
+        };
         self.store.save(cp).await?;
 
         let started = Instant::now();
-        let mut progress = Progress::new(started);
-        // A reader task walks the tables and reads chunk after chunk while
-        // this one publishes: the next chunk is read while the last batch
-        // commits. Two chunks wait at most, so memory stays bounded.
-        let todo: Vec<(usize, TableProgress)> = cp
-            .snapshot
-            .as_ref()
-            .map(|s| {
-                s.tables
-                    .iter()
-                    .cloned()
-                    .enumerate()
-                    .filter(|(_, t)| !t.done)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let reader = tokio::spawn(read_tables(
-            sql,
-            self.cfg.postgres.publication.clone(),
-            self.server_version_num,
-            todo,
-            tx,
-        ));
-        let mut rel = None;
-        while let Some(item) = rx.recv().await {
-            match item? {
-                Read::Table(i, plan) => {
-                    let t = table_of(cp, i)?;
-                    info!(schema = %t.schema, table = %t.table, estimated_rows = t.estimate,
-                        by = if plan.has_primary_key() { "primary key" } else { "heap pages" },
-                        "snapshot of table");
-                    if let Some(why) = &plan.unkeyed {
-                        warn!(schema = %t.schema, table = %t.table,
-                            "snapshot reads the table by heap pages, not by primary key: {why}; \
-                             a restart during its read may then read a row changed meanwhile twice or not at all \
-                             (its change follows in the stream), and `walnats snapshot` cannot re-read it");
-                    }
-                    rel = Some((i, self.cache.update(&plan.relation).await?));
-                }
-                Read::Gone(i) => {
-                    let t = table_of(cp, i)?;
-                    warn!(schema = %t.schema, table = %t.table, "table is gone or no longer published; snapshot skips it");
-                    if let Some(tp) = cp.snapshot.as_mut().and_then(|s| s.tables.get_mut(i)) {
-                        tp.done = true;
-                    }
-                }
-                Read::Chunk(i, chunk) => {
-                    let r = match &rel {
-                        Some((j, r)) if *j == i => Arc::clone(r),
-                        _ => {
-                            return Err(Error::new(
-                                Kind::Protocol,
-                                "snapshot chunk before its table",
-                            ));
-                        }
-                    };
-                    let last = chunk.last;
-                    self.chunk(cp, i, &r, chunk).await?;
-                    progress.tick(cp);
-                    if last {
-                        let t = table_of(cp, i)?;
-                        info!(schema = %t.schema, table = %t.table, rows = t.rows, "snapshot of table complete");
-                    }
-                }
+        // Readers take units from the queue and hand chunks over in a
+        // channel of `parallelism` places: with the chunk each reader is
+        // reading, memory holds about 2 x parallelism chunks read, plus
+        // the chunks being published.
+        let queue = Arc::new(Mutex::new(units));
+        let (tx, rx) = mpsc::channel(reading.parallelism.max(1));
+        let tasks: Vec<_> = readers
+            .drain(..)
+            .map(|sql| tokio::spawn(read_units(sql, Arc::clone(&queue), tx.clone(), reading)))
+            .collect();
+        drop(tx);
+        let published = self.publish_all(cp, rx, &rels).await;
+        for t in tasks {
+            if published.is_err() {
+                t.abort();
+            } else {
+                // Each reader commits (releasing the snapshot) before it ends.
+                t.await
+                    .map_err(|e| Error::new(Kind::Io, format!("snapshot reader failed: {e}")))?;
             }
         }
-        // The reader commits (releasing the snapshot) before it ends.
-        reader
-            .await
-            .map_err(|e| Error::new(Kind::Io, format!("snapshot reader failed: {e}")))?;
+        published?;
         if let Some(s) = cp.snapshot.take() {
             let secs = started.elapsed().as_secs_f64();
             info!(
@@ -198,14 +206,145 @@ impl Snapshotter<'_> {
         Ok(())
     }
 
-    /// Encodes one chunk, announces it in the checkpoint, publishes it as
-    /// one atomic batch and records it.
-    async fn chunk(
+    /// Plans every table still to do (inside the snapshot of `sql`): a
+    /// table that is gone is done; a big one not yet started is split into
+    /// ranges, recorded in the checkpoint before any of its rows can be
+    /// announced. Returns the work units in table order and each table's
+    /// relation.
+    async fn plan_units(
         &mut self,
         cp: &mut Checkpoint,
-        index: usize,
-        rel: &Arc<crate::event::RelationInfo>,
-        chunk: catalog::Chunk,
+        sql: &tokio_postgres::Client,
+        parallelism: usize,
+    ) -> Result<(VecDeque<Unit>, BTreeMap<usize, Arc<RelationInfo>>)> {
+        let mut units = VecDeque::new();
+        let mut rels = BTreeMap::new();
+        let Some(snap) = cp.snapshot.as_mut() else {
+            return Ok((units, rels));
+        };
+        for (i, t) in snap.tables.iter_mut().enumerate() {
+            if t.done {
+                continue;
+            }
+            let plan = match catalog::plan(
+                sql,
+                &self.cfg.postgres.publication,
+                t.oid,
+                self.server_version_num,
+            )
+            .await?
+            {
+                Some(p) => p,
+                None => {
+                    warn!(schema = %t.schema, table = %t.table, "table is gone or no longer published; snapshot skips it");
+                    t.done = true;
+                    continue;
+                }
+            };
+            if let Some(e) = plan.row_security_refusal() {
+                return Err(e);
+            }
+            if let Some(why) = &plan.unkeyed {
+                warn!(schema = %t.schema, table = %t.table,
+                    "snapshot reads the table by heap pages, not by primary key: {why}; \
+                     a restart during its read may then read a row changed meanwhile twice or not at all \
+                     (its change follows in the stream), and `walnats snapshot` cannot re-read it");
+            }
+            rels.insert(i, self.cache.update(&plan.relation).await?);
+            let fresh = t.ranges.is_empty() && t.after == Cursor::Start && t.rows == 0;
+            if fresh && parallelism > 1 {
+                let n = (parallelism * RANGES_PER_READER)
+                    .min(usize::try_from(plan.pages / catalog::MIN_RANGE_PAGES).unwrap_or(1));
+                t.ranges = catalog::split(sql, &plan, n)
+                    .await?
+                    .into_iter()
+                    .map(|span| RangeProgress {
+                        span,
+                        after: Cursor::Start,
+                        done: false,
+                        rows: 0,
+                    })
+                    .collect();
+            }
+            info!(schema = %t.schema, table = %t.table, estimated_rows = t.estimate,
+                by = if plan.has_primary_key() { "primary key" } else { "heap pages" },
+                ranges = t.ranges.len().max(1), "snapshot of table");
+            let plan = Arc::new(plan);
+            if t.ranges.is_empty() {
+                units.push_back(Unit {
+                    table: i,
+                    range: None,
+                    span: None,
+                    after: t.after.clone(),
+                    plan,
+                });
+            } else {
+                for (r, range) in t.ranges.iter().enumerate().filter(|(_, r)| !r.done) {
+                    units.push_back(Unit {
+                        table: i,
+                        range: Some(r),
+                        span: Some(range.span.clone()),
+                        after: range.after.clone(),
+                        plan: Arc::clone(&plan),
+                    });
+                }
+            }
+        }
+        Ok((units, rels))
+    }
+
+    /// Encodes the chunks as they come, announces them in the checkpoint
+    /// (several per save), sends their batches without waiting, and
+    /// records each as it lands, in order.
+    async fn publish_all(
+        &mut self,
+        cp: &mut Checkpoint,
+        mut rx: mpsc::Receiver<Result<Got>>,
+        rels: &BTreeMap<usize, Arc<RelationInfo>>,
+    ) -> Result<()> {
+        let mut next_seq = cp.snapshot.as_ref().map_or(0, |s| s.next_seq);
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut open = true;
+        let mut progress = Progress::new(Instant::now());
+        loop {
+            self.apply_empty_heads(cp);
+            let announced = cp.snapshot.as_ref().map_or(0, |s| s.in_flight.len());
+            let room = MAX_BATCHES_IN_FLIGHT.saturating_sub(announced + staged.len());
+            if !staged.is_empty() && (room == 0 || !open || rx.is_empty()) {
+                self.announce_and_send(cp, &mut staged).await?;
+                continue;
+            }
+            if !open && announced == 0 {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                seq = self.out.publisher.batch_landed(), if self.out.publisher.batches_in_flight() > 0 => {
+                    self.landed(cp, seq?, &mut progress)?;
+                }
+                got = rx.recv(), if open && room > 0 => match got {
+                    None => open = false,
+                    Some(got) => {
+                        let got = got?;
+                        let rel = rels.get(&got.table).ok_or_else(|| {
+                            Error::new(Kind::Protocol, "snapshot chunk of a table not planned")
+                        })?;
+                        self.encode(cp, got, rel, &mut next_seq, &mut staged).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Encodes one chunk as reads; a chunk of 1000 rows whose table's
+    /// `_schema` goes first becomes two, so that no batch is over 1000.
+    async fn encode(
+        &mut self,
+        cp: &Checkpoint,
+        got: Got,
+        rel: &Arc<RelationInfo>,
+        next_seq: &mut u32,
+        staged: &mut Vec<Staged>,
     ) -> Result<()> {
         let snap = cp
             .snapshot
@@ -213,107 +352,235 @@ impl Snapshotter<'_> {
             .ok_or_else(|| Error::new(Kind::Checkpoint, "snapshot state vanished"))?;
         let lsn = snap.read_lsn();
         let cp_lsn = snap.consistent_point.unwrap_or(Lsn::ZERO);
-        let rows = chunk.rows.len() as u64;
-        let reads = self
-            .out
-            .reads(rel, chunk.rows, Position::new(lsn, snap.next_seq), cp_lsn)
-            .await?;
-        let (msgs, schema, seq) = (reads.msgs, reads.schema, reads.next_seq);
-        let pending = PendingChunk {
-            table: index,
-            end: chunk.end,
-            last: chunk.last,
-            messages: msgs.len() as u64,
-            rows,
-            next_seq: seq,
-            schema,
+        let Got {
+            table,
+            range,
+            chunk,
+        } = got;
+        let parts = if !self.out.schema_sent(rel) && chunk.rows.len() >= MAX_BATCH {
+            split_for_schema(chunk)?
+        } else {
+            vec![chunk]
         };
-        let t0 = Instant::now();
-        if !msgs.is_empty() {
-            // Write-ahead: the checkpoint says what this batch is before it
-            // can be in the stream.
-            if let Some(snap) = cp.snapshot.as_mut() {
-                snap.pending = Some(pending.clone());
-            }
-            cp.stream_seq = self.out.publisher.last_seq();
-            self.store.save(cp).await?;
+        for chunk in parts {
+            let rows = chunk.rows.len() as u64;
+            let reads = self
+                .out
+                .reads(rel, chunk.rows, Position::new(lsn, *next_seq), cp_lsn)
+                .await?;
+            *next_seq = reads.next_seq;
+            let pending = PendingChunk {
+                table,
+                range,
+                end: chunk.end,
+                last: chunk.last,
+                messages: reads.msgs.len() as u64,
+                rows,
+                next_seq: reads.next_seq,
+                schema: reads.schema,
+                batch: (!reads.msgs.is_empty()).then(|| {
+                    unique_batch_id(BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                }),
+            };
+            staged.push((pending, reads.msgs));
         }
-        let t1 = Instant::now();
-        let seq = self.out.publisher.publish_batch(msgs).await?;
-        tracing::debug!(
-            rows,
-            checkpoint_us = (t1 - t0).as_micros() as u64,
-            batch_us = t1.elapsed().as_micros() as u64,
-            "snapshot chunk published"
-        );
-        cp.apply_chunk(&pending, seq);
-        metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(rows);
-        metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "table" => format!("{}.{}", rel.schema, rel.table), "op" => "read")
-            .increment(rows);
         Ok(())
+    }
+
+    /// Write-ahead: one checkpoint save lists the staged chunks after those
+    /// in flight, before any of their batches can be in the stream; then
+    /// their batches go out, each right after the one before.
+    async fn announce_and_send(
+        &mut self,
+        cp: &mut Checkpoint,
+        staged: &mut Vec<Staged>,
+    ) -> Result<()> {
+        let snap = cp
+            .snapshot
+            .as_mut()
+            .ok_or_else(|| Error::new(Kind::Checkpoint, "snapshot state vanished"))?;
+        snap.in_flight.extend(staged.iter().map(|(p, _)| p.clone()));
+        let t0 = Instant::now();
+        self.store.save(cp).await?;
+        let t1 = Instant::now();
+        let chunks = staged.len();
+        for (p, msgs) in staged.drain(..) {
+            if let Some(id) = &p.batch {
+                self.out.publisher.send_batch(id, msgs).await?;
+            }
+        }
+        debug!(
+            chunks,
+            in_flight = self.out.publisher.batches_in_flight(),
+            checkpoint_us = (t1 - t0).as_micros() as u64,
+            send_us = t1.elapsed().as_micros() as u64,
+            "snapshot chunks announced and sent"
+        );
+        Ok(())
+    }
+
+    /// Records the oldest chunk in flight as in the stream, ending at
+    /// `seq`.
+    fn landed(&mut self, cp: &mut Checkpoint, seq: u64, progress: &mut Progress) -> Result<()> {
+        self.apply_empty_heads(cp);
+        let head = cp
+            .snapshot
+            .as_mut()
+            .filter(|s| !s.in_flight.is_empty())
+            .map(|s| s.in_flight.remove(0))
+            .ok_or_else(|| {
+                Error::new(
+                    Kind::Publish,
+                    "an atomic batch landed that no chunk announced",
+                )
+            })?;
+        if seq != cp.stream_seq + head.messages {
+            return Err(Error::new(
+                Kind::Publish,
+                format!(
+                    "a snapshot chunk of {} messages after stream sequence {} landed ending at {seq}: resuming \
+                     from the stream",
+                    head.messages, cp.stream_seq
+                ),
+            ));
+        }
+        self.record(cp, &head, seq);
+        progress.tick(cp);
+        Ok(())
+    }
+
+    /// Chunks of no message (every row skipped as oversized) at the head
+    /// of those in flight: in the stream as soon as all before them are.
+    fn apply_empty_heads(&mut self, cp: &mut Checkpoint) {
+        while let Some(head) = cp
+            .snapshot
+            .as_mut()
+            .filter(|s| s.in_flight.first().is_some_and(|p| p.messages == 0))
+            .map(|s| s.in_flight.remove(0))
+        {
+            let seq = cp.stream_seq;
+            self.record(cp, &head, seq);
+        }
+    }
+
+    fn record(&mut self, cp: &mut Checkpoint, p: &PendingChunk, seq: u64) {
+        let before = cp
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.tables.get(p.table))
+            .map(|t| (t.run.is_none(), t.rows));
+        cp.apply_chunk(p, seq);
+        let Some(t) = cp.snapshot.as_mut().and_then(|s| s.tables.get_mut(p.table)) else {
+            return;
+        };
+        if let Some((true, rows)) = before {
+            t.run = Some(RunStart {
+                at_ms: now_ms(),
+                rows,
+            });
+        }
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(p.rows);
+        metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "table" => format!("{}.{}", t.schema, t.table), "op" => "read")
+            .increment(p.rows);
+        if p.last && t.done {
+            info!(schema = %t.schema, table = %t.table, rows = t.rows, "snapshot of table complete");
+        }
     }
 }
 
-fn table_of(cp: &Checkpoint, i: usize) -> Result<TableProgress> {
-    cp.snapshot
-        .as_ref()
-        .and_then(|s| s.tables.get(i))
-        .cloned()
-        .ok_or_else(|| Error::new(Kind::Checkpoint, "snapshot table index out of range"))
+/// A chunk of 1000 rows read by key, as two: 999 rows (room for the
+/// `_schema` message) and the last row.
+fn split_for_schema(mut chunk: catalog::Chunk) -> Result<Vec<catalog::Chunk>> {
+    let cut = MAX_BATCH - 1;
+    let end = match chunk.keys.get(cut - 1) {
+        Some(k) if !k.is_empty() => Cursor::Key { values: k.clone() },
+        _ => {
+            return Err(Error::new(
+                Kind::Protocol,
+                "a snapshot chunk of 1000 rows without a key to split it at",
+            ));
+        }
+    };
+    let rest = catalog::Chunk {
+        rows: chunk.rows.split_off(cut),
+        keys: chunk.keys.split_off(cut),
+        end: chunk.end,
+        last: chunk.last,
+    };
+    let first = catalog::Chunk {
+        rows: chunk.rows,
+        keys: chunk.keys,
+        end,
+        last: false,
+    };
+    Ok(vec![first, rest])
 }
 
-/// What the reader task hands over, in order.
-enum Read {
-    Table(usize, catalog::TablePlan),
-    Gone(usize),
-    Chunk(usize, catalog::Chunk),
+/// `n` connections, each in a REPEATABLE READ READ ONLY transaction that
+/// imports `exported` (or takes its own snapshot after a restart).
+async fn open_readers(
+    pg: &PgConnectConfig,
+    exported: Option<&str>,
+    n: usize,
+) -> Result<Vec<tokio_postgres::Client>> {
+    let begin = match exported {
+        Some(name) => format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            name.replace('\'', "''")
+        ),
+        None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
+    };
+    let opened = (0..n.max(1)).map(|_| async {
+        let sql = source::connect_sql(pg).await?;
+        sql.batch_execute(&begin)
+            .await
+            .map_err(|e| crate::error::pg_query_err("starting the snapshot transaction", e))?;
+        Ok::<_, Error>(sql)
+    });
+    futures::future::try_join_all(opened).await
 }
 
-/// Plans and reads every table in `todo` inside the snapshot transaction
-/// of `sql`, then commits it. Stops early when the receiver is gone.
-async fn read_tables(
+/// One reader: takes units from `queue` until it is empty and reads each
+/// chunk after chunk into `tx`, then commits. Stops early when the
+/// receiver is gone.
+async fn read_units(
     sql: tokio_postgres::Client,
-    publication: String,
-    server_version_num: u32,
-    todo: Vec<(usize, TableProgress)>,
-    tx: tokio::sync::mpsc::Sender<Result<Read>>,
+    queue: Arc<Mutex<VecDeque<Unit>>>,
+    tx: mpsc::Sender<Result<Got>>,
+    reading: SnapshotReading,
 ) {
-    for (i, t) in todo {
-        let plan = match catalog::plan(&sql, &publication, t.oid, server_version_num).await {
-            Ok(Some(p)) => match p.row_security_refusal() {
-                Some(e) => {
+    loop {
+        let unit = match queue.lock() {
+            Ok(mut q) => q.pop_front(),
+            Err(_) => None,
+        };
+        let Some(u) = unit else { break };
+        let mut after = u.after.clone();
+        loop {
+            let read = catalog::read_chunk(
+                &sql,
+                &u.plan,
+                u.span.as_ref(),
+                &after,
+                reading.chunk_rows,
+                reading.chunk_bytes,
+            )
+            .await;
+            let chunk = match read {
+                Ok(c) => c,
+                Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                None => p,
-            },
-            Ok(None) => {
-                if tx.send(Ok(Read::Gone(i))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        };
-        if tx.send(Ok(Read::Table(i, plan.clone()))).await.is_err() {
-            return;
-        }
-        let mut after = t.after.clone();
-        loop {
-            let chunk =
-                match catalog::read_chunk(&sql, &plan, &after, CHUNK_ROWS, CHUNK_BYTES).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
+            };
             let last = chunk.last;
             after = chunk.end.clone();
-            if tx.send(Ok(Read::Chunk(i, chunk))).await.is_err() {
+            let got = Got {
+                table: u.table,
+                range: u.range,
+                chunk,
+            };
+            if tx.send(Ok(got)).await.is_err() {
                 return;
             }
             if last {
@@ -328,6 +595,7 @@ async fn read_tables(
 struct Progress {
     started: Instant,
     last: Instant,
+    rows_at_start: Option<u64>,
 }
 
 impl Progress {
@@ -335,23 +603,72 @@ impl Progress {
         Progress {
             started,
             last: started,
+            rows_at_start: None,
         }
     }
 
     fn tick(&mut self, cp: &Checkpoint) {
+        let Some(s) = &cp.snapshot else { return };
+        let base = *self.rows_at_start.get_or_insert(s.rows);
         if self.last.elapsed() < Duration::from_secs(5) {
             return;
         }
         self.last = Instant::now();
-        let Some(s) = &cp.snapshot else { return };
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         info!(
             rows_done = s.rows,
             estimated_rows = s.estimate,
             tables_done = s.tables_done(),
             tables = s.tables.len(),
-            rows_per_second = (s.rows as f64 / secs) as u64,
+            rows_per_second = (s.rows.saturating_sub(base) as f64 / secs) as u64,
             "snapshot progress"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::TupleData;
+
+    fn chunk(n: usize, last: bool) -> catalog::Chunk {
+        catalog::Chunk {
+            rows: (0..n).map(|_| TupleData::from_values(Vec::new())).collect(),
+            keys: (0..n).map(|i| vec![i.to_string()]).collect(),
+            end: Cursor::Key {
+                values: vec![(n - 1).to_string()],
+            },
+            last,
+        }
+    }
+
+    /// A table's first chunk of 1000 rows needs 1001 messages with its
+    /// `_schema`: it goes out as 999 rows (ending at the 999th key) and 1.
+    #[test]
+    fn a_full_chunk_with_its_schema_becomes_two_batches() {
+        let parts = split_for_schema(chunk(1000, true)).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].rows.len(), 999);
+        assert_eq!(
+            parts[0].end,
+            Cursor::Key {
+                values: vec!["998".into()]
+            }
+        );
+        assert!(!parts[0].last);
+        assert_eq!(parts[1].rows.len(), 1);
+        assert_eq!(
+            parts[1].end,
+            Cursor::Key {
+                values: vec!["999".into()]
+            }
+        );
+        assert!(
+            parts[1].last,
+            "the second part ends the unit as the chunk did"
+        );
+        let mut unkeyed = chunk(1000, false);
+        unkeyed.keys = vec![Vec::new(); 1000];
+        assert!(split_for_schema(unkeyed).is_err());
     }
 }

@@ -255,7 +255,7 @@ pub async fn read_window(
         Marks::Primary(primary) => {
             let low = emit_watermark(primary, &format!("low:{id}")).await?;
             standby::wait_replayed(sql, low).await?;
-            let chunk = catalog::read_chunk(sql, plan, after, limit, max_bytes).await?;
+            let chunk = catalog::read_chunk(sql, plan, None, after, limit, max_bytes).await?;
             emit_watermark(primary, &format!("high:{id}")).await?;
             return Ok(chunk);
         }
@@ -302,7 +302,7 @@ pub async fn read_window(
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    let chunk = catalog::read_chunk(sql, plan, after, limit, max_bytes).await?;
+    let chunk = catalog::read_chunk(sql, plan, None, after, limit, max_bytes).await?;
     emit_watermark(sql, &format!("high:{id}")).await?;
     Ok(chunk)
 }

@@ -235,7 +235,7 @@ impl Windows {
                 &after,
                 &task_id,
                 super::CHUNK_ROWS,
-                super::CHUNK_BYTES,
+                crate::config::DEFAULT_CHUNK_BYTES,
             )
             .await
         });
