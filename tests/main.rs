@@ -25,6 +25,7 @@ mod resume;
 mod secrets;
 mod security;
 mod snapshot;
+mod standby;
 mod streaming;
 mod tail;
 mod wal;

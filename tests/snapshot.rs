@@ -19,7 +19,7 @@ use crate::harness::{PgVersion, WalnatsProc};
 use crate::support::{Rng, STREAM, World, lsn, shared};
 
 /// Table → row key (JSON text) → row (JSON text with sorted keys).
-type Model = BTreeMap<String, BTreeMap<String, String>>;
+pub(crate) type Model = BTreeMap<String, BTreeMap<String, String>>;
 
 fn project(row: &serde_json::Map<String, Value>, names: &[String]) -> String {
     let m: BTreeMap<&str, &Value> = names
@@ -32,7 +32,7 @@ fn project(row: &serde_json::Map<String, Value>, names: &[String]) -> String {
 /// What a consumer that applies every event in stream order ends with;
 /// checks ids are unique and positions increase on the way. Returns the
 /// model and the number of reads.
-async fn rebuild(
+pub(crate) async fn rebuild(
     world: &World<'_>,
     initial: bool,
     trace: Option<String>,
@@ -149,7 +149,7 @@ async fn rebuild(
 }
 
 /// `SELECT *` of each table, keyed like the model.
-async fn truth(world: &World<'_>, tables: &[(&str, &[&str])]) -> Model {
+pub(crate) async fn truth(world: &World<'_>, tables: &[(&str, &[&str])]) -> Model {
     let client = world.client().await;
     let mut out = BTreeMap::new();
     for (table, key) in tables {
@@ -237,7 +237,7 @@ fn snapshot_done(world: &World<'_>) -> bool {
 
 /// Waits (up to 3 minutes) until walnats' log holds `needle` `n` times;
 /// fails at once, with the log, if `w` exits.
-async fn wait_log(world: &World<'_>, w: &mut WalnatsProc, needle: &str, n: usize) {
+pub(crate) async fn wait_log(world: &World<'_>, w: &mut WalnatsProc, needle: &str, n: usize) {
     for _ in 0..1800 {
         if log_count(world, needle) >= n {
             return;
@@ -250,7 +250,7 @@ async fn wait_log(world: &World<'_>, w: &mut WalnatsProc, needle: &str, n: usize
 
 /// Waits until the stream holds the fence row's insert: everything
 /// committed before it is in the stream then.
-async fn wait_fence(world: &World<'_>, w: &mut WalnatsProc, n: i32) {
+pub(crate) async fn wait_fence(world: &World<'_>, w: &mut WalnatsProc, n: i32) {
     world.sql(&format!("INSERT INTO fence VALUES ({n})")).await;
     let js = world.js().await;
     for _ in 0..1800 {
@@ -314,7 +314,7 @@ async fn assert_rebuild_equals_tables(world: &World<'_>, min_reads: u64) {
     assert_model_equals(&model, &truth(world, TABLES).await);
 }
 
-fn assert_model_equals(model: &Model, want: &Model) {
+pub(crate) fn assert_model_equals(model: &Model, want: &Model) {
     for (table, rows) in want {
         let got = model.get(table).cloned().unwrap_or_default();
         if &got != rows {

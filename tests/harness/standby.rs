@@ -132,12 +132,15 @@ impl PgPair {
     }
 
     /// Waits until the standby has replayed everything the primary wrote
-    /// so far (a database or table just created there, say).
+    /// so far (a database or table just created there, say). The insert
+    /// position, not `pg_current_wal_lsn()` (the write position): the test
+    /// servers run with `synchronous_commit = off`, so a commit that just
+    /// returned may not be written yet (the WAL writer writes it soon).
     pub async fn wait_replayed(&self) {
         let primary = self.primary.client("postgres").await;
         let standby = self.standby.client("postgres").await;
         let lsn: String = primary
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
