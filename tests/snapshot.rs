@@ -345,13 +345,23 @@ pub(crate) fn assert_model_equals(model: &Model, want: &Model) {
 /// Several tables, one of a million rows, under concurrent writes; walnats
 /// killed with -9 twice during the snapshot and twice while streaming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
+async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table_at_parallelism_1() {
+    initial_snapshot_survives_kill_9_and_rebuilds_every_table_with("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table_at_parallelism_4() {
+    initial_snapshot_survives_kill_9_and_rebuilds_every_table_with("4").await;
+}
+
+async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table_with(parallelism: &str) {
+    let env = [("WALNATS_SNAPSHOT_PARALLELISM", parallelism)];
     let world = World::new(shared(PgVersion::V15)).await;
     const BIG: i64 = 1_000_000;
     create_tables(&world, BIG).await;
     let mut rng = Rng::from_env();
     let cfg = config(&world);
-    let mut w = world.spawn_with(&cfg, &[]);
+    let mut w = world.spawn_with(&cfg, &env);
     let (stop, txs, churn) = churn_big(&world, BIG);
     // Kill during the snapshot: wait for some progress each time.
     for _ in 0..2 {
@@ -361,7 +371,7 @@ async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
             "the snapshot finished before the kill; make the table bigger"
         );
         w.kill9();
-        w = world.spawn_with(&cfg, &[]);
+        w = world.spawn_with(&cfg, &env);
     }
     wait_log(&world, &mut w, "snapshot complete", 1).await;
     assert!(
@@ -373,7 +383,7 @@ async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(rng.range(300, 1500))).await;
         w.kill9();
-        w = world.spawn_with(&cfg, &[]);
+        w = world.spawn_with(&cfg, &env);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -392,13 +402,23 @@ async fn initial_snapshot_survives_kill_9_and_rebuilds_every_table() {
 /// PostgreSQL 18 (pgoutput v4): the snapshot under concurrent writes, no
 /// faults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_snapshot_on_postgres_18_rebuilds_every_table() {
+async fn initial_snapshot_on_postgres_18_rebuilds_every_table_at_parallelism_1() {
+    initial_snapshot_on_postgres_18_rebuilds_every_table_with("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_on_postgres_18_rebuilds_every_table_at_parallelism_4() {
+    initial_snapshot_on_postgres_18_rebuilds_every_table_with("4").await;
+}
+
+async fn initial_snapshot_on_postgres_18_rebuilds_every_table_with(parallelism: &str) {
+    let env = [("WALNATS_SNAPSHOT_PARALLELISM", parallelism)];
     let world = World::new(shared(PgVersion::V18)).await;
     const BIG: i64 = 30_000;
     create_tables(&world, BIG).await;
     let (stop, txs, churn) = churn_big(&world, BIG);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut w = world.spawn_with(&config(&world), &[]);
+    let mut w = world.spawn_with(&config(&world), &env);
     world.wait_streaming(&mut w).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
@@ -418,7 +438,17 @@ async fn initial_snapshot_on_postgres_18_rebuilds_every_table() {
 /// Publishing one by one (`nats.fast_ingest = "off"`, as on servers before
 /// 2.14); the kill -9 re-read test below publishes in fast batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
+async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables_at_parallelism_1() {
+    on_demand_snapshot_under_pgbench_rebuilds_the_tables_with("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables_at_parallelism_4() {
+    on_demand_snapshot_under_pgbench_rebuilds_the_tables_with("4").await;
+}
+
+async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables_with(parallelism: &str) {
+    let env = [("WALNATS_SNAPSHOT_PARALLELISM", parallelism)];
     let world = World::new(shared(PgVersion::V15)).await;
     let url = world.pg.url(&world.db);
     let pgbench = world.pg.bin("pgbench");
@@ -433,7 +463,7 @@ async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
     );
     world.sql("CREATE TABLE fence (n int PRIMARY KEY)").await;
     let cfg = world.config();
-    let mut w = world.spawn_with(&cfg, &[("WALNATS_NATS_FAST_INGEST", "off")]);
+    let mut w = world.spawn_with(&cfg, &[("WALNATS_NATS_FAST_INGEST", "off"), env[0]]);
     world.wait_streaming(&mut w).await;
     let out = w.output();
     assert!(
@@ -522,15 +552,25 @@ async fn on_demand_snapshot_under_pgbench_rebuilds_the_tables() {
 /// walsender holds the slot yet) waits, and takes the snapshot over when
 /// the active one is killed: still no row twice, none lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
+async fn a_standby_waits_during_the_snapshot_and_takes_it_over_at_parallelism_1() {
+    a_standby_waits_during_the_snapshot_and_takes_it_over_with("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_waits_during_the_snapshot_and_takes_it_over_at_parallelism_4() {
+    a_standby_waits_during_the_snapshot_and_takes_it_over_with("4").await;
+}
+
+async fn a_standby_waits_during_the_snapshot_and_takes_it_over_with(parallelism: &str) {
+    let env = [("WALNATS_SNAPSHOT_PARALLELISM", parallelism)];
     let world = World::new(shared(PgVersion::V15)).await;
     const BIG: i64 = 200_000;
     create_tables(&world, BIG).await;
     let cfg = config(&world);
-    let mut a = world.spawn_with(&cfg, &[]);
+    let mut a = world.spawn_with(&cfg, &env);
     wait_log(&world, &mut a, "snapshot of table", 1).await;
     // Same config, its own HTTP port (none): the standby.
-    let mut b = world.spawn_with(&cfg, &[]);
+    let mut b = world.spawn_with(&cfg, &env);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         !snapshot_done(&world),
@@ -555,12 +595,22 @@ async fn a_standby_waits_during_the_snapshot_and_takes_it_over() {
 /// announced chunk live in the checkpoint, so the re-read goes on after
 /// each restart with no row twice or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_on_demand_snapshot_survives_kill_9() {
+async fn an_on_demand_snapshot_survives_kill_9_at_parallelism_1() {
+    an_on_demand_snapshot_survives_kill_9_with("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_snapshot_survives_kill_9_at_parallelism_4() {
+    an_on_demand_snapshot_survives_kill_9_with("4").await;
+}
+
+async fn an_on_demand_snapshot_survives_kill_9_with(parallelism: &str) {
+    let env = [("WALNATS_SNAPSHOT_PARALLELISM", parallelism)];
     let world = World::new(shared(PgVersion::V15)).await;
     const BIG: i64 = 150_000;
     create_tables(&world, BIG).await;
     let cfg = world.config();
-    let mut w = world.spawn_with(&cfg, &[]);
+    let mut w = world.spawn_with(&cfg, &env);
     world.wait_streaming(&mut w).await;
     let (stop, txs, churn) = churn_big(&world, BIG);
     let (code, out, err) = crate::cli::run(&["snapshot", "public.big"], &cfg, &[]);
@@ -573,7 +623,7 @@ async fn an_on_demand_snapshot_survives_kill_9() {
             "the re-read finished before the kill; make the table bigger"
         );
         w.kill9();
-        w = world.spawn_with(&cfg, &[]);
+        w = world.spawn_with(&cfg, &env);
     }
     wait_log(&world, &mut w, "snapshot of table complete", 1).await;
     stop.store(true, Ordering::Relaxed);
