@@ -51,7 +51,17 @@ pub struct Outlet {
     oversize: Option<OversizeStore>,
     stream: String,
     schemas: SchemasSent,
+    /// The [`CURSOR_HEADER`] of the next message [`Outlet::prepare`]
+    /// encodes (a snapshot read's).
+    cursor: Option<String>,
 }
+
+/// On each message of a snapshot chunk published as a fast-ingest batch:
+/// `<chunk id>` on its `_schema` message, `<chunk id> <key>` on a row's,
+/// the key being a JSON array of its primary key values as PostgreSQL
+/// prints them. A chunk may land in part; on resume, the stream's last
+/// message says whose chunk it is and which row the snapshot goes on after.
+pub const CURSOR_HEADER: &str = "Cdc-Snapshot-Cursor";
 
 /// Relation OID → the column set last handed to the publisher on `_schema`
 /// (the checkpoint's, at the start).
@@ -95,6 +105,7 @@ impl Outlet {
             oversize,
             stream: stream.to_owned(),
             schemas: SchemasSent(schemas),
+            cursor: None,
         }
     }
 
@@ -124,7 +135,10 @@ impl Outlet {
     ) -> Result<Prepared> {
         // Encode first: whether a message is over the limit must be decided
         // the same way when it is replayed.
-        let msg = self.encoder.encode(ev)?;
+        let mut msg = self.encoder.encode(ev)?;
+        if let Some(c) = self.cursor.take() {
+            msg.headers.insert(CURSOR_HEADER, c);
+        }
         let size = Publisher::wire_size(&msg);
         let max = self.publisher.max_payload();
         if size <= max {
@@ -190,17 +204,21 @@ impl Outlet {
 
     /// `rows` of `rel` as reads at positions (`lsn`, `first_seq`…), with
     /// `cdc_lsn` in `Cdc-Lsn`: the snapshot's and a re-read's chunk.
+    ///
+    /// `cursor`: the chunk's id and each row's key, for a chunk published
+    /// as a fast-ingest batch: each message then carries [`CURSOR_HEADER`].
     pub async fn reads(
         &mut self,
         rel: &Arc<RelationInfo>,
         rows: Vec<TupleData>,
         at: Position,
         cdc_lsn: Lsn,
+        cursor: Option<(&str, &[Vec<String>])>,
     ) -> Result<Reads> {
         let mut seq = at.seq;
         let mut msgs = Vec::with_capacity(rows.len() + 1);
         let mut schema = None;
-        for row in rows {
+        for (i, row) in rows.into_iter().enumerate() {
             let ev = Event {
                 pos: Position::new(at.commit_lsn, seq),
                 lsn: cdc_lsn,
@@ -218,9 +236,19 @@ impl Outlet {
             })?;
             if let Some((sev, s)) = self.schema_first(&ev) {
                 schema = Some(s);
+                self.cursor = cursor.map(|(id, _)| id.to_owned());
                 if let Prepared::Send(m) = self.prepare(&sev, false, true).await? {
                     msgs.push(m);
                 }
+            }
+            if let Some((id, keys)) = cursor {
+                let key = keys.get(i).ok_or_else(|| {
+                    Error::new(Kind::Protocol, "internal: a snapshot row without its key")
+                })?;
+                let key = serde_json::to_string(key).map_err(|e| {
+                    Error::new(Kind::Protocol, format!("internal: a key as JSON: {e}"))
+                })?;
+                self.cursor = Some(format!("{id} {key}"));
             }
             if let Prepared::Send(m) = self.prepare(&ev, true, true).await? {
                 msgs.push(m);

@@ -697,3 +697,56 @@ async fn a_kill_with_several_chunks_in_flight_gives_each_row_once() {
     assert_rebuild_equals_tables(&world, BIG as u64).await;
     w.sigterm();
 }
+
+/// Every table keyed, so chunks go out as fast-ingest batches: killed with
+/// -9 while several are in flight, a chunk lands in part (logged by the
+/// next start), and the snapshot goes on after its last row in the stream:
+/// every row once, in order, the table rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_chunk_that_landed_in_part_goes_on_after_its_last_row() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    const BIG: i64 = 300_000;
+    world
+        .sql(&format!(
+            "CREATE TABLE big (id bigint PRIMARY KEY, n int NOT NULL, v text);
+             INSERT INTO big SELECT g, 0, md5(g::text) FROM generate_series(1, {BIG}) g;
+             CREATE TABLE fence (n int PRIMARY KEY);
+             ANALYZE;"
+        ))
+        .await;
+    let mut rng = Rng::from_env();
+    let cfg = config(&world);
+    let env = [
+        ("WALNATS_SNAPSHOT_PARALLELISM", "4"),
+        ("WALNATS_SNAPSHOT_CHUNK_ROWS", "200"),
+    ];
+    let mut w = world.spawn_with(&cfg, &env);
+    wait_log(&world, &mut w, "snapshot of table", 1).await;
+    let part = "a snapshot chunk landed in part";
+    for kill in 1..=12 {
+        tokio::time::sleep(Duration::from_millis(rng.range(300, 900))).await;
+        assert!(
+            !snapshot_done(&world),
+            "the snapshot finished before the kills; make the table bigger"
+        );
+        w.kill9();
+        w = world.spawn_with(&cfg, &env);
+        wait_log(&world, &mut w, "snapshot resumes", kill).await;
+        if log_count(&world, part) >= 2 {
+            break;
+        }
+    }
+    assert!(
+        log_count(&world, part) >= 1,
+        "no kill left a chunk in part in the stream"
+    );
+    wait_log(&world, &mut w, "snapshot complete", 1).await;
+    wait_fence(&world, &mut w, 1).await;
+    let (model, reads, _) = rebuild(&world, true, None).await;
+    assert!(reads >= BIG as u64, "only {reads} reads");
+    assert_model_equals(
+        &model,
+        &truth(&world, &[("big", &["id"]), ("fence", &["n"])]).await,
+    );
+    w.sigterm();
+}

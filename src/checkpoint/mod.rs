@@ -31,8 +31,10 @@ mod resume;
 mod store;
 
 pub use record::{
-    Checkpoint, Cursor, PendingChunk, PendingReread, RangeProgress, Reread, RunStart, Shape,
-    SnapshotProgress, SnapshotState, Span, TableProgress, TableRate, Target,
+    Checkpoint, ChunkTail, Cursor, PendingChunk, PendingReread, RangeProgress, Reread, RunStart,
+    Shape, SnapshotProgress, SnapshotState, Span, TableProgress, TableRate, Target,
 };
-pub use resume::{Resume, StoredReader, batch_id_at, quiet_last_seq, resume};
+pub use resume::{
+    Resume, StoredReader, batch_id_at, batch_of, chunk_tail_at, quiet_last_seq, resume,
+};
 pub use store::{Store, Writer};

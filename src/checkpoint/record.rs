@@ -295,6 +295,11 @@ pub struct PendingChunk {
     /// which announcement the stream's messages belong to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<String>,
+    /// Sent as a fast-ingest batch: a prefix of it may have landed, its
+    /// messages naming their chunk (`batch`) and row in
+    /// `Cdc-Snapshot-Cursor`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fast: bool,
 }
 
 /// Chains of chunks kept as possibly landing late: a start with more
@@ -304,6 +309,30 @@ pub struct PendingChunk {
 const LATE_CHAINS: usize = 16;
 
 impl SnapshotState {
+    /// The stream sequences where each announced chunk (and each chunk of a
+    /// late chain) would end if its chain landed after `stream_seq`, up
+    /// to `last_seq`: what [`Checkpoint::settle_snapshot`] checks.
+    pub fn chunk_ends(&self, stream_seq: u64, last_seq: u64) -> Vec<u64> {
+        let announced: Vec<&PendingChunk> = self.pending.iter().chain(&self.in_flight).collect();
+        let chains = std::iter::once(announced).chain(self.late.iter().map(|c| c.iter().collect()));
+        let mut ends = Vec::new();
+        for chain in chains {
+            let mut end = stream_seq;
+            for p in chain {
+                end += p.messages;
+                if end > last_seq {
+                    break;
+                }
+                if p.messages > 0 {
+                    ends.push(end);
+                }
+            }
+        }
+        ends.sort_unstable();
+        ends.dedup();
+        ends
+    }
+
     /// Whether chunks were announced that may not be in the stream yet.
     pub fn announced(&self) -> bool {
         self.pending.is_some() || !self.in_flight.is_empty() || !self.late.is_empty()
@@ -485,13 +514,17 @@ fn landed(announced: u64, extra: u64, more_may_follow: bool) -> Result<bool> {
 /// (a chunk of no message lands with the one before it). Batch k+1 names
 /// where batch k ends, so the stream holds a prefix or nothing; any other
 /// count means another client wrote to the stream.
-fn landed_prefix(announced: &[PendingChunk], extra: u64) -> Result<usize> {
+fn landed_prefix(announced: &[PendingChunk], extra: u64) -> Result<(usize, u64)> {
     let mut sum = 0u64;
-    let mut found = (extra == 0).then_some(0);
+    let mut found = (extra == 0).then_some((0, 0));
     for (i, p) in announced.iter().enumerate() {
+        if p.fast && sum < extra && extra < sum.saturating_add(p.messages) {
+            // A fast-ingest chunk lands as a prefix: this one in part.
+            return Ok((i, extra - sum));
+        }
         sum = sum.saturating_add(p.messages);
         if sum == extra {
-            found = Some(i + 1);
+            found = Some((i + 1, 0));
         } else if sum > extra {
             break;
         }
@@ -508,6 +541,19 @@ fn landed_prefix(announced: &[PendingChunk], extra: u64) -> Result<usize> {
             ),
         )
     })
+}
+
+/// The stream's last message when it is a row (or the `_schema`) of a
+/// snapshot chunk sent as a fast-ingest batch, from its
+/// `Cdc-Snapshot-Cursor` and `Nats-Msg-Id`: where a chunk that landed in
+/// part ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkTail {
+    /// The chunk's id (its `batch` in the checkpoint).
+    pub chunk: String,
+    /// The row's primary key values and its place among the reads; none
+    /// on the chunk's `_schema` message.
+    pub row: Option<(Vec<String>, u32)>,
 }
 
 impl Checkpoint {
@@ -547,7 +593,24 @@ impl Checkpoint {
     /// after the checkpoint: the chain it starts is the one that landed,
     /// the announcement of this checkpoint's last start or of one before
     /// it whose batches were stored late (see `SnapshotState::late`).
-    pub fn settle_snapshot(&mut self, last_seq: u64, first_batch: Option<&str>) -> Result<()> {
+    ///
+    /// A chunk sent as a fast-ingest batch may have landed in part: then
+    /// `tail`, the stream's last message, must be of that chunk, and the
+    /// snapshot goes on after the row it names; the rest of the chunk is
+    /// kept as possibly landing late, like any chunk that did not land.
+    ///
+    /// `ends` holds the batch (or fast chunk) id of the stream's message at
+    /// each sequence where an announced chunk would end
+    /// ([`SnapshotState::chunk_ends`]); a chunk counted as landed must end
+    /// with its own id there, or walnats refuses: the stream holds a batch
+    /// out of turn, and which rows it holds cannot be told.
+    pub fn settle_snapshot(
+        &mut self,
+        last_seq: u64,
+        first_batch: Option<&str>,
+        tail: Option<&ChunkTail>,
+        ends: &BTreeMap<u64, Option<String>>,
+    ) -> Result<()> {
         let extra = last_seq.saturating_sub(self.stream_seq);
         let Some(snap) = self.snapshot.as_mut() else {
             return Ok(());
@@ -574,8 +637,9 @@ impl Checkpoint {
                 None => announced,
             }
         };
-        let k = landed_prefix(&chain, extra)?;
-        let landed = chain[..k].iter().find(|p| p.messages > 0);
+        let (k, part) = landed_prefix(&chain, extra)?;
+        let touched = k + usize::from(part > 0);
+        let landed = chain[..touched].iter().find(|p| p.messages > 0);
         if landed.is_some_and(|p| p.batch.is_some()) && !starts(&chain) {
             return Err(Error::new(
                 Kind::Checkpoint,
@@ -586,13 +650,42 @@ impl Checkpoint {
                 ),
             ));
         }
+        let mut end = self.stream_seq;
+        for p in &chain[..k] {
+            end += p.messages;
+            let Some(id) = p.batch.as_deref().filter(|_| p.messages > 0) else {
+                continue;
+            };
+            if let Some(found) = ends.get(&end)
+                && found.as_deref() != Some(id)
+            {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the stream's message at sequence {end} is of batch {found:?}, where the snapshot chunk \
+                         {id:?} the checkpoint announced would end: another client publishes to the stream's \
+                         subjects (walnats must be its only writer), or a batch of a killed walnats was stored \
+                         out of turn; which rows the stream holds cannot be told: delete the stream and \
+                         walnats' checkpoint (and its slot) to take the snapshot again"
+                    ),
+                ));
+            }
+        }
         for p in &chain[..k] {
             let seq = self.stream_seq + p.messages;
             self.apply_chunk(p, seq);
         }
         // What was sent and is not in the stream may still be stored: the
         // rest of the chain that landed, or, when none did, every chain.
-        let rest = chain[k..].to_vec();
+        let mut rest = chain[k..].to_vec();
+        if part > 0
+            && let Some(first) = rest.first_mut()
+        {
+            let landed_rows = self.apply_part(first, part, tail)?;
+            first.messages -= part;
+            first.rows = first.rows.saturating_sub(landed_rows);
+            first.schema = None;
+        }
         let mut keep = if landed.is_some() { Vec::new() } else { late };
         if rest.iter().any(|p| p.messages > 0) {
             keep.push(rest);
@@ -601,9 +694,85 @@ impl Checkpoint {
             keep.remove(0);
         }
         if let Some(snap) = self.snapshot.as_mut() {
+            // Reads from now on take numbers (and so message ids) no chunk
+            // that may still land has: JetStream would drop one of two
+            // messages with the same id without a word, letting the other
+            // sender's next message land in its place.
+            let highest = keep.iter().flatten().map(|p| p.next_seq).max();
+            snap.next_seq = snap.next_seq.max(highest.unwrap_or(0));
             snap.late = keep;
         }
         Ok(())
+    }
+
+    /// Records the first `part` messages of fast chunk `p` as in the
+    /// stream, `tail` being the last of them; returns the rows they hold.
+    fn apply_part(&mut self, p: &PendingChunk, part: u64, tail: Option<&ChunkTail>) -> Result<u64> {
+        let tail = tail.filter(|t| p.batch.as_deref() == Some(t.chunk.as_str())).ok_or_else(|| {
+            Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "the stream's last message after the checkpoint is not of the snapshot chunk {:?} the \
+                     checkpoint announced there: another client publishes to the stream's subjects; walnats \
+                     must be its only writer",
+                    p.batch
+                ),
+            )
+        })?;
+        let stream_seq = self.stream_seq + part;
+        let schema = u64::from(p.schema.is_some());
+        let (after, rows, next_seq) = match &tail.row {
+            Some((key, seq)) => (
+                Some(Cursor::Key {
+                    values: key.clone(),
+                }),
+                part.saturating_sub(schema),
+                Some(seq.saturating_add(1)),
+            ),
+            // Only the chunk's `_schema` landed: its first message.
+            None if part == 1 && schema == 1 => (None, 0, None),
+            None => {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the stream's message at sequence {stream_seq} is the `_schema` of snapshot chunk {:?}, \
+                         which the checkpoint does not place there: another client publishes to the stream's \
+                         subjects; walnats must be its only writer",
+                        p.batch
+                    ),
+                ));
+            }
+        };
+        if let Some(snap) = self.snapshot.as_mut() {
+            if let Some(t) = snap.tables.get_mut(p.table) {
+                let cursor = match p.range.and_then(|r| t.ranges.get_mut(r)) {
+                    Some(r) => {
+                        r.rows += rows;
+                        &mut r.after
+                    }
+                    None => &mut t.after,
+                };
+                if let Some(after) = after {
+                    *cursor = after;
+                }
+                t.rows += rows;
+            }
+            snap.rows += rows;
+            if let Some(n) = next_seq {
+                snap.next_seq = n;
+            }
+        }
+        self.stream_seq = stream_seq;
+        if let Some((oid, hash)) = p.schema {
+            self.schemas.insert(oid, hash);
+        }
+        tracing::info!(
+            landed = part,
+            of = p.messages,
+            stream_seq,
+            "a snapshot chunk landed in part: the snapshot goes on after its last row in the stream"
+        );
+        Ok(rows)
     }
 
     /// Records an announced re-read chunk as in the stream: the queue's
@@ -679,6 +848,7 @@ mod tests {
                     next_seq: 9,
                     schema: Some((1, 42)),
                     batch: None,
+                    fast: false,
                 }),
                 ..Default::default()
             }),
@@ -689,7 +859,7 @@ mod tests {
     #[test]
     fn a_chunk_that_landed_is_applied() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(8, None).unwrap();
+        cp.settle_snapshot(8, None, None, &BTreeMap::new()).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert!(s.tables[0].done);
@@ -702,7 +872,7 @@ mod tests {
     #[test]
     fn a_chunk_that_did_not_land_is_read_again() {
         let mut cp = in_progress(5, 3);
-        cp.settle_snapshot(5, None).unwrap();
+        cp.settle_snapshot(5, None, None, &BTreeMap::new()).unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert!(s.pending.is_none());
         assert_eq!(s.tables[0].after, Cursor::Start);
@@ -714,9 +884,9 @@ mod tests {
     #[test]
     fn part_of_a_chunk_means_another_writer() {
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(7, None).is_err());
+        assert!(cp.settle_snapshot(7, None, None, &BTreeMap::new()).is_err());
         let mut cp = in_progress(5, 3);
-        assert!(cp.settle_snapshot(9, None).is_err());
+        assert!(cp.settle_snapshot(9, None, None, &BTreeMap::new()).is_err());
     }
 
     /// A table in two key ranges with four chunks announced in publish
@@ -742,6 +912,7 @@ mod tests {
                     next_seq,
                     schema,
                     batch: Some(format!("b{next_seq}")),
+                    fast: false,
                 }
             };
         let mut cp = in_progress(stream_seq, 3);
@@ -772,14 +943,18 @@ mod tests {
         for (k, extra) in sizes.into_iter().enumerate() {
             let mut cp = four_in_flight(100);
             let first = (k > 0).then_some("b10");
-            cp.settle_snapshot(100 + extra, first).unwrap();
+            cp.settle_snapshot(100 + extra, first, None, &BTreeMap::new())
+                .unwrap();
             assert_eq!(cp.stream_seq, 100 + extra, "prefix {k}");
             let s = cp.snapshot.as_ref().unwrap();
             assert!(s.in_flight.is_empty() && s.pending.is_none());
             let t = &s.tables[0];
             let rows = [0, 10, 20, 25, 32][k];
             assert_eq!((s.rows, t.rows), (rows, rows), "prefix {k}");
-            assert_eq!(s.next_seq, [0, 10, 20, 25, 32][k]);
+            assert_eq!(
+                s.next_seq, 32,
+                "reads go on past every chunk that may still land (prefix {k})"
+            );
             assert_eq!(cp.schemas.contains_key(&1), k >= 1);
             let after = |r: usize| t.ranges[r].after.clone();
             let key = |v: &str| Cursor::Key {
@@ -806,10 +981,132 @@ mod tests {
     fn a_count_that_is_no_prefix_means_another_writer() {
         for extra in [1, 10, 12, 20, 22, 25, 27, 32, 34, 100] {
             let mut cp = four_in_flight(100);
-            let e = cp.settle_snapshot(100 + extra, Some("b10")).unwrap_err();
+            let e = cp
+                .settle_snapshot(100 + extra, Some("b10"), None, &BTreeMap::new())
+                .unwrap_err();
             assert_eq!(e.kind(), Kind::Checkpoint);
             assert!(e.to_string().contains("only writer"), "{e}");
             assert!(e.to_string().contains("[11, 10, 5, 7]"), "{e}");
+        }
+    }
+
+    /// Chunks sent as fast-ingest batches land as a prefix of what was
+    /// sent: a chunk that landed in part is settled from the stream's last
+    /// message (whose chunk it is, which row), and the rest of it is kept
+    /// as possibly landing late.
+    #[test]
+    fn a_fast_chunk_that_landed_in_part_goes_on_after_its_last_row() {
+        let fast = || {
+            let mut cp = four_in_flight(100);
+            for p in &mut cp.snapshot.as_mut().unwrap().in_flight {
+                p.fast = true;
+            }
+            cp
+        };
+        let tail = |chunk: &str, row: Option<(&str, u32)>| ChunkTail {
+            chunk: chunk.into(),
+            row: row.map(|(k, seq)| (vec![k.to_owned()], seq)),
+        };
+        let key = |v: &str| Cursor::Key {
+            values: vec![v.into()],
+        };
+        // Chunk b10 whole (11 messages, its `_schema` first), then 4 of
+        // chunk b20's 10 (range 1, reads 10..19): the last is read 13.
+        let mut cp = fast();
+        cp.settle_snapshot(
+            115,
+            Some("b10"),
+            Some(&tail("b20", Some(("54", 13)))),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(cp.stream_seq, 115);
+        let s = cp.snapshot.as_ref().unwrap();
+        let t = &s.tables[0];
+        assert_eq!(t.ranges[0].after, key("10"));
+        assert_eq!(t.ranges[1].after, key("54"), "goes on after the last row");
+        assert!(!t.ranges[1].done);
+        assert_eq!((s.rows, t.rows, t.ranges[1].rows), (14, 14, 4));
+        assert_eq!(
+            s.next_seq, 32,
+            "the next read is numbered past every chunk that may still land"
+        );
+        assert_eq!(s.late.len(), 1);
+        assert_eq!(s.late[0].len(), 3, "the rest of b20, then b25 and b32");
+        assert_eq!((s.late[0][0].messages, s.late[0][0].rows), (6, 6));
+        // The next start finds the rest of b20 stored late: applied whole.
+        let mut later = cp.clone();
+        later
+            .settle_snapshot(
+                121,
+                Some("b20"),
+                Some(&tail("b20", Some(("60", 19)))),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+        let s = later.snapshot.as_ref().unwrap();
+        assert_eq!(s.tables[0].ranges[1].after, key("60"));
+        assert_eq!((s.rows, s.next_seq, later.stream_seq), (20, 32, 121));
+
+        // Only the first chunk's `_schema` landed.
+        let mut cp = fast();
+        cp.settle_snapshot(101, Some("b10"), Some(&tail("b10", None)), &BTreeMap::new())
+            .unwrap();
+        let s = cp.snapshot.as_ref().unwrap();
+        assert_eq!(s.tables[0].ranges[0].after, Cursor::Start);
+        assert_eq!((s.rows, cp.stream_seq), (0, 101));
+        assert!(
+            cp.schemas.contains_key(&1),
+            "its `_schema` is in the stream"
+        );
+        assert_eq!(s.late[0][0].schema, None, "the rest has no `_schema`");
+
+        // The last message is of another chunk, or a `_schema` out of place,
+        // or has no cursor: someone else wrote it.
+        for wrong in [
+            Some(tail("b25", Some(("54", 13)))),
+            Some(tail("b20", None)),
+            None,
+        ] {
+            let mut cp = fast();
+            let e = cp
+                .settle_snapshot(115, Some("b10"), wrong.as_ref(), &BTreeMap::new())
+                .unwrap_err();
+            assert_eq!(e.kind(), Kind::Checkpoint);
+            assert!(e.to_string().contains("only writer"), "{e}");
+        }
+    }
+
+    /// A chunk counts as landed only if the stream's message where it would
+    /// end is its own: a batch stored out of turn (another writer, or a
+    /// killed walnats' batch after a same-sized one of its successor) is
+    /// refused, not taken for the chunk announced there.
+    #[test]
+    fn a_chunk_whose_end_holds_another_batch_is_refused() {
+        let cp = four_in_flight(100);
+        assert_eq!(
+            cp.snapshot.as_ref().unwrap().chunk_ends(100, 126),
+            vec![111, 121, 126]
+        );
+        let ends = |pairs: &[(u64, Option<&str>)]| -> BTreeMap<u64, Option<String>> {
+            pairs
+                .iter()
+                .map(|(k, v)| (*k, v.map(str::to_owned)))
+                .collect()
+        };
+        let settle = |e: &BTreeMap<u64, Option<String>>| {
+            cp.clone().settle_snapshot(121, Some("b10"), None, e)
+        };
+        assert!(settle(&ends(&[(111, Some("b10")), (121, Some("b20"))])).is_ok());
+        assert!(settle(&ends(&[])).is_ok(), "messages gone prove nothing");
+        for wrong in [
+            ends(&[(111, Some("b10")), (121, Some("x"))]),
+            ends(&[(121, None)]),
+            ends(&[(111, Some("b20"))]),
+        ] {
+            let e = settle(&wrong).unwrap_err();
+            assert_eq!(e.kind(), Kind::Checkpoint);
+            assert!(e.to_string().contains("out of turn"), "{e}");
         }
     }
 
@@ -820,11 +1117,15 @@ mod tests {
         // Every row of range 1's first chunk was skipped as oversized.
         snap.in_flight[1].messages = 0;
         snap.in_flight[1].rows = 10;
-        cp.clone().settle_snapshot(100, None).unwrap();
+        cp.clone()
+            .settle_snapshot(100, None, None, &BTreeMap::new())
+            .unwrap();
         let mut none = cp.clone();
-        none.settle_snapshot(100, None).unwrap();
+        none.settle_snapshot(100, None, None, &BTreeMap::new())
+            .unwrap();
         assert_eq!(none.snapshot.as_ref().unwrap().rows, 0);
-        cp.settle_snapshot(111, Some("b10")).unwrap();
+        cp.settle_snapshot(111, Some("b10"), None, &BTreeMap::new())
+            .unwrap();
         let s = cp.snapshot.as_ref().unwrap();
         assert_eq!(s.rows, 20, "the empty chunk after the first landed with it");
         assert_eq!(cp.stream_seq, 111);
@@ -838,7 +1139,8 @@ mod tests {
     #[test]
     fn a_chain_stored_after_the_next_start_is_told_apart_by_batch_id() {
         let mut cp = four_in_flight(100);
-        cp.settle_snapshot(100, None).unwrap();
+        cp.settle_snapshot(100, None, None, &BTreeMap::new())
+            .unwrap();
         let s = cp.snapshot.as_mut().unwrap();
         assert_eq!(s.late.len(), 1, "kept: it may still land");
         // The new start read range 1 first: a chunk of the same size.
@@ -848,7 +1150,8 @@ mod tests {
         n1.batch = Some("n1".into());
         s.in_flight = vec![n1];
         let mut late = cp.clone();
-        late.settle_snapshot(111, Some("b10")).unwrap();
+        late.settle_snapshot(111, Some("b10"), None, &BTreeMap::new())
+            .unwrap();
         let s = late.snapshot.as_ref().unwrap();
         assert_eq!(
             s.tables[0].ranges[0].after,
@@ -862,7 +1165,8 @@ mod tests {
         assert_eq!(s.late[0].len(), 3);
         // The new announcement landed: applied as usual.
         let mut new = cp.clone();
-        new.settle_snapshot(111, Some("n1")).unwrap();
+        new.settle_snapshot(111, Some("n1"), None, &BTreeMap::new())
+            .unwrap();
         let s = new.snapshot.as_ref().unwrap();
         assert_eq!(
             s.tables[0].ranges[1].after,
@@ -872,7 +1176,9 @@ mod tests {
         );
         assert!(s.late.is_empty(), "no older chain can land after it");
         // A batch nobody announced.
-        let e = cp.settle_snapshot(111, Some("x")).unwrap_err();
+        let e = cp
+            .settle_snapshot(111, Some("x"), None, &BTreeMap::new())
+            .unwrap_err();
         assert!(e.to_string().contains("never announced"), "{e}");
     }
 
@@ -887,12 +1193,15 @@ mod tests {
             "last":true,"messages":4,"rows":4,"next_seq":8,"schema":null}}}"#;
         let cp: Checkpoint = serde_json::from_str(old).unwrap();
         let mut landed = cp.clone();
-        landed.settle_snapshot(9, None).unwrap();
+        landed
+            .settle_snapshot(9, None, None, &BTreeMap::new())
+            .unwrap();
         let s = landed.snapshot.as_ref().unwrap();
         assert!(s.tables[0].done && s.pending.is_none());
         assert_eq!((s.rows, s.next_seq, landed.stream_seq), (7, 8, 9));
         let mut not = cp.clone();
-        not.settle_snapshot(5, None).unwrap();
+        not.settle_snapshot(5, None, None, &BTreeMap::new())
+            .unwrap();
         let s = not.snapshot.as_ref().unwrap();
         assert_eq!(
             s.tables[0].after,
@@ -901,7 +1210,11 @@ mod tests {
             }
         );
         assert!(!s.tables[0].done && s.pending.is_none());
-        assert!(cp.clone().settle_snapshot(7, None).is_err());
+        assert!(
+            cp.clone()
+                .settle_snapshot(7, None, None, &BTreeMap::new())
+                .is_err()
+        );
         // Written back, it has no `pending` and reads the same.
         let back: Checkpoint =
             serde_json::from_str(&serde_json::to_string(&landed).unwrap()).unwrap();
@@ -1019,8 +1332,8 @@ mod tests {
     fn without_an_announced_chunk_the_snapshot_allows_no_extra_message() {
         let mut cp = in_progress(5, 3);
         cp.snapshot.as_mut().unwrap().pending = None;
-        assert!(cp.settle_snapshot(5, None).is_ok());
-        assert!(cp.settle_snapshot(6, None).is_err());
+        assert!(cp.settle_snapshot(5, None, None, &BTreeMap::new()).is_ok());
+        assert!(cp.settle_snapshot(6, None, None, &BTreeMap::new()).is_err());
         let mut cp = rereading(5, 3);
         cp.pending_reread = None;
         assert!(cp.settle_reread(9).is_ok(), "streaming went on");

@@ -5,7 +5,7 @@
 
 use async_nats::jetstream::stream::{RawMessageError, RawMessageErrorKind, Stream};
 
-use super::{Checkpoint, Store, replay};
+use super::{Checkpoint, ChunkTail, Store, replay};
 use crate::encode;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::{Lsn, Position};
@@ -160,21 +160,77 @@ pub async fn quiet_last_seq(
     Ok(last_seq)
 }
 
-/// The `Nats-Batch-Id` of the stream's message at `seq` (the first after
-/// the checkpoint): which announced chain of snapshot chunks landed. `None`
-/// when the message is gone or has none.
+/// The batch of the stream's message at `seq` (the first after the
+/// checkpoint): which announced chain of snapshot chunks landed. An atomic
+/// batch's `Nats-Batch-Id`, or the chunk id in a fast chunk's
+/// `Cdc-Snapshot-Cursor`; `None` when the message is gone or has neither.
 pub async fn batch_id_at(stream: &Stream, seq: u64) -> Result<Option<String>> {
-    let got = stream.get_raw_message(seq).await;
-    let Some(msg) = unless_gone(got, || {
-        format!("cannot read the stream's message at sequence {seq}")
-    })?
-    else {
+    Ok(batch_of(stream, seq).await?.flatten())
+}
+
+/// The batch of the stream's message at `seq` as [`batch_id_at`] reads
+/// it; `None` when the message is gone, `Some(None)` when it has none.
+pub async fn batch_of(stream: &Stream, seq: u64) -> Result<Option<Option<String>>> {
+    let Some(msg) = message_at(stream, seq).await? else {
         return Ok(None);
     };
-    Ok(msg
+    if let Some(id) = msg.headers.get("Nats-Batch-Id") {
+        return Ok(Some(Some(id.as_str().to_owned())));
+    }
+    Ok(Some(
+        msg.headers
+            .get(crate::publish::CURSOR_HEADER)
+            .and_then(|v| v.as_str().split(' ').next())
+            .map(str::to_owned),
+    ))
+}
+
+/// The stream's message at `seq`; `None` when it is gone.
+async fn message_at(
+    stream: &Stream,
+    seq: u64,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>> {
+    let got = stream.get_raw_message(seq).await;
+    unless_gone(got, || {
+        format!("cannot read the stream's message at sequence {seq}")
+    })
+}
+
+/// The stream's message at `seq` (its last) as the end of a snapshot chunk
+/// sent as a fast-ingest batch; `None` when it is gone or not such a row.
+pub async fn chunk_tail_at(stream: &Stream, seq: u64) -> Result<Option<ChunkTail>> {
+    let Some(msg) = message_at(stream, seq).await? else {
+        return Ok(None);
+    };
+    let cursor = msg
         .headers
-        .get("Nats-Batch-Id")
-        .map(|v| v.as_str().to_owned()))
+        .get(crate::publish::CURSOR_HEADER)
+        .map(|v| v.as_str().to_owned());
+    let msg_id = msg
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.as_str().to_owned());
+    Ok(cursor.and_then(|c| parse_chunk_tail(&c, msg_id.as_deref())))
+}
+
+/// Reads `<chunk id>` or `<chunk id> <key as a JSON array>`, and the read's
+/// place from the last field of its `Nats-Msg-Id`. `None` when malformed:
+/// the settling then refuses, naming another writer.
+fn parse_chunk_tail(cursor: &str, msg_id: Option<&str>) -> Option<ChunkTail> {
+    match cursor.split_once(' ') {
+        None => Some(ChunkTail {
+            chunk: cursor.to_owned(),
+            row: None,
+        }),
+        Some((chunk, key)) => {
+            let key: Vec<String> = serde_json::from_str(key).ok()?;
+            let seq = msg_id?.rsplit(':').next()?.parse().ok()?;
+            Some(ChunkTail {
+                chunk: chunk.to_owned(),
+                row: Some((key, seq)),
+            })
+        }
+    }
 }
 
 /// Reads the checkpoint and the stream's tail and decides where to resume.
@@ -381,6 +437,33 @@ impl StoredReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fast chunk's message names its chunk, and its row by key and by
+    /// the last field of `Nats-Msg-Id` (a database name may hold `:`).
+    #[test]
+    fn a_chunk_tail_is_read_from_the_cursor_header_and_the_message_id() {
+        let row = parse_chunk_tail(
+            r#"walnats-1-2-3 ["a b","7"]"#,
+            Some("d:b:x:walnats:0/FF:41"),
+        );
+        assert_eq!(
+            row,
+            Some(ChunkTail {
+                chunk: "walnats-1-2-3".into(),
+                row: Some((vec!["a b".into(), "7".into()], 41)),
+            })
+        );
+        let schema = parse_chunk_tail("walnats-1-2-3", None);
+        assert_eq!(schema.map(|t| t.row), Some(None));
+        for (cursor, id) in [
+            ("c [1]", Some("d:s:0/1:2")),
+            ("c not json", Some("d:s:0/1:2")),
+            (r#"c ["1"]"#, None),
+            (r#"c ["1"]"#, Some("d:s:0/1:x")),
+        ] {
+            assert_eq!(parse_chunk_tail(cursor, id), None, "{cursor} {id:?}");
+        }
+    }
 
     fn src() -> encode::Source {
         encode::Source {

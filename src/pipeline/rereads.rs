@@ -94,7 +94,7 @@ impl Session {
         let at = Position::new(record_inside(hw), 0);
         let reads = self
             .out
-            .reads(&rel, chunk.rows, Position::new(at.commit_lsn, 1), hw)
+            .reads(&rel, chunk.rows, Position::new(at.commit_lsn, 1), hw, None)
             .await?;
         let n = reads.msgs.len() as u64;
         let pending = PendingReread {

@@ -54,6 +54,11 @@ pub(super) async fn session(
     let mut out = open_outlet(&c, cfg, &start).await?;
     if start.resume.state.snapshot.is_some() {
         health.set_ready(true);
+        // Chunks go out as fast-ingest batches where the server allows
+        // them (nats-server stores an atomic batch's messages twice: they
+        // cost it half as much again), as atomic batches otherwise.
+        out.publisher =
+            streaming_publisher(&c, cfg, &mut st, start.resume.state.stream_seq).await?;
         let mut cache = RelationCache::new(
             start.shape.prefix.clone(),
             TypeResolver::new(Arc::clone(&c.sql)),
@@ -210,13 +215,27 @@ async fn find_start(
             )
             .await?;
         }
-        let first = match resume.last_seq > resume.state.stream_seq {
-            true => checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
-            false => None,
+        let (first, tail) = match resume.last_seq > resume.state.stream_seq {
+            true => (
+                checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
+                checkpoint::chunk_tail_at(&st.stream, resume.last_seq).await?,
+            ),
+            false => (None, None),
         };
+        // The id at each place an announced chunk would end: a chunk is
+        // counted as landed only if the stream's message there is its own.
+        let mut ends = std::collections::BTreeMap::new();
+        if let Some(snap) = &resume.state.snapshot {
+            for seq in snap.chunk_ends(resume.state.stream_seq, resume.last_seq) {
+                // A message gone (limits, a purge) proves nothing either way.
+                if let Some(batch) = checkpoint::batch_of(&st.stream, seq).await? {
+                    ends.insert(seq, batch);
+                }
+            }
+        }
         resume
             .state
-            .settle_snapshot(resume.last_seq, first.as_deref())?;
+            .settle_snapshot(resume.last_seq, first.as_deref(), tail.as_ref(), &ends)?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
         {

@@ -258,8 +258,10 @@ fn too_big(n: usize) -> Error {
     )
 }
 
-/// A batch id unique to this process and attempt, for [`Pipe::send`]:
-/// `walnats-<nanoseconds at start>-<n>`.
+/// A batch id unique to this process and attempt, for [`Pipe::send`] and
+/// fast snapshot chunks: `w<nanoseconds at start>-<pid>-<n>`, in hex. Short:
+/// a fast chunk's id is in a header of each of its messages, and
+/// nats-server scans a message's headers once for each it looks up.
 pub fn unique_batch_id(n: u64) -> String {
     static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let start = START.get_or_init(|| {
@@ -268,7 +270,7 @@ pub fn unique_batch_id(n: u64) -> String {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     });
-    format!("walnats-{start}-{}-{n}", std::process::id())
+    format!("w{start:x}-{:x}-{n:x}", std::process::id())
 }
 
 /// Unique per attempt (a retried chunk must not join an abandoned batch);

@@ -195,26 +195,14 @@ impl Fast {
     /// `expected` when none is; the batch's `FAST_BATCH`th message commits it.
     pub(super) async fn publish(&mut self, msg: OutMsg, expected: u64) -> Result<()> {
         let mut headers = msg.headers;
-        let open = match &mut self.open {
-            Some(o) => o,
-            None => {
-                // The first message of a batch names where it must start.
-                headers.insert(
-                    "Nats-Expected-Last-Sequence",
-                    itoa::Buffer::new().format(expected),
-                );
-                let id = self.next_id;
-                self.next_id += 1;
-                let reply_prefix = batch_reply_prefix(&self.inbox, &self.token, id);
-                self.open.insert(OpenBatch {
-                    id,
-                    reply_prefix,
-                    base: expected,
-                    n: 0,
-                    since: std::time::Instant::now(),
-                })
-            }
-        };
+        if self.open.is_none() {
+            // The first message of a batch names where it must start.
+            headers.insert(
+                "Nats-Expected-Last-Sequence",
+                itoa::Buffer::new().format(expected),
+            );
+        }
+        let open = self.open_batch(expected);
         open.n += 1;
         let n = open.n;
         let op = match n {
@@ -231,6 +219,82 @@ impl Fast {
             self.committed();
         }
         Ok(())
+    }
+
+    /// The open batch, opening one that must start after `expected` when
+    /// none is.
+    fn open_batch(&mut self, expected: u64) -> &mut OpenBatch {
+        let (inbox, token, next_id) = (&self.inbox, &self.token, &mut self.next_id);
+        self.open.get_or_insert_with(|| {
+            let id = *next_id;
+            *next_id += 1;
+            OpenBatch {
+                id,
+                reply_prefix: batch_reply_prefix(inbox, token, id),
+                base: expected,
+                n: 0,
+                since: std::time::Instant::now(),
+            }
+        })
+    }
+
+    /// Sends `msgs` as one batch of their own (a snapshot chunk), each
+    /// naming the stream sequence it must follow, and ends it: a message
+    /// that does not land right after the one before it ends the batch
+    /// there, so the stream holds a prefix of the chunk, and nothing sent
+    /// later (a batch of a process killed meanwhile included) can land
+    /// after a hole. Returns the sequence the chunk ends at.
+    pub(super) async fn send_chunk(&mut self, msgs: Vec<OutMsg>, expected: u64) -> Result<u64> {
+        if self.open.is_some() {
+            return Err(Error::new(
+                Kind::Publish,
+                "internal: a snapshot chunk while a batch of changes is open",
+            ));
+        }
+        let mut seq = expected;
+        for msg in msgs {
+            let mut headers = msg.headers;
+            headers.insert(
+                "Nats-Expected-Last-Sequence",
+                itoa::Buffer::new().format(seq),
+            );
+            let open = self.open_batch(expected);
+            open.n += 1;
+            let op = if open.n == 1 { OP_START } else { OP_APPEND };
+            let reply = open.reply(open.n, op);
+            self.client
+                .publish_with_reply_and_headers(msg.subject, reply, headers, msg.payload)
+                .await
+                .map_err(publish_error)?;
+            seq += 1;
+        }
+        self.end().await?;
+        Ok(seq)
+    }
+
+    /// [`Fast::next_ack`], failing once the oldest batch has waited longer
+    /// than the timeout.
+    pub(super) async fn next_ack_in_time(&mut self) -> Result<u64> {
+        // Replies already here count whatever the clock says (the caller
+        // may have been busy past the deadline while they arrived); flow
+        // acks can be many, so without tokio's per-task budget.
+        if let Some(r) =
+            futures::FutureExt::now_or_never(tokio::task::unconstrained(self.next_ack()))
+        {
+            return r;
+        }
+        let left = match self.sent.front() {
+            Some(oldest) => self.timeout.saturating_sub(oldest.at.elapsed()),
+            None => return std::future::pending().await,
+        };
+        tokio::time::timeout(left, self.next_ack())
+            .await
+            .map_err(|_| batch_ack_timeout())?
+    }
+
+    /// Batches sent and not yet acknowledged.
+    pub(super) fn in_flight(&self) -> usize {
+        self.sent.len()
     }
 
     /// Sends the end-of-batch marker (not stored) of the open batch. It

@@ -229,12 +229,43 @@ impl Publisher {
 }
 
 impl Publisher {
-    /// Sends `msgs` as one atomic batch right after the last one sent,
-    /// without waiting for earlier batches: it lands only if they did.
-    /// Returns the stream sequence it ends at; its commit comes from
-    /// [`Publisher::batch_landed`], in order. At most
+    /// Whether snapshot chunks go out as fast-ingest batches (nats-server
+    /// 2.14+, the stream allowing them): a prefix of a chunk may land, and
+    /// each message says which row it is. Atomic batches otherwise: a
+    /// chunk lands whole or not at all.
+    pub fn chunks_fast(&self) -> bool {
+        matches!(self.acks, Acks::Fast(_))
+    }
+
+    /// Publishes snapshot chunks as atomic batches from now on (a table
+    /// read by heap pages has no key to resume a chunk's prefix from).
+    /// Only while nothing is in flight.
+    pub fn chunks_atomic(&mut self) -> Result<()> {
+        if self.awaiting() || self.batches_in_flight() > 0 {
+            return Err(Error::new(
+                Kind::Publish,
+                "internal: publishing switched while batches are in flight",
+            ));
+        }
+        self.acks = Acks::Each(FuturesOrdered::new());
+        Ok(())
+    }
+
+    /// Sends `msgs` (a snapshot chunk) right after the last one sent,
+    /// without waiting for earlier chunks: as one atomic batch with id
+    /// `id` that lands only if they did, or as one fast-ingest batch
+    /// ([`Publisher::chunks_fast`]) whose messages each name the one
+    /// before. Returns the stream sequence it ends at; its acknowledgement
+    /// comes from [`Publisher::batch_landed`], in order. At most
     /// [`atomic::MAX_IN_FLIGHT`] wait.
     pub async fn send_batch(&mut self, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
+        if let Acks::Fast(f) = &mut self.acks {
+            if msgs.is_empty() {
+                return Ok(self.last_seq);
+            }
+            self.last_seq = f.send_chunk(msgs, self.last_seq).await?;
+            return Ok(self.last_seq);
+        }
         let pipe = match &mut self.batches {
             Some(p) => p,
             None => self
@@ -245,14 +276,21 @@ impl Publisher {
         Ok(self.last_seq)
     }
 
-    /// Atomic batches sent and not yet acknowledged.
+    /// Snapshot chunks sent and not yet acknowledged.
     pub fn batches_in_flight(&self) -> usize {
-        self.batches.as_ref().map_or(0, atomic::Pipe::in_flight)
+        match &self.acks {
+            Acks::Fast(f) => f.in_flight(),
+            Acks::Each(_) => self.batches.as_ref().map_or(0, atomic::Pipe::in_flight),
+        }
     }
 
-    /// The oldest sent batch's commit: returns the stream sequence of its
-    /// last message. Pending forever when none is in flight; cancel-safe.
+    /// The oldest sent chunk's acknowledgement: returns the stream
+    /// sequence of its last message. Pending forever when none is in
+    /// flight; cancel-safe.
     pub async fn batch_landed(&mut self) -> Result<u64> {
+        if let Acks::Fast(f) = &mut self.acks {
+            return f.next_ack_in_time().await;
+        }
         match &mut self.batches {
             Some(p) => p.next_commit().await,
             None => std::future::pending().await,

@@ -15,15 +15,23 @@
 //!   are read at once. Each unit has its own cursor in the checkpoint; a
 //!   table is done when all its units are.
 //! - Rows go out in chunks (up to `snapshot.chunk_rows` rows by primary
-//!   key; up to three heap pages for a table without one), each published
-//!   as one JetStream atomic batch: a chunk is wholly in the stream or not
-//!   at all. Up to eight batches are in flight, each naming where the one
-//!   before it ends, so the stream holds a prefix of what was sent. Before
-//!   a batch goes out, the checkpoint lists it among the chunks in flight
-//!   (in order: where each ends, how many messages); on restart the
-//!   stream's growth past the checkpoint says which prefix landed (any
+//!   key; up to three heap pages for a table without one), up to 16 in
+//!   flight (8 atomic batches), so that the stream holds a prefix of what was sent. Before a
+//!   chunk goes out, the checkpoint lists it among the chunks in flight
+//!   (in order: where each ends, how many messages, its id); on restart
+//!   the stream's growth past the checkpoint says which prefix landed (any
 //!   other growth is another writer: refused). So a `kill -9` at any
-//!   moment neither republishes a row nor loses one.
+//!   moment neither republishes a row nor loses one. A chunk is one
+//!   fast-ingest batch where the server has them, each message naming the
+//!   stream sequence it must follow (so nothing lands after a hole) and
+//!   carrying its chunk id and row key (`Cdc-Snapshot-Cursor`): a chunk may
+//!   land in part, and the stream's last message says which row the unit
+//!   goes on after. Otherwise, and in a run with a table read by heap
+//!   pages (no key to go on after), a chunk is one atomic batch, naming
+//!   where the one before it ends: wholly in the stream or not at all.
+//!   nats-server stores an atomic batch's messages twice (staged, then
+//!   committed), so the fast batches are what lets the snapshot run at the
+//!   speed of streaming.
 //! - An exported snapshot dies with its connection, so after a restart the
 //!   remaining chunks are read in a new snapshot. Rows that changed in
 //!   between are read at their newer state, and their changes still follow
@@ -62,6 +70,11 @@ use crate::source;
 /// Rows per re-read chunk: one atomic batch holds at most 1000 messages,
 /// and a table's first chunk carries its `_schema` message too.
 pub const CHUNK_ROWS: usize = MAX_BATCH - 1;
+
+/// Fast-ingest chunks in flight at most (atomic batches: 8): enough that
+/// nats-server still has chunks to store while walnats saves the
+/// checkpoint that announces the next ones.
+const FAST_CHUNKS_IN_FLIGHT: usize = 16;
 
 /// Ranges per reader at most: more units than readers, so that a reader
 /// done early takes another.
@@ -168,6 +181,12 @@ impl Snapshotter<'_> {
             Some(sql) => self.plan_units(cp, sql, reading.parallelism).await?,
             None => (VecDeque::new(), BTreeMap::new()),
         };
+        if self.out.publisher.chunks_fast() && units.iter().any(|u| u.plan.unkeyed.is_some()) {
+            // A chunk of heap pages has no key to go on after a part of it
+            // that landed: every chunk of this run lands whole or not at all.
+            info!("a table read by heap pages: the snapshot publishes atomic batches");
+            self.out.publisher.chunks_atomic()?;
+        }
         self.store.save(cp).await?;
 
         let started = Instant::now();
@@ -306,10 +325,16 @@ impl Snapshotter<'_> {
         let mut staged: Vec<Staged> = Vec::new();
         let mut open = true;
         let mut progress = Progress::new(Instant::now());
+        // Fast chunks are acknowledged one by one as they are stored;
+        // nats-server keeps at most 50 atomic batches open per stream.
+        let window = match self.out.publisher.chunks_fast() {
+            true => FAST_CHUNKS_IN_FLIGHT,
+            false => MAX_BATCHES_IN_FLIGHT,
+        };
         loop {
             self.apply_empty_heads(cp);
             let announced = cp.snapshot.as_ref().map_or(0, |s| s.in_flight.len());
-            let room = MAX_BATCHES_IN_FLIGHT.saturating_sub(announced + staged.len());
+            let room = window.saturating_sub(announced + staged.len());
             if !staged.is_empty() && (room == 0 || !open || rx.is_empty()) {
                 self.announce_and_send(cp, &mut staged).await?;
                 continue;
@@ -362,11 +387,20 @@ impl Snapshotter<'_> {
         } else {
             vec![chunk]
         };
+        let fast = self.out.publisher.chunks_fast();
         for chunk in parts {
             let rows = chunk.rows.len() as u64;
+            let id = unique_batch_id(BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let cursor = fast.then_some((id.as_str(), chunk.keys.as_slice()));
             let reads = self
                 .out
-                .reads(rel, chunk.rows, Position::new(lsn, *next_seq), cp_lsn)
+                .reads(
+                    rel,
+                    chunk.rows,
+                    Position::new(lsn, *next_seq),
+                    cp_lsn,
+                    cursor,
+                )
                 .await?;
             *next_seq = reads.next_seq;
             let pending = PendingChunk {
@@ -378,9 +412,8 @@ impl Snapshotter<'_> {
                 rows,
                 next_seq: reads.next_seq,
                 schema: reads.schema,
-                batch: (!reads.msgs.is_empty()).then(|| {
-                    unique_batch_id(BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                }),
+                batch: (!reads.msgs.is_empty()).then_some(id),
+                fast,
             };
             staged.push((pending, reads.msgs));
         }
