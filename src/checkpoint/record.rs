@@ -560,6 +560,11 @@ impl Checkpoint {
     /// Records an initial-snapshot chunk as in the stream.
     pub fn apply_chunk(&mut self, p: &PendingChunk, stream_seq: u64) {
         if let Some(snap) = self.snapshot.as_mut() {
+            if p.messages > 0 {
+                // Every late chain names a stream sequence this one is past:
+                // none can land any more.
+                snap.late.clear();
+            }
             if let Some(t) = snap.tables.get_mut(p.table) {
                 match p.range.and_then(|r| t.ranges.get_mut(r)) {
                     Some(r) => {
@@ -622,6 +627,13 @@ impl Checkpoint {
             .chain(std::mem::take(&mut snap.in_flight))
             .collect();
         let mut late = std::mem::take(&mut snap.late);
+        // The highest read number any announced chunk took: new reads go
+        // past it whichever chain landed (see below).
+        let highest = announced
+            .iter()
+            .chain(late.iter().flatten())
+            .map(|p| p.next_seq)
+            .max();
         // Whether `first_batch` is the batch of the chain's first message.
         let starts = |chain: &[PendingChunk]| {
             chain
@@ -698,7 +710,6 @@ impl Checkpoint {
             // that may still land has: JetStream would drop one of two
             // messages with the same id without a word, letting the other
             // sender's next message land in its place.
-            let highest = keep.iter().flatten().map(|p| p.next_seq).max();
             snap.next_seq = snap.next_seq.max(highest.unwrap_or(0));
             snap.late = keep;
         }
@@ -1110,6 +1121,30 @@ mod tests {
         }
     }
 
+    /// Once a chunk of this process lands, no chain an earlier start kept
+    /// as possibly late can land (each names a sequence the stream is now
+    /// past): they are dropped, and no later start waits or looks for them.
+    #[test]
+    fn a_chunk_landing_drops_the_late_chains() {
+        let mut cp = four_in_flight(100);
+        cp.settle_snapshot(100, None, None, &BTreeMap::new())
+            .unwrap();
+        let s = cp.snapshot.as_mut().unwrap();
+        assert_eq!(s.late.len(), 1);
+        let mut empty = s.late[0][0].clone();
+        empty.messages = 0;
+        let mut full = s.late[0][0].clone();
+        full.batch = Some("n1".into());
+        cp.apply_chunk(&empty, 100);
+        assert_eq!(
+            cp.snapshot.as_ref().unwrap().late.len(),
+            1,
+            "nothing landed"
+        );
+        cp.apply_chunk(&full, 111);
+        assert!(cp.snapshot.as_ref().unwrap().late.is_empty());
+    }
+
     #[test]
     fn a_chunk_of_no_message_lands_with_the_one_before_it() {
         let mut cp = four_in_flight(100);
@@ -1148,6 +1183,8 @@ mod tests {
         n1.messages = 11;
         n1.rows = 11;
         n1.batch = Some("n1".into());
+        // Numbered after everything the late chain holds.
+        n1.next_seq = 40;
         s.in_flight = vec![n1];
         let mut late = cp.clone();
         late.settle_snapshot(111, Some("b10"), None, &BTreeMap::new())
@@ -1161,6 +1198,10 @@ mod tests {
             "the late chunk of range 0 landed"
         );
         assert_eq!(s.tables[0].ranges[1].after, Cursor::Start, "not n1");
+        assert_eq!(
+            s.next_seq, 40,
+            "new reads go past n1, which may still land out of turn"
+        );
         assert_eq!(s.late.len(), 1, "the rest of the late chain may still land");
         assert_eq!(s.late[0].len(), 3);
         // The new announcement landed: applied as usual.
