@@ -110,6 +110,36 @@ pub(super) async fn session(
     Box::pin(s.stream(&mut shutdown)).await
 }
 
+/// Settles the snapshot chunks the checkpoint announced against what the
+/// stream holds past it: the batch of its first message, its last message
+/// (the end of a fast chunk that landed in part), and the id at each place
+/// an announced chunk would end (a chunk counts as landed only if the
+/// stream's message there is its own).
+async fn settle_snapshot(
+    stream: &async_nats::jetstream::stream::Stream,
+    resume: &mut checkpoint::Resume,
+) -> Result<()> {
+    let (first, tail) = match resume.last_seq > resume.state.stream_seq {
+        true => (
+            checkpoint::batch_id_at(stream, resume.state.stream_seq + 1).await?,
+            checkpoint::chunk_tail_at(stream, resume.last_seq).await?,
+        ),
+        false => (None, None),
+    };
+    let mut ends = std::collections::BTreeMap::new();
+    if let Some(snap) = &resume.state.snapshot {
+        for seq in snap.chunk_ends(resume.state.stream_seq, resume.last_seq) {
+            // A message gone (limits, a purge) proves nothing either way.
+            if let Some(batch) = checkpoint::batch_of(stream, seq).await? {
+                ends.insert(seq, batch);
+            }
+        }
+    }
+    resume
+        .state
+        .settle_snapshot(resume.last_seq, first.as_deref(), tail.as_ref(), &ends)
+}
+
 /// Both sides connected, walnats' slot lock held, the database ready for
 /// logical decoding, the publication and the stream there.
 async fn connect_and_lock(cfg: &Config) -> Result<(Connected, Arc<Store>, StreamSetup, Server)> {
@@ -215,27 +245,7 @@ async fn find_start(
             )
             .await?;
         }
-        let (first, tail) = match resume.last_seq > resume.state.stream_seq {
-            true => (
-                checkpoint::batch_id_at(&st.stream, resume.state.stream_seq + 1).await?,
-                checkpoint::chunk_tail_at(&st.stream, resume.last_seq).await?,
-            ),
-            false => (None, None),
-        };
-        // The id at each place an announced chunk would end: a chunk is
-        // counted as landed only if the stream's message there is its own.
-        let mut ends = std::collections::BTreeMap::new();
-        if let Some(snap) = &resume.state.snapshot {
-            for seq in snap.chunk_ends(resume.state.stream_seq, resume.last_seq) {
-                // A message gone (limits, a purge) proves nothing either way.
-                if let Some(batch) = checkpoint::batch_of(&st.stream, seq).await? {
-                    ends.insert(seq, batch);
-                }
-            }
-        }
-        resume
-            .state
-            .settle_snapshot(resume.last_seq, first.as_deref(), tail.as_ref(), &ends)?;
+        settle_snapshot(&st.stream, &mut resume).await?;
         if let Some(snap) = resume.state.snapshot.as_mut()
             && snap.consistent_point.is_none()
         {
