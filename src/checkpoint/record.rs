@@ -662,13 +662,10 @@ impl Checkpoint {
                 ),
             ));
         }
-        let mut end = self.stream_seq;
         for p in &chain[..k] {
-            end += p.messages;
-            let Some(id) = p.batch.as_deref().filter(|_| p.messages > 0) else {
-                continue;
-            };
-            if let Some(found) = ends.get(&end)
+            let end = self.stream_seq + p.messages;
+            if let Some(id) = p.batch.as_deref().filter(|_| p.messages > 0)
+                && let Some(found) = ends.get(&end)
                 && found.as_deref() != Some(id)
             {
                 return Err(Error::new(
@@ -682,10 +679,7 @@ impl Checkpoint {
                     ),
                 ));
             }
-        }
-        for p in &chain[..k] {
-            let seq = self.stream_seq + p.messages;
-            self.apply_chunk(p, seq);
+            self.apply_chunk(p, end);
         }
         // What was sent and is not in the stream may still be stored: the
         // rest of the chain that landed, or, when none did, every chain.

@@ -98,6 +98,21 @@ fn config_err(msg: impl Into<String>) -> Error {
     Error::new(Kind::Config, msg)
 }
 
+/// `value` as a count within `range`, or the refusal naming `key`.
+fn count(value: i64, range: std::ops::RangeInclusive<i64>, key: &str) -> Result<usize> {
+    range
+        .contains(&value)
+        .then(|| usize::try_from(value).ok())
+        .flatten()
+        .ok_or_else(|| {
+            config_err(format!(
+                "{key} must be between {} and {}",
+                range.start(),
+                range.end()
+            ))
+        })
+}
+
 impl Config {
     /// Reads `path` (which may be missing when every required key comes
     /// from the environment) and applies `WALNATS_*` overrides from `env`.

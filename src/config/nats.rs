@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::secret::one_secret;
-use super::{Secret, config_err};
+use super::{Secret, config_err, count};
 use crate::error::Result;
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,21 +164,6 @@ fn check_names(stream: Option<&str>, subject_prefix: Option<&str>) -> Result<()>
         ));
     }
     Ok(())
-}
-
-/// `value` of `key` as a count, when inside `range`.
-fn count(value: i64, range: std::ops::RangeInclusive<i64>, key: &str) -> Result<usize> {
-    range
-        .contains(&value)
-        .then(|| usize::try_from(value).ok())
-        .flatten()
-        .ok_or_else(|| {
-            config_err(format!(
-                "{key} must be between {} and {}",
-                range.start(),
-                range.end()
-            ))
-        })
 }
 
 fn parse_fast_ingest(text: Option<&str>) -> Result<FastIngest> {

@@ -9,7 +9,7 @@
 
 use serde::Deserialize;
 
-use super::config_err;
+use super::{config_err, count};
 use crate::error::Result;
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,21 +122,6 @@ impl SnapshotMode {
             },
         ))
     }
-}
-
-/// `value` as a count within `range`, or the refusal naming `key`.
-fn count(value: i64, range: std::ops::RangeInclusive<i64>, key: &str) -> Result<usize> {
-    range
-        .contains(&value)
-        .then(|| usize::try_from(value).ok())
-        .flatten()
-        .ok_or_else(|| {
-            config_err(format!(
-                "{key} must be between {} and {}",
-                range.start(),
-                range.end()
-            ))
-        })
 }
 
 impl OutputConfig {

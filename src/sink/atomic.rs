@@ -49,19 +49,8 @@ pub(super) async fn publish(
     let id = batch_id(expected);
     let mut last = None;
     for (i, m) in msgs.into_iter().enumerate() {
-        let mut headers = m.headers;
-        headers.insert("Nats-Batch-Id", id.as_str());
-        headers.insert("Nats-Batch-Sequence", itoa::Buffer::new().format(i + 1));
-        if i == 0 {
-            headers.insert(
-                "Nats-Expected-Last-Sequence",
-                itoa::Buffer::new().format(expected),
-            );
-        }
+        let headers = batch_headers(m.headers, &id, i, n, expected);
         let commit = i + 1 == n;
-        if commit {
-            headers.insert("Nats-Batch-Commit", "1");
-        }
         if i == 0 || commit {
             // The first message is a request so that a refusal (no
             // atomic batches on this stream) comes back at once.
@@ -158,19 +147,8 @@ impl Pipe {
         let mut digits = itoa::Buffer::new();
         let token_text = digits.format(token).to_owned();
         for (i, m) in msgs.into_iter().enumerate() {
-            let mut headers = m.headers;
-            headers.insert("Nats-Batch-Id", id.as_str());
-            headers.insert("Nats-Batch-Sequence", itoa::Buffer::new().format(i + 1));
-            if i == 0 {
-                headers.insert(
-                    "Nats-Expected-Last-Sequence",
-                    itoa::Buffer::new().format(expected),
-                );
-            }
+            let headers = batch_headers(m.headers, &id, i, n, expected);
             let commit = i + 1 == n;
-            if commit {
-                headers.insert("Nats-Batch-Commit", "1");
-            }
             let reply = if commit {
                 Some(format!("{}.{token_text}.c", self.inbox))
             } else if i == 0 {
@@ -249,6 +227,31 @@ impl Pipe {
             }
         }
     }
+}
+
+/// The headers of message `i` (0-based) of an atomic batch of `n` with id
+/// `id` that must start right after stream sequence `expected`: the id and
+/// place on each, the expected sequence on the first, the commit on the
+/// last.
+fn batch_headers(
+    mut headers: async_nats::HeaderMap,
+    id: &str,
+    i: usize,
+    n: usize,
+    expected: u64,
+) -> async_nats::HeaderMap {
+    headers.insert("Nats-Batch-Id", id);
+    headers.insert("Nats-Batch-Sequence", itoa::Buffer::new().format(i + 1));
+    if i == 0 {
+        headers.insert(
+            "Nats-Expected-Last-Sequence",
+            itoa::Buffer::new().format(expected),
+        );
+    }
+    if i + 1 == n {
+        headers.insert("Nats-Batch-Commit", "1");
+    }
+    headers
 }
 
 fn too_big(n: usize) -> Error {
