@@ -656,6 +656,71 @@ async fn a_checkpoint_bucket_lost_during_the_initial_snapshot_is_refused_or_ever
     assert_refused_or_every_row_read_once(&world, &mut w, ROWS).await;
 }
 
+/// kill -9 during the initial snapshot, then another client publishes into
+/// walnats' stream while it is down, a copy of walnats' last read under an
+/// id of its own: what the stream holds past the checkpoint is no longer
+/// what the announced chunks say (a chunk in part would end with the
+/// stranger's message, or a chunk's end holds it), so the next start
+/// refuses in one line naming the other writer, and publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_after_an_interrupted_snapshot_is_refused() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    const ROWS: i64 = 120_000;
+    create_big(&world, ROWS).await;
+    let cfg = initial_snapshot(&world);
+    let mut w = world.spawn_with(&cfg, &[]);
+    wait_stream_seq(&world, &mut w, 3000).await;
+    w.kill9();
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert!(
+        !log.contains("snapshot complete"),
+        "premise: the snapshot was still running at the kill; make the table bigger"
+    );
+    // What the dead process had on its way is stored by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A stranger that republishes walnats' last read under an id of its
+    // own passes for a read of walnats' (a plain publish is refused before,
+    // by `a_foreign_message_*`): only the snapshot's chunks can tell.
+    let js = world.js().await;
+    let last = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .get_raw_message(last_seq(&world).await)
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in last.headers.iter() {
+        let name: &str = name.as_ref();
+        // Not its id, its cursor, nor the expected sequence it was stored with.
+        if name.starts_with("Nats-") || name == "Cdc-Snapshot-Cursor" {
+            continue;
+        }
+        for v in values {
+            headers.insert(name, v.as_str());
+        }
+    }
+    let id = last.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+    let (head, seq) = id.rsplit_once(':').unwrap();
+    let seq: u64 = seq.parse().unwrap();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{head}:{}", seq + 1_000_000).as_str(),
+    );
+    js.publish_with_headers(last.subject.to_string(), headers, last.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let tail = last_seq(&world).await;
+    let mut w = world.spawn_with(&cfg, &[]);
+    assert_refuses(&world, &mut w, &["only writer"], || async {
+        "it went on with the snapshot".to_owned()
+    })
+    .await;
+    assert_eq!(last_seq(&world).await, tail, "published after the stranger");
+}
+
 /// Issue 14, 3: the slot is there but the checkpoint bucket and the stream
 /// are gone (deleted by hand), with `snapshot.mode = "initial"`. Starting
 /// as if fresh, with no snapshot, would never publish the table's rows.
