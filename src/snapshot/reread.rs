@@ -177,10 +177,7 @@ pub async fn resolve(
 /// into the WAL; returns its LSN.
 pub async fn announce(sql: &Client, nonce: &str) -> Result<String> {
     let row = sql
-        .query_one(
-            "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text",
-            &[&REQUEST_PREFIX, &nonce],
-        )
+        .query_one(EMIT_FLUSHED, &[&REQUEST_PREFIX, &nonce])
         .await
         .map_err(|e| pg_query_err("writing the snapshot request into the WAL", e))?;
     Ok(row.get(0))
@@ -307,13 +304,22 @@ pub async fn read_window(
     Ok(chunk)
 }
 
-/// Writes a watermark; returns the end of its WAL record.
+/// Writes a non-transactional logical message and flushes the WAL up to
+/// it; returns the end of its record. Without the flush the message
+/// waits in the WAL buffers for the WAL writer (up to `wal_writer_delay`,
+/// 200 ms by default), as nothing else commits: the walsender sends only
+/// flushed WAL, so every re-read chunk (and a request) would wait that
+/// long before walnats sees it. The statement takes a transaction id, so
+/// its commit writes a record and flushes the WAL through the message;
+/// `synchronous_commit` is set on for that commit, whatever the
+/// database's default says.
+const EMIT_FLUSHED: &str = "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text, \
+     pg_catalog.set_config('synchronous_commit', 'on', true), pg_catalog.txid_current()";
+
+/// Writes a watermark, flushed; returns the end of its WAL record.
 async fn emit_watermark(sql: &Client, content: &str) -> Result<Lsn> {
     let row = sql
-        .query_one(
-            "SELECT pg_catalog.pg_logical_emit_message(false, $1, $2)::text",
-            &[&WATERMARK_PREFIX, &content],
-        )
+        .query_one(EMIT_FLUSHED, &[&WATERMARK_PREFIX, &content])
         .await
         .map_err(|e| pg_query_err("writing a snapshot watermark", e))?;
     row.get::<_, String>(0).parse().map_err(|e| {
