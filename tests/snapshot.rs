@@ -626,21 +626,97 @@ async fn an_on_demand_snapshot_survives_kill_9_with(parallelism: &str) {
         w = world.spawn_with(&cfg, &env);
     }
     wait_log(&world, &mut w, "snapshot of table complete", 1).await;
+    assert_reread_rebuilds_big(&world, &mut w, BIG, (stop, txs, churn)).await;
+    w.sigterm();
+}
+
+/// The checkpoint walnats left, as JSON; null when there is none.
+async fn checkpoint_json(world: &World<'_>) -> Value {
+    crate::resume::checkpoint(world)
+        .await
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+/// After a re-read of `big` (`rows` rows at the start) under `churn`
+/// (`churn_big`), stopped here: once the stream has caught up, a
+/// consumer's model of `big` from the stream equals the table, and nearly
+/// every row was read (once: `rebuild` fails on a row read twice).
+async fn assert_reread_rebuilds_big(
+    world: &World<'_>,
+    w: &mut WalnatsProc,
+    rows: i64,
+    churn: (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<()>),
+) {
+    let (stop, txs, churn) = churn;
     stop.store(true, Ordering::Relaxed);
     churn.await.unwrap();
     assert!(
         txs.load(Ordering::Relaxed) > 20,
         "the load wrote too little"
     );
-    wait_fence(&world, &mut w, 1).await;
-    let (model, reads, _) = rebuild(&world, false, None).await;
-    assert!(reads >= BIG as u64 * 9 / 10, "only {reads} reads");
-    let want = truth(&world, &[("big", &["id"])]).await;
+    wait_fence(world, w, 1).await;
+    let (model, reads, _) = rebuild(world, false, None).await;
+    assert!(reads >= rows as u64 * 9 / 10, "only {reads} reads");
+    let want = truth(world, &[("big", &["id"])]).await;
     let got: Model = model
         .into_iter()
         .filter(|(t, _)| want.contains_key(t))
         .collect();
     assert_model_equals(&got, &want);
+}
+
+/// `walnats snapshot` under churn (100-row chunks) keeps several re-read
+/// chunks in flight among the streamed changes: walnats is killed with -9 until, twice, the
+/// checkpoint it left announced two or more of them, and a next start found
+/// one in the stream after changes it still had to prove (the replay steps
+/// over it). The re-read ends with every row read once (`rebuild` fails on
+/// a row read twice) and the table rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_with_several_reread_chunks_in_flight_gives_each_row_once() {
+    let world = World::new(shared(PgVersion::V15)).await;
+    const BIG: i64 = 200_000;
+    create_tables(&world, BIG).await;
+    let cfg = world.config();
+    // Small chunks: many of them, each a write-ahead and a batch.
+    let env = [("WALNATS_SNAPSHOT_CHUNK_ROWS", "100")];
+    let mut w = world.spawn_with(&cfg, &env);
+    world.wait_streaming(&mut w).await;
+    let (stop, txs, churn) = churn_big(&world, BIG);
+    let (code, out, err) = crate::cli::run(&["snapshot", "public.big"], &cfg, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    const STEPPED: &str = "the replay steps over them";
+    let mut rng = Rng::from_env();
+    let mut several = 0;
+    for i in 0..30 {
+        // A start waits 2 s for a dead process' last batches before it
+        // settles: later kills give it time to get on.
+        let wait = if i == 0 { (500, 1000) } else { (2800, 3500) };
+        tokio::time::sleep(Duration::from_millis(rng.range(wait.0, wait.1))).await;
+        assert!(
+            log_count(&world, "snapshot of table complete") == 0,
+            "the re-read finished before the kills; make the table bigger"
+        );
+        w.kill9();
+        let cp = checkpoint_json(&world).await;
+        if cp["pending_reread"].as_array().map_or(0, Vec::len) >= 2 {
+            several += 1;
+        }
+        w = world.spawn_with(&cfg, &env);
+        if several >= 2 && log_count(&world, STEPPED) > 0 {
+            break;
+        }
+    }
+    assert!(
+        several >= 2,
+        "no two kills found two re-read chunks in flight"
+    );
+    wait_log(&world, &mut w, "snapshot of table complete", 1).await;
+    assert!(
+        log_count(&world, STEPPED) > 0,
+        "no start stepped over a chunk"
+    );
+    assert_reread_rebuilds_big(&world, &mut w, BIG, (stop, txs, churn)).await;
     w.sigterm();
 }
 
@@ -669,10 +745,7 @@ async fn a_kill_with_several_chunks_in_flight_gives_each_row_once() {
             "the snapshot finished before the kills; make the table bigger"
         );
         w.kill9();
-        let cp: Value = crate::resume::checkpoint(&world)
-            .await
-            .map(|b| serde_json::from_slice(&b).unwrap())
-            .unwrap_or(Value::Null);
+        let cp = checkpoint_json(&world).await;
         let in_flight = cp["snapshot"]["in_flight"].as_array().map_or(0, Vec::len);
         if let Some(tables) = cp["snapshot"]["tables"].as_array() {
             ranges = tables

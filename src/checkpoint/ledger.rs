@@ -46,6 +46,12 @@ pub enum Acked {
     /// `walnats snapshot` asked for these tables (a message in the WAL at
     /// `pos`): they join the checkpoint's re-read queue in stream order.
     Request { pos: Position, targets: Vec<Target> },
+    /// A re-read chunk whose batch ends at `end` (`None`: a chunk of no
+    /// message) is in the stream.
+    Reread {
+        chunk: PendingReread,
+        end: Option<u64>,
+    },
 }
 
 /// Metric handles the ledger records into (names live with the metrics).
@@ -170,6 +176,9 @@ impl Ledger {
                     });
                 }
             }
+            Acked::Reread { chunk, end } => {
+                c.apply_reread(&chunk, end);
+            }
             Acked::TxEnd { commit, end } => {
                 c.confirmed = c.confirmed.max(end);
                 // Transactions end in commit order: a later one ending
@@ -202,28 +211,22 @@ impl Ledger {
         }
     }
 
-    /// Write-ahead for a re-read chunk about to go out at `at` (after
-    /// everything in flight is acknowledged and durable): the checkpoint to
-    /// write, synchronously, before the batch is published.
-    pub fn announce_reread(
-        &mut self,
-        pending: PendingReread,
-        at: Position,
-        stream_seq: u64,
-    ) -> Checkpoint {
-        let a = &mut self.acked;
-        a.pending_reread = Some(pending);
-        a.stream_seq = stream_seq;
-        if a.pos.is_none_or(|p| p < at) {
-            a.pos = Some(at);
-        }
-        a.clone()
+    /// Write-ahead for a re-read chunk about to go out (streamed changes
+    /// may still be in flight before it): the checkpoint to write,
+    /// synchronously, before its batch is published. Its
+    /// [`Acked::Reread`] records it once the stream holds it.
+    pub fn announce_reread(&mut self, pending: PendingReread) -> Checkpoint {
+        self.acked.pending_rereads.push(pending);
+        self.acked.clone()
     }
 
-    /// The announced re-read chunk is in the stream, its last message at
-    /// `seq`; returns the table when that was its last chunk.
-    pub fn reread_landed(&mut self, pending: &PendingReread, seq: u64) -> Option<Reread> {
-        self.acked.apply_reread(pending, seq)
+    /// The last re-read chunk of table `oid` that is sent and not yet in
+    /// the acknowledged state: the next chunk starts where it ends.
+    pub fn reread_in_flight(&self, oid: u32) -> Option<&PendingReread> {
+        self.inflight.iter().rev().find_map(|(_, a)| match a {
+            Acked::Reread { chunk, .. } if chunk.oid == oid => Some(chunk),
+            _ => None,
+        })
     }
 
     /// A checkpoint to write, if the acknowledged state moved on and the
@@ -433,11 +436,16 @@ mod tests {
     }
 
     #[test]
-    fn a_reread_chunk_is_announced_then_recorded() {
+    fn a_reread_chunk_is_announced_then_recorded_in_turn_with_changes_in_flight() {
         let mut l = Ledger::new(Checkpoint::default(), meters());
         l.push(0, request(150, &[5]));
         l.settle();
+        // A change in flight before the chunk: not waited for.
+        l.push(1, msg(1, 180, 0));
         let pending = PendingReread {
+            id: "w1-2-3".to_owned(),
+            after_seq: Some(1),
+            oid: 5,
             messages: 3,
             end: Cursor::Key {
                 values: vec!["9".to_owned()],
@@ -447,21 +455,80 @@ mod tests {
             schema: Some((5, 1)),
             last_pos: Some(Position::new(Lsn::from_u64(199), 3)),
         };
-        let at = Position::new(Lsn::from_u64(199), 0);
-        let c = l.announce_reread(pending.clone(), at, 10);
+        let c = l.announce_reread(pending.clone());
         assert_eq!(
-            c.pending_reread.as_ref(),
-            Some(&pending),
+            c.pending_rereads,
+            std::slice::from_ref(&pending),
             "written before the batch"
         );
-        assert_eq!((c.pos, c.stream_seq), (Some(at), 10));
+        assert_eq!(
+            c.stream_seq, 0,
+            "the acknowledged state, not what is in flight"
+        );
         l.mark_written(c);
-        let done = l.reread_landed(&pending, 13).unwrap();
-        assert_eq!(done.target.oid, 5);
+        l.push(
+            4,
+            Acked::Reread {
+                chunk: pending.clone(),
+                end: Some(4),
+            },
+        );
+        l.push(5, msg(5, 300, 0));
+        l.stored(1);
+        l.settle();
+        assert_eq!(
+            l.acked().pending_rereads.len(),
+            1,
+            "its batch is not stored yet"
+        );
+        // An atomic batch's commit: everything before it is stored too.
+        l.stored(4);
+        l.settle();
         let a = l.acked();
-        assert_eq!((a.stream_seq, a.pos), (13, pending.last_pos));
-        assert!(a.pending_reread.is_none() && a.rereads.is_empty());
+        assert_eq!((a.stream_seq, a.pos), (4, pending.last_pos));
+        assert!(
+            a.pending_rereads.is_empty() && a.rereads.is_empty(),
+            "the table is done"
+        );
         assert_eq!(a.schemas.get(&5), Some(&1));
+        assert_eq!(l.inflight(), 1);
+    }
+
+    #[test]
+    fn a_reread_chunk_of_no_message_moves_only_the_cursor() {
+        let mut l = Ledger::new(Checkpoint::default(), meters());
+        l.push(0, request(150, &[5]));
+        l.push(1, msg(1, 180, 0));
+        let chunk = PendingReread {
+            id: "w1-2-4".to_owned(),
+            after_seq: Some(1),
+            oid: 5,
+            messages: 0,
+            end: Cursor::Key {
+                values: vec!["4".to_owned()],
+            },
+            last: false,
+            rows: 0,
+            schema: None,
+            last_pos: None,
+        };
+        l.push(0, Acked::Reread { chunk, end: None });
+        l.settle();
+        assert_eq!(
+            l.acked().rereads[0].after,
+            Cursor::Start,
+            "behind the change in flight"
+        );
+        l.stored(1);
+        l.settle();
+        let a = l.acked();
+        assert_eq!(a.stream_seq, 1);
+        assert_eq!(
+            a.rereads[0].after,
+            Cursor::Key {
+                values: vec!["4".to_owned()]
+            }
+        );
     }
 
     #[test]

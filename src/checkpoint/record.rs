@@ -6,11 +6,11 @@
 //! here, not with the code that fills them (`snapshot`, `pipeline`), so
 //! that the checkpoint depends on nothing that depends on it.
 //!
-//! A snapshot or re-read chunk goes out as one atomic batch that the
-//! checkpoint announces first (write-ahead): on resume, how far the
-//! stream's last sequence is past the checkpoint's tells whether the batch
-//! landed ([`Checkpoint::settle_snapshot`], [`Checkpoint::settle_reread`],
-//! one rule for both). No I/O.
+//! A snapshot or re-read chunk goes out as a batch that the checkpoint
+//! announces first (write-ahead): on resume, how far the stream's last
+//! sequence is past each announced chunk's start, and the batch ids where
+//! chunks would end, tell which landed ([`Checkpoint::settle_snapshot`],
+//! [`Checkpoint::settle_rereads`]). No I/O.
 
 use std::collections::BTreeMap;
 
@@ -177,9 +177,38 @@ pub struct Checkpoint {
     /// Tables `walnats snapshot` asked to re-read; the first is in progress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rereads: Vec<Reread>,
-    /// A re-read chunk announced before its batch is published.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending_reread: Option<PendingReread>,
+    /// Re-read chunks announced before their batches were published, in
+    /// publish order; the first still awaits its acknowledgement. A list
+    /// under the name that held one chunk before several could be in
+    /// flight: an older walnats cannot read it and refuses to start,
+    /// rather than miss the chunks it does not know about.
+    #[serde(
+        rename = "pending_reread",
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pending_rereads: Vec<PendingReread>,
+}
+
+/// A list, or the single value (or `null`) that older checkpoints held.
+fn one_or_many<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        Many(Vec<T>),
+        One(T),
+        None,
+    }
+    Ok(match Option::<OneOrMany<T>>::deserialize(d)? {
+        Some(OneOrMany::Many(v)) => v,
+        Some(OneOrMany::One(t)) => vec![t],
+        Some(OneOrMany::None) | None => Vec::new(),
+    })
 }
 
 /// How far the initial snapshot got: saved in the checkpoint while it runs,
@@ -476,9 +505,22 @@ pub struct Reread {
     pub rows: u64,
 }
 
-/// A chunk announced in the checkpoint before its batch goes out.
+/// A re-read chunk announced in the checkpoint before its atomic batch
+/// goes out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingReread {
+    /// Its batch's `Nats-Batch-Id`; empty in checkpoints from before
+    /// several chunks could be in flight.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The stream sequence its batch must follow (streamed changes may be
+    /// in flight before it); `None` in older checkpoints, where it is the
+    /// checkpoint's own `stream_seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    /// The table it is of; 0 in older checkpoints: the queue's first.
+    #[serde(default)]
+    pub oid: u32,
     pub messages: u64,
     pub end: Cursor,
     pub last: bool,
@@ -486,26 +528,6 @@ pub struct PendingReread {
     pub schema: Option<(u32, u64)>,
     /// The position of the last read in the batch.
     pub last_pos: Option<Position>,
-}
-
-/// Whether a batch the checkpoint announced (`announced` messages) landed,
-/// given that the stream holds `extra` messages after the checkpoint's
-/// `stream_seq`. `more_may_follow`: walnats may have published after the
-/// batch before the next checkpoint (streaming goes on after a re-read
-/// chunk; nothing follows a snapshot chunk first). Any other count means
-/// another client wrote to the stream.
-fn landed(announced: u64, extra: u64, more_may_follow: bool) -> Result<bool> {
-    match extra {
-        0 => Ok(false),
-        e if e == announced || (more_may_follow && e > announced) => Ok(true),
-        e => Err(Error::new(
-            Kind::Checkpoint,
-            format!(
-                "the stream holds {e} message(s) after the checkpoint, but the snapshot chunk it announced has \
-                 {announced}: another client publishes to the stream's subjects; walnats must be its only writer"
-            ),
-        )),
-    }
 }
 
 /// How many of the `announced` chunks (in publish order) landed, given
@@ -780,43 +802,131 @@ impl Checkpoint {
         Ok(rows)
     }
 
-    /// Records an announced re-read chunk as in the stream: the queue's
-    /// cursor moves, and a finished table leaves the queue (returned).
-    pub fn apply_reread(&mut self, p: &PendingReread, stream_seq: u64) -> Option<Reread> {
-        self.pending_reread = None;
-        self.stream_seq = stream_seq;
-        if let Some(pos) = p.last_pos
-            && self.pos.is_none_or(|q| q < pos)
-        {
-            self.pos = Some(pos);
+    /// Records a re-read chunk that is in the stream, its batch ending at
+    /// `end`: it leaves the announced list, the queue's cursor moves, and
+    /// a finished table leaves the queue (returned). `end` is `None` for a
+    /// chunk of no message (every row changed inside its window).
+    pub fn apply_reread(&mut self, p: &PendingReread, end: Option<u64>) -> Option<Reread> {
+        if let Some(i) = self.pending_rereads.iter().position(|q| q == p) {
+            self.pending_rereads.remove(i);
         }
+        if let Some(end) = end {
+            self.stream_seq = end;
+            if let Some(pos) = p.last_pos
+                && self.pos.is_none_or(|q| q < pos)
+            {
+                self.pos = Some(pos);
+            }
+        }
+        self.reread_moved(p)
+    }
+
+    /// The queue's side of a landed re-read chunk: cursor, rows, `_schema`.
+    fn reread_moved(&mut self, p: &PendingReread) -> Option<Reread> {
         if let Some((oid, hash)) = p.schema {
             self.schemas.insert(oid, hash);
         }
-        let r = self.rereads.first_mut()?;
+        // Its table may have left the queue meanwhile (abandoned: dropped
+        // or unpublished while the chunk was in flight).
+        let i = match p.oid {
+            0 => 0,
+            oid => self.rereads.iter().position(|r| r.target.oid == oid)?,
+        };
+        let r = self.rereads.get_mut(i)?;
         r.after = p.end.clone();
         r.rows += p.rows;
         if p.last {
-            Some(self.rereads.remove(0))
+            tracing::info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");
+            Some(self.rereads.remove(i))
         } else {
             None
         }
     }
 
-    /// On resume: whether the re-read chunk the checkpoint announced landed
-    /// (the stream grew by its size, or more once streaming went on after
-    /// it); records it if so.
-    pub fn settle_reread(&mut self, last_seq: u64) -> Result<()> {
-        let Some(p) = self.pending_reread.take() else {
-            return Ok(());
-        };
-        let extra = last_seq.saturating_sub(self.stream_seq);
-        if landed(p.messages, extra, true)? {
-            let seq = self.stream_seq + p.messages;
-            self.apply_reread(&p, seq);
-        }
-        Ok(())
+    /// The stream sequences whose batch ids [`Checkpoint::settle_rereads`]
+    /// needs: the last message of each announced re-read chunk the stream
+    /// reaches, given its last sequence.
+    pub fn reread_ends(&self, last_seq: u64) -> Vec<u64> {
+        self.pending_rereads
+            .iter()
+            .filter_map(|p| {
+                let end = p.after_seq.unwrap_or(self.stream_seq) + p.messages;
+                (last_seq >= end).then_some(end)
+            })
+            .collect()
     }
+
+    /// On resume: which announced re-read chunks landed, given the stream's
+    /// last sequence and the batch at each chunk's end (as
+    /// `resume::batch_of` reads it: `None` when the message is gone). Each
+    /// batch names the sequence it must follow and lands whole or not at
+    /// all, and so does everything walnats sends after it: the stream
+    /// holds a prefix of the list. A chunk right after the checkpoint's
+    /// `stream_seq` moves it; one after streamed changes that the replay
+    /// must still prove is returned as a stretch of the stream the replay
+    /// steps over ([`Skip`]). Any other count, or another batch where a
+    /// chunk ends, means another writer: a refusal.
+    pub fn settle_rereads(
+        &mut self,
+        last_seq: u64,
+        batches: &BTreeMap<u64, Option<Option<String>>>,
+    ) -> Result<Vec<Skip>> {
+        let mut skips = Vec::new();
+        for p in std::mem::take(&mut self.pending_rereads) {
+            let after = p.after_seq.unwrap_or(self.stream_seq);
+            let end = after + p.messages;
+            if last_seq <= after {
+                break;
+            }
+            if last_seq < end || !p.id_matches(batches.get(&end)) {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    format!(
+                        "the stream's messages {}..={end} should be the re-read chunk {:?} that the checkpoint \
+                         announced, but the stream ends at {last_seq} or holds another batch there: another \
+                         client publishes to the stream's subjects; walnats must be its only writer",
+                        after + 1,
+                        p.id
+                    ),
+                ));
+            }
+            if after == self.stream_seq {
+                self.apply_reread(&p, Some(end));
+            } else {
+                self.reread_moved(&p);
+                skips.push(Skip {
+                    first: after + 1,
+                    last: end,
+                    pos: p.last_pos,
+                });
+            }
+        }
+        Ok(skips)
+    }
+}
+
+impl PendingReread {
+    /// Whether the stream's message at the chunk's end (`None`: not read;
+    /// `Some(None)`: gone) may be its last: its batch id, when it has one
+    /// and the chunk recorded its own.
+    fn id_matches(&self, at_end: Option<&Option<Option<String>>>) -> bool {
+        match at_end {
+            _ if self.id.is_empty() => true,
+            Some(Some(Some(id))) => *id == self.id,
+            Some(Some(None)) => false,
+            Some(None) | None => true,
+        }
+    }
+}
+
+/// A stretch of the stream that a resumed replay steps over: a re-read
+/// chunk that landed after streamed changes the replay still has to prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub first: u64,
+    pub last: u64,
+    /// The position of its last read: the checkpoint's once past it.
+    pub pos: Option<Position>,
 }
 
 #[cfg(test)]
@@ -1298,7 +1408,25 @@ mod tests {
         );
     }
 
-    fn rereading(stream_seq: u64, messages: u64) -> Checkpoint {
+    fn chunk(id: &str, after_seq: Option<u64>, messages: u64, key: &str) -> PendingReread {
+        PendingReread {
+            id: id.to_owned(),
+            after_seq,
+            oid: 1,
+            messages,
+            end: Cursor::Key {
+                values: vec![key.into()],
+            },
+            last: false,
+            rows: messages,
+            schema: None,
+            last_pos: Some(Position::new(Lsn::from_u64(0x200), messages as u32)),
+        }
+    }
+
+    /// A checkpoint at `stream_seq` re-reading `public.t` with `chunks`
+    /// announced.
+    fn rereading(stream_seq: u64, chunks: Vec<PendingReread>) -> Checkpoint {
         let target = Target {
             oid: 1,
             schema: "public".into(),
@@ -1311,26 +1439,30 @@ mod tests {
                 after: Cursor::Start,
                 rows: 0,
             }],
-            pending_reread: Some(PendingReread {
-                messages,
-                end: Cursor::Key {
-                    values: vec!["7".into()],
-                },
-                last: false,
-                rows: messages,
-                schema: None,
-                last_pos: Some(Position::new(Lsn::from_u64(0x200), messages as u32)),
-            }),
+            pending_rereads: chunks,
             ..Default::default()
         }
     }
 
+    fn ends(pairs: &[(u64, Option<&str>)]) -> BTreeMap<u64, Option<Option<String>>> {
+        pairs
+            .iter()
+            .map(|(seq, id)| (*seq, Some(id.map(str::to_owned))))
+            .collect()
+    }
+
+    fn after(cp: &Checkpoint) -> &Cursor {
+        &cp.rereads[0].after
+    }
+
     #[test]
-    fn a_reread_chunk_landed_when_the_stream_grew_by_it_or_more() {
+    fn a_reread_chunk_right_after_the_checkpoint_moves_it() {
         for last_seq in [8, 12] {
-            let mut cp = rereading(5, 3);
-            cp.settle_reread(last_seq).unwrap();
-            assert!(cp.pending_reread.is_none());
+            let mut cp = rereading(5, vec![chunk("b1", Some(5), 3, "7")]);
+            let skips = cp
+                .settle_rereads(last_seq, &ends(&[(8, Some("b1"))]))
+                .unwrap();
+            assert!(skips.is_empty() && cp.pending_rereads.is_empty());
             assert_eq!(cp.stream_seq, 8, "the batch's own end, not the stream's");
             assert_eq!(cp.rereads[0].rows, 3);
             assert_eq!(cp.pos, Some(Position::new(Lsn::from_u64(0x200), 3)));
@@ -1338,29 +1470,106 @@ mod tests {
     }
 
     #[test]
-    fn a_reread_chunk_that_did_not_land_is_read_again() {
-        let mut cp = rereading(5, 3);
-        cp.settle_reread(5).unwrap();
-        assert!(cp.pending_reread.is_none());
-        assert_eq!(cp.rereads[0].after, Cursor::Start);
-        assert_eq!(cp.stream_seq, 5);
+    fn a_reread_chunk_after_changes_in_flight_is_stepped_over_by_the_replay() {
+        // Changes 6..=7, chunk b1 at 8..=10, a change at 11, chunk b2 at
+        // 12..=13, then more changes; b3 (after 20) did not land.
+        let mut cp = rereading(
+            5,
+            vec![
+                chunk("b1", Some(7), 3, "3"),
+                chunk("b2", Some(11), 2, "5"),
+                chunk("b3", Some(20), 2, "9"),
+            ],
+        );
+        let skips = cp
+            .settle_rereads(15, &ends(&[(10, Some("b1")), (13, Some("b2"))]))
+            .unwrap();
+        assert_eq!(
+            skips.iter().map(|s| (s.first, s.last)).collect::<Vec<_>>(),
+            [(8, 10), (12, 13)]
+        );
+        assert_eq!(
+            cp.stream_seq, 5,
+            "the changes before them are still to prove"
+        );
+        assert_eq!(
+            after(&cp),
+            &Cursor::Key {
+                values: vec!["5".into()]
+            }
+        );
+        assert_eq!(cp.rereads[0].rows, 5);
+        assert!(cp.pending_rereads.is_empty());
     }
 
     #[test]
-    fn part_of_a_reread_chunk_means_another_writer() {
-        let mut cp = rereading(5, 3);
-        let e = cp.settle_reread(7).unwrap_err();
+    fn a_reread_chunk_that_did_not_land_is_read_again() {
+        for last_seq in [5, 7] {
+            let mut cp = rereading(
+                5,
+                vec![chunk("b1", Some(7), 3, "7"), chunk("b2", Some(10), 1, "8")],
+            );
+            assert!(
+                cp.settle_rereads(last_seq, &BTreeMap::new())
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(cp.pending_rereads.is_empty());
+            assert_eq!(after(&cp), &Cursor::Start);
+            assert_eq!(cp.stream_seq, 5);
+        }
+    }
+
+    #[test]
+    fn part_of_a_reread_chunk_or_another_batch_at_its_end_means_another_writer() {
+        let mut cp = rereading(5, vec![chunk("b1", Some(5), 3, "7")]);
+        let e = cp.settle_rereads(7, &BTreeMap::new()).unwrap_err();
         assert!(e.to_string().contains("only writer"), "{e}");
+        for other in [Some("b9"), None] {
+            let mut cp = rereading(5, vec![chunk("b1", Some(5), 3, "7")]);
+            let e = cp.settle_rereads(9, &ends(&[(8, other)])).unwrap_err();
+            assert!(e.to_string().contains("only writer"), "{e}");
+        }
+        // Gone (a work queue, limits): the numbering still proves it.
+        let mut cp = rereading(5, vec![chunk("b1", Some(5), 3, "7")]);
+        let gone = BTreeMap::from([(8, None)]);
+        assert!(cp.settle_rereads(9, &gone).is_ok());
+        assert_eq!(cp.stream_seq, 8);
+    }
+
+    #[test]
+    fn a_reread_chunk_announced_by_an_older_walnats_follows_the_checkpoint() {
+        // One chunk, no id, no sequence of its own: the old format.
+        let mut json = serde_json::to_value(rereading(5, Vec::new())).unwrap();
+        let old = serde_json::json!({"messages": 3, "end": {"by": "key", "values": ["7"]},
+            "last": false, "rows": 3, "schema": null, "last_pos": null});
+        json["pending_reread"] = old;
+        let mut cp: Checkpoint = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(cp.pending_rereads.len(), 1);
+        assert_eq!(cp.reread_ends(9), [8]);
+        cp.settle_rereads(9, &ends(&[(8, Some("w-any"))])).unwrap();
+        assert_eq!(cp.stream_seq, 8);
+        json["pending_reread"] = serde_json::Value::Null;
+        let none: Checkpoint = serde_json::from_value(json).unwrap();
+        assert!(none.pending_rereads.is_empty());
+        // And a list, as written now, round trips.
+        let many = rereading(
+            5,
+            vec![chunk("b1", Some(6), 2, "3"), chunk("b2", Some(9), 1, "4")],
+        );
+        let back: Checkpoint =
+            serde_json::from_str(&serde_json::to_string(&many).unwrap()).unwrap();
+        assert_eq!(back, many);
     }
 
     #[test]
     fn a_finished_table_leaves_the_queue() {
-        let mut cp = rereading(5, 3);
-        let mut p = cp.pending_reread.clone().unwrap();
+        let mut p = chunk("b1", Some(5), 3, "7");
         p.last = true;
-        let done = cp.apply_reread(&p, 8).unwrap();
+        let mut cp = rereading(5, vec![p.clone()]);
+        let done = cp.apply_reread(&p, Some(8)).unwrap();
         assert_eq!(done.target.oid, 1);
-        assert!(cp.rereads.is_empty());
+        assert!(cp.rereads.is_empty() && cp.pending_rereads.is_empty());
     }
 
     #[test]
@@ -1369,9 +1578,11 @@ mod tests {
         cp.snapshot.as_mut().unwrap().pending = None;
         assert!(cp.settle_snapshot(5, None, None, &BTreeMap::new()).is_ok());
         assert!(cp.settle_snapshot(6, None, None, &BTreeMap::new()).is_err());
-        let mut cp = rereading(5, 3);
-        cp.pending_reread = None;
-        assert!(cp.settle_reread(9).is_ok(), "streaming went on");
+        let mut cp = rereading(5, Vec::new());
+        assert!(
+            cp.settle_rereads(9, &BTreeMap::new()).is_ok(),
+            "streaming went on"
+        );
     }
 
     #[test]

@@ -12,11 +12,18 @@
 //! still proves it was walnats' (the stream has one writer, and every
 //! publish names the sequence it must follow).
 //!
+//! Re-read chunks that landed after changes the replay still has to prove
+//! are stepped over ([`Skip`]): the slot does not replay them, and the
+//! resume already checked their batch ids.
+//!
 //! Until the whole range is proven nothing may be confirmed: the ledger asks
 //! [`Replay::proven`] before it writes a checkpoint.
 //!
 //! No I/O here: the session fetches the stored messages and hands them in.
 
+use std::collections::VecDeque;
+
+pub use super::record::Skip;
 use crate::error::{Error, Kind, Result};
 use crate::lsn::{Lsn, Position};
 
@@ -45,6 +52,10 @@ pub struct Replay {
     last: u64,
     compared: u64,
     deleted: u64,
+    /// Stretches ahead to step over, in order.
+    skips: VecDeque<Skip>,
+    /// Stretches stepped over, not yet taken by the session.
+    stepped: Vec<Skip>,
 }
 
 impl Replay {
@@ -66,7 +77,37 @@ impl Replay {
             last: last_seq,
             compared: 0,
             deleted: 0,
+            skips: VecDeque::new(),
+            stepped: Vec::new(),
         }
+    }
+
+    /// The same replay, stepping over `skips` (in stream order, each after
+    /// at least one message the replay compares).
+    pub fn with_skips(mut self, skips: Vec<Skip>) -> Result<Replay> {
+        if skips
+            .first()
+            .is_some_and(|s| s.first <= self.next || s.last > self.last)
+        {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                "internal: a re-read chunk to step over lies outside the replayed range",
+            ));
+        }
+        self.skips = skips.into();
+        Ok(self)
+    }
+
+    /// The stretches stepped over since the last call: the session counts
+    /// them as stored, in order with the replayed messages.
+    pub fn take_stepped(&mut self) -> Vec<Skip> {
+        std::mem::take(&mut self.stepped)
+    }
+
+    /// The last sequence stepped over, if the last compared message was
+    /// followed by a stretch.
+    pub fn stepped_through(&self) -> Option<u64> {
+        self.stepped.last().map(|s| s.last)
     }
 
     /// Changes at or before this were published before.
@@ -76,7 +117,10 @@ impl Replay {
 
     /// Messages of the range the replay has not produced yet.
     pub fn pending(&self) -> u64 {
-        (self.last + 1).saturating_sub(self.next)
+        let skipped: u64 = self.skips.iter().map(|s| s.last + 1 - s.first).sum();
+        (self.last + 1)
+            .saturating_sub(self.next)
+            .saturating_sub(skipped)
     }
 
     /// Every message of the range is matched: from here on what the
@@ -144,6 +188,12 @@ impl Replay {
             },
         }
         self.next += 1;
+        while let Some(s) = self.skips.front()
+            && s.first == self.next
+        {
+            self.next = s.last + 1;
+            self.stepped.extend(self.skips.pop_front());
+        }
         Ok(seq)
     }
 }
@@ -202,6 +252,47 @@ mod tests {
         assert!(r.is_through(pos(100, 3)));
         assert!(!r.is_through(pos(100, 4)));
         assert_eq!(r.next_seq(), None);
+    }
+
+    #[test]
+    fn a_reread_chunk_after_a_compared_message_is_stepped_over() {
+        let skip = |first, last| Skip {
+            first,
+            last,
+            pos: Some(pos(150, last as u32)),
+        };
+        let r = Replay::new(None, None, Lsn::ZERO, 5, 12);
+        assert!(
+            r.clone().with_skips(vec![skip(6, 7)]).is_err(),
+            "nothing before it to compare"
+        );
+        assert!(
+            r.clone().with_skips(vec![skip(11, 13)]).is_err(),
+            "past the range"
+        );
+        let mut r = r.with_skips(vec![skip(8, 10)]).unwrap();
+        assert_eq!(r.pending(), 4);
+        for seq in [6, 7] {
+            let s = stored(seq, "p.s.t.insert", Some("id"));
+            assert_eq!(r.check("p.s.t.insert", "id", Some(&s)).unwrap(), seq);
+        }
+        assert_eq!(r.stepped_through(), Some(10));
+        assert_eq!(r.take_stepped(), [skip(8, 10)]);
+        assert_eq!(r.take_stepped(), []);
+        assert_eq!((r.next_seq(), r.pending()), (Some(11), 2));
+        for seq in [11, 12] {
+            let s = stored(seq, "p.s.t.insert", Some("id"));
+            assert_eq!(r.check("p.s.t.insert", "id", Some(&s)).unwrap(), seq);
+        }
+        assert!(r.proven());
+        // A chunk at the range's very end: proven once the message before it is.
+        let mut r = Replay::new(None, None, Lsn::ZERO, 5, 9)
+            .with_skips(vec![skip(7, 9)])
+            .unwrap();
+        let s = stored(6, "p.s.t.insert", Some("id"));
+        r.check("p.s.t.insert", "id", Some(&s)).unwrap();
+        assert!(r.proven());
+        assert_eq!(r.stepped_through(), Some(9));
     }
 
     #[test]

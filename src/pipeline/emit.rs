@@ -321,6 +321,22 @@ impl Session {
                 begin_of: matches!(ev.body, Body::TxBegin).then_some(ev.pos.commit_lsn),
             },
         );
+        // Re-read chunks in the stream right after it (a resumed replay
+        // steps over them): stored, in turn.
+        for s in self.replay.take_stepped() {
+            self.ledger.push(
+                0,
+                Acked::Msg {
+                    seq: s.last,
+                    pos: s.pos,
+                    tx: None,
+                    schema: None,
+                    counter: None,
+                    commit_time: None,
+                    begin_of: None,
+                },
+            );
+        }
         Ok(())
     }
 

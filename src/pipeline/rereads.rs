@@ -3,9 +3,10 @@
 //! database user can write the WAL message), and the queue's tables are
 //! re-read one window at a time (`snapshot::window`). At a window's high
 //! watermark its rows go out as reads, as one atomic batch that the
-//! checkpoint announces first.
+//! checkpoint announces first; the next window opens without waiting for
+//! it.
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::record_inside;
 use super::session::Session;
@@ -15,6 +16,10 @@ use crate::error::Result;
 use crate::lsn::{Lsn, Position};
 use crate::snapshot::reread;
 use crate::snapshot::window::{Started, Window};
+
+/// Re-read chunks whose batch may wait for its commit at once: while one
+/// is stored, the next windows are read and decoded.
+pub const REREADS_IN_FLIGHT: usize = 4;
 
 impl Session {
     /// A `walnats.snapshot` message: acted on only when it names a request
@@ -56,10 +61,20 @@ impl Session {
     /// Starts the next re-read chunk when none is under way, the replay is
     /// proven and the queue has a table.
     pub(super) async fn start_window(&mut self) -> Result<()> {
-        if !self.replay.proven() {
+        if !self.replay.proven() || self.windows.under_way() {
             return Ok(());
         }
-        let head = self.ledger.acked().rereads.first().cloned();
+        let mut head = self.ledger.acked().rereads.first().cloned();
+        if let Some(h) = head.as_mut()
+            && let Some(sent) = self.ledger.reread_in_flight(h.target.oid)
+        {
+            if sent.last {
+                // Its last chunk is on its way: the table leaves the queue
+                // when that lands.
+                return Ok(());
+            }
+            h.after = sent.end.clone();
+        }
         if self.windows.start(head.as_ref(), &mut self.cache).await? == Started::Abandoned {
             self.ledger.abandon_reread();
         }
@@ -75,19 +90,14 @@ impl Session {
 
     /// The high watermark: the chunk minus the rows changed inside the
     /// window goes out as reads at its position, as one atomic batch that
-    /// the checkpoint announces first.
+    /// the checkpoint announces first. Nothing waits for the changes in
+    /// flight before it, nor for the batch: the next window opens at once,
+    /// and up to [`REREADS_IN_FLIGHT`] chunks are in flight, each named in
+    /// the checkpoint with the stream sequence its batch follows.
     async fn close_window(&mut self, w: Window, hw: Lsn) -> Result<()> {
         let Some((chunk, rel)) = w.finish().await? else {
             return Ok(());
         };
-        // Everything before the high watermark must be acknowledged and
-        // the checkpoint quiet: the write-ahead record has to be exact.
-        let stored = self.out.publisher.drain().await?;
-        self.ledger.stored(stored);
-        self.ledger.settle();
-        if let Some(c) = self.writer.finish().await? {
-            self.ledger.mark_written(c);
-        }
         let rows = chunk.rows.len() as u64;
         // Right after the high watermark's own position (hw - 1, 0), before
         // any transaction that commits after it.
@@ -96,8 +106,17 @@ impl Session {
             .out
             .reads(&rel, chunk.rows, Position::new(at.commit_lsn, 1), hw, None)
             .await?;
+        while self.out.publisher.atomic_in_flight() >= REREADS_IN_FLIGHT {
+            let seq = self.out.publisher.atomic_landed().await?;
+            self.ledger.stored(seq);
+        }
         let n = reads.msgs.len() as u64;
         let pending = PendingReread {
+            // Not the window's id: that stays out of the stream, where
+            // anyone who may read it could use it to forge a watermark.
+            id: crate::sink::unique_batch_id(),
+            after_seq: Some(self.out.publisher.last_seq()),
+            oid: rel.oid.0,
             messages: n,
             end: chunk.end,
             last: chunk.last,
@@ -106,16 +125,39 @@ impl Session {
             last_pos: (reads.next_seq > 1)
                 .then(|| Position::new(at.commit_lsn, reads.next_seq - 1)),
         };
-        let c = self
-            .ledger
-            .announce_reread(pending.clone(), at, self.out.publisher.last_seq());
+        if n == 0 {
+            // Every row changed inside the window: only the cursor moves,
+            // in turn with what is in flight.
+            self.ledger.push(
+                0,
+                Acked::Reread {
+                    chunk: pending,
+                    end: None,
+                },
+            );
+            return Ok(());
+        }
+        // Write-ahead: durable before any of it can land. A checkpoint
+        // write under way (of an older state) ends first.
+        if let Some(c) = self.writer.finish().await? {
+            self.ledger.mark_written(c);
+        }
+        let c = self.ledger.announce_reread(pending.clone());
         self.writer.store().save(&c).await?;
         self.ledger.mark_written(c);
-        let seq = self.out.publisher.publish_batch(reads.msgs).await?;
+        let end = self
+            .out
+            .publisher
+            .send_atomic(&pending.id, reads.msgs)
+            .await?;
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS).increment(n);
-        if let Some(r) = self.ledger.reread_landed(&pending, seq) {
-            info!(schema = %r.target.schema, table = %r.target.table, rows = r.rows, "snapshot of table complete");
-        }
+        self.ledger.push(
+            end,
+            Acked::Reread {
+                chunk: pending,
+                end: Some(end),
+            },
+        );
         Ok(())
     }
 }

@@ -103,6 +103,10 @@ impl Replayed {
                 ),
             ));
         }
+        // And the re-read chunks the replay stepped over right after it.
+        if let Some(through) = self.replay.stepped_through() {
+            publisher.assume_published_through(through)?;
+        }
         tracing::trace!(seq, "already in the stream");
         if self.replay.proven() {
             let (compared, deleted) = self.replay.counts();
@@ -257,7 +261,7 @@ impl Session {
                 info!("shutting down: draining acknowledgements");
                 return Ok(Turn::Drain);
             }
-            seq = self.out.publisher.next_ack(), if self.out.publisher.awaiting() => {
+            seq = self.out.publisher.next_stored(), if self.out.publisher.awaiting_any() => {
                 self.ledger.stored(seq?);
             }
             written = self.writer.done(), if self.writer.busy() => {

@@ -7,7 +7,10 @@
 //! Every check that can refuse a start runs before anything is published
 //! or confirmed. The session's own work is in `session`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use async_nats::jetstream::stream::Stream;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -16,7 +19,7 @@ use super::Ended;
 use super::primary;
 use super::session::{Readiness, Replayed, Session, Settings, Wal};
 use crate::checkpoint::ledger::{Ledger, Meters};
-use crate::checkpoint::replay::Replay;
+use crate::checkpoint::replay::{Replay, Skip};
 use crate::checkpoint::{
     self, Checkpoint, Resume, Shape, SnapshotState, Store, StoredReader, Writer,
 };
@@ -180,6 +183,8 @@ pub(super) struct Start {
     exported: Option<String>,
     /// This session made the slot.
     created: bool,
+    /// Re-read chunks in the stream that the replay steps over.
+    skips: Vec<Skip>,
 }
 
 /// The slot, the checkpoint and the stream, checked against each other.
@@ -260,14 +265,40 @@ async fn find_start(
     }
     // A re-read chunk is only ever announced while streaming, never
     // together with an initial snapshot's.
-    resume.state.settle_reread(resume.last_seq)?;
+    let skips = settle_rereads(&mut st.stream, &mut resume).await?;
     Ok(Start {
         resume,
         shape,
         switch_to,
         exported,
         created: created_at.is_some(),
+        skips,
     })
+}
+
+/// Settles the re-read chunks the checkpoint announced against what the
+/// stream holds: after the stream has been quiet a moment (a batch the
+/// last process sent just before it died may still be stored), the batch
+/// id where each chunk would end.
+async fn settle_rereads(stream: &mut Stream, resume: &mut Resume) -> Result<Vec<Skip>> {
+    if resume.state.pending_rereads.is_empty() {
+        return Ok(Vec::new());
+    }
+    resume.last_seq =
+        checkpoint::quiet_last_seq(stream, resume.last_seq, std::time::Duration::from_secs(2))
+            .await?;
+    let mut batches = BTreeMap::new();
+    for seq in resume.state.reread_ends(resume.last_seq) {
+        batches.insert(seq, checkpoint::batch_of(stream, seq).await?);
+    }
+    let skips = resume.state.settle_rereads(resume.last_seq, &batches)?;
+    if !skips.is_empty() {
+        info!(
+            chunks = skips.len(),
+            "re-read chunks landed after changes still to be proven: the replay steps over them"
+        );
+    }
+    Ok(skips)
 }
 
 /// The way out for the snapshot and then the stream: publishing with one
@@ -388,7 +419,8 @@ fn assemble(
                 state.confirmed,
                 state.stream_seq,
                 start.resume.last_seq,
-            ),
+            )
+            .with_skips(start.skips)?,
             StoredReader::new(st.stream.clone()),
         ),
         settings: Settings::new(start.shape, start.switch_to, state.open_tx),
@@ -399,6 +431,7 @@ fn assemble(
             marks,
             &cfg.postgres.publication,
             server_version_num,
+            &cfg.snapshot_reading,
         )?,
         readiness: Readiness {
             health: Arc::clone(health),

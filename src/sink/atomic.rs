@@ -3,13 +3,13 @@
 //! Snapshots publish each chunk of rows this way.
 //!
 //! It owns the batch headers and checks the replies to the first message
-//! and to the commit. [`publish`] waits for the commit, so nothing else
-//! may be in flight meanwhile (re-reads). [`Pipe`] keeps several batches
-//! in flight (the initial snapshot): each names the end of the one before
-//! it in `Nats-Expected-Last-Sequence`, which nats-server checks at the
-//! commit, so batch k+1 lands only if batch k did and the stream holds a
-//! prefix of what was sent. Neither ever retries: after a failure walnats
-//! resumes from what the stream holds.
+//! and to the commit. [`Pipe`] keeps several batches in flight (the
+//! initial snapshot's chunks; re-read chunks among streamed changes): each
+//! names the end of what was sent before it in
+//! `Nats-Expected-Last-Sequence`, which nats-server checks at the commit,
+//! so batch k+1 lands only if batch k did and the stream holds a prefix of
+//! what was sent. It never retries: after a failure walnats resumes from
+//! what the stream holds.
 //!
 //! What nats-server (2.12+, `server/stream.go`) does with atomic batches:
 //! a batch is staged by its `Nats-Batch-Id` until its commit, so batches
@@ -31,47 +31,6 @@ use crate::error::{Error, Kind, Result};
 
 /// The most messages nats-server takes in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
-
-/// Publishes `msgs` as one atomic batch that must start right after
-/// stream sequence `expected`; returns the sequence of the last one.
-pub(super) async fn publish(
-    client: &async_nats::Client,
-    expected: u64,
-    msgs: Vec<OutMsg>,
-) -> Result<u64> {
-    let n = msgs.len();
-    if n == 0 {
-        return Ok(expected);
-    }
-    if n > MAX_BATCH {
-        return Err(too_big(n));
-    }
-    let id = batch_id(expected);
-    let mut last = None;
-    for (i, m) in msgs.into_iter().enumerate() {
-        let headers = batch_headers(m.headers, &id, i, n, expected);
-        let commit = i + 1 == n;
-        if i == 0 || commit {
-            // The first message is a request so that a refusal (no
-            // atomic batches on this stream) comes back at once.
-            let reply = client
-                .request_with_headers(m.subject, headers, m.payload)
-                .await
-                .map_err(|e| batch_error("no reply from JetStream", Box::new(e)))?;
-            check_batch_reply(&reply.payload)?;
-            if commit {
-                last = Some(reply);
-            }
-        } else {
-            client
-                .publish_with_headers(m.subject, headers, m.payload)
-                .await
-                .map_err(|e| batch_error("cannot publish", Box::new(e)))?;
-        }
-    }
-    let reply = last.ok_or_else(|| Error::new(Kind::Publish, "atomic batch: no commit"))?;
-    check_commit(&reply.payload, &id, expected, n)
-}
 
 /// At most this many atomic batches of one [`Pipe`] wait for their commit
 /// (nats-server keeps at most 50 open per stream).
@@ -261,11 +220,15 @@ fn too_big(n: usize) -> Error {
     )
 }
 
-/// A batch id unique to this process and attempt, for [`Pipe::send`] and
-/// fast snapshot chunks: `w<nanoseconds at start>-<pid>-<n>`, in hex. Short:
-/// a fast chunk's id is in a header of each of its messages, and
-/// nats-server scans a message's headers once for each it looks up.
-pub fn unique_batch_id(n: u64) -> String {
+/// A batch id unique to this process and attempt (a chunk sent again must
+/// not join a batch abandoned on the server), for [`Pipe::send`] and fast
+/// snapshot chunks: `w<nanoseconds at start>-<pid>-<n>`, in hex, where `n`
+/// counts the process' batches. Short: a fast chunk's id is in a header of
+/// each of its messages, and nats-server scans a message's headers once
+/// for each it looks up.
+pub fn unique_batch_id() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let start = START.get_or_init(|| {
         std::time::SystemTime::now()
@@ -274,16 +237,6 @@ pub fn unique_batch_id(n: u64) -> String {
             .unwrap_or(0)
     });
     format!("w{start:x}-{:x}-{n:x}", std::process::id())
-}
-
-/// Unique per attempt (a retried chunk must not join an abandoned batch);
-/// at most 64 characters.
-fn batch_id(expected: u64) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("walnats-{expected}-{nanos}")
 }
 
 fn batch_error(what: &str, e: Box<dyn std::error::Error + Send + Sync>) -> Error {

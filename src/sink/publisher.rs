@@ -186,12 +186,31 @@ impl Publisher {
     /// sequence is stored. Pending forever when nothing is awaited.
     /// Cancel-safe (it sits in the pipeline's `select!`).
     pub async fn next_ack(&mut self) -> Result<u64> {
-        match &mut self.acks {
-            Acks::Each(acks) => match acks.next().await {
-                Some(r) => r,
-                None => std::future::pending().await,
-            },
-            Acks::Fast(f) => f.next_ack().await,
+        next_of(&mut self.acks).await
+    }
+
+    /// Whether anything awaits its acknowledgement: a publish or fast
+    /// batch, or an atomic batch's commit.
+    pub fn awaiting_any(&self) -> bool {
+        self.awaiting() || self.atomic_in_flight() > 0
+    }
+
+    /// The next acknowledgement of either kind (see
+    /// [`Publisher::awaiting_any`]): every message up to the returned
+    /// stream sequence is stored. Pending forever when nothing is awaited;
+    /// cancel-safe.
+    pub async fn next_stored(&mut self) -> Result<u64> {
+        let (awaiting, atomic) = (self.awaiting(), self.atomic_in_flight() > 0);
+        let (acks, batches) = (&mut self.acks, &mut self.batches);
+        tokio::select! {
+            r = next_of(acks), if awaiting => r,
+            r = async {
+                match batches {
+                    Some(p) => p.next_commit().await,
+                    None => std::future::pending().await,
+                }
+            }, if atomic => r,
+            else => std::future::pending().await,
         }
     }
 
@@ -216,15 +235,63 @@ impl Publisher {
             }
             Acks::Fast(f) => f.drain().await?,
         }
+        while self.atomic_in_flight() > 0 {
+            self.atomic_landed().await?;
+        }
         Ok(self.last_seq)
     }
 
-    /// Publishes `msgs` as one atomic batch (ADR-50): the stream stores all
-    /// of them, right after `last_seq`, or none. Returns the sequence of the
-    /// last one. Waits for the commit: nothing else may be in flight.
-    pub async fn publish_batch(&mut self, msgs: Vec<OutMsg>) -> Result<u64> {
-        self.last_seq = atomic::publish(&self.js.client(), self.last_seq, msgs).await?;
+    /// Counts the stream's messages up to `seq` as published (resume: a
+    /// re-read chunk the replay steps over). Only before anything is
+    /// published.
+    pub fn assume_published_through(&mut self, seq: u64) -> Result<()> {
+        if seq < self.last_seq {
+            return Err(Error::new(
+                Kind::Checkpoint,
+                format!(
+                    "internal: the replay stepped back to sequence {seq} from {}",
+                    self.last_seq
+                ),
+            ));
+        }
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Sends `msgs` (a re-read chunk) as one atomic batch with id `id`
+    /// right after everything sent so far, changes in flight included,
+    /// without waiting: the stream stores all of them or none, and what is
+    /// sent after it lands only if it did. Ends the open fast batch first.
+    /// Returns where it ends; its commit comes from
+    /// [`Publisher::atomic_landed`].
+    pub async fn send_atomic(&mut self, id: &str, msgs: Vec<OutMsg>) -> Result<u64> {
+        if let Acks::Fast(f) = &mut self.acks {
+            f.end().await?;
+        }
+        let pipe = match &mut self.batches {
+            Some(p) => p,
+            None => self
+                .batches
+                .insert(atomic::Pipe::new(self.js.client()).await?),
+        };
+        self.last_seq = pipe.send(self.last_seq, id, msgs).await?;
         Ok(self.last_seq)
+    }
+
+    /// Atomic batches sent by [`Publisher::send_atomic`] and not yet
+    /// committed.
+    pub fn atomic_in_flight(&self) -> usize {
+        self.batches.as_ref().map_or(0, atomic::Pipe::in_flight)
+    }
+
+    /// The oldest atomic batch's commit: the stream holds everything up to
+    /// the returned sequence. Pending forever when none is in flight;
+    /// cancel-safe.
+    pub async fn atomic_landed(&mut self) -> Result<u64> {
+        match &mut self.batches {
+            Some(p) => p.next_commit().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -266,14 +333,7 @@ impl Publisher {
             self.last_seq = f.send_chunk(msgs, self.last_seq).await?;
             return Ok(self.last_seq);
         }
-        let pipe = match &mut self.batches {
-            Some(p) => p,
-            None => self
-                .batches
-                .insert(atomic::Pipe::new(self.js.client()).await?),
-        };
-        self.last_seq = pipe.send(self.last_seq, id, msgs).await?;
-        Ok(self.last_seq)
+        self.send_atomic(id, msgs).await
     }
 
     /// Snapshot chunks sent and not yet acknowledged.
@@ -291,10 +351,18 @@ impl Publisher {
         if let Acks::Fast(f) = &mut self.acks {
             return f.next_ack_in_time().await;
         }
-        match &mut self.batches {
-            Some(p) => p.next_commit().await,
+        self.atomic_landed().await
+    }
+}
+
+/// The next acknowledgement of `acks` (see [`Publisher::next_ack`]).
+async fn next_of(acks: &mut Acks) -> Result<u64> {
+    match acks {
+        Acks::Each(acks) => match acks.next().await {
+            Some(r) => r,
             None => std::future::pending().await,
-        }
+        },
+        Acks::Fast(f) => f.next_ack().await,
     }
 }
 

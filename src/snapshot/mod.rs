@@ -106,9 +106,6 @@ struct Got {
     chunk: catalog::Chunk,
 }
 
-/// Batches this process announced: their ids' numbers.
-static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// A chunk encoded and not yet announced.
 type Staged = (PendingChunk, Vec<OutMsg>);
 
@@ -390,7 +387,7 @@ impl Snapshotter<'_> {
         let fast = self.out.publisher.chunks_fast();
         for chunk in parts {
             let rows = chunk.rows.len() as u64;
-            let id = unique_batch_id(BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let id = unique_batch_id();
             let cursor = fast.then_some((id.as_str(), chunk.keys.as_slice()));
             let reads = self
                 .out

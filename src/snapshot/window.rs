@@ -8,8 +8,8 @@
 //! hands over the chunk minus the rows changed inside it (the streamed
 //! change is as new or newer). A change it cannot key (a truncate, an
 //! unchanged TOASTed key, too many keys) means the chunk is read again.
-//! Publishing the chunk is the session's: it goes out through the outlet (`publish`) as
-//! one atomic batch that the checkpoint announces first.
+//! Publishing the chunk is the session's: it goes out through the outlet
+//! (`publish`) as one atomic batch that the checkpoint announces first.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -158,6 +158,10 @@ pub struct Windows {
     warned: bool,
     publication: String,
     server_version_num: u32,
+    /// Rows and bytes per chunk: `snapshot.chunk_rows` (at most
+    /// [`super::CHUNK_ROWS`], so that a `_schema` message fits in the
+    /// atomic batch too) and `snapshot.chunk_bytes`.
+    chunk: (usize, usize),
 }
 
 impl Windows {
@@ -166,6 +170,7 @@ impl Windows {
         marks: reread::Marks,
         publication: &str,
         server_version_num: u32,
+        reading: &crate::config::SnapshotReading,
     ) -> Result<Windows> {
         Ok(Windows {
             current: None,
@@ -176,6 +181,10 @@ impl Windows {
             warned: false,
             publication: publication.to_owned(),
             server_version_num,
+            chunk: (
+                reading.chunk_rows.min(super::CHUNK_ROWS),
+                reading.chunk_bytes,
+            ),
         })
     }
 
@@ -227,17 +236,9 @@ impl Windows {
         let id = format!("{}-{}", self.run_id, self.opened);
         let (sql, marks) = (Arc::clone(&self.sql), self.marks.clone());
         let (task_id, after, pk) = (id.clone(), r.after.clone(), plan.pk_names.clone());
+        let (rows, bytes) = self.chunk;
         let task = tokio::spawn(async move {
-            reread::read_window(
-                &sql,
-                &marks,
-                &plan,
-                &after,
-                &task_id,
-                super::CHUNK_ROWS,
-                crate::config::DEFAULT_CHUNK_BYTES,
-            )
-            .await
+            reread::read_window(&sql, &marks, &plan, &after, &task_id, rows, bytes).await
         });
         self.current = Some(Window {
             id,
@@ -251,6 +252,11 @@ impl Windows {
             unknown: false,
         });
         Ok(Started::Yes)
+    }
+
+    /// Whether a window is under way (being read, or open in the stream).
+    pub fn under_way(&self) -> bool {
+        self.current.is_some()
     }
 
     /// The session's SQL connection (it holds the slot lock).
