@@ -435,6 +435,24 @@ mod tests {
         assert_eq!(l.acked().rereads[0].target.oid, 6);
     }
 
+    /// A chunk of `messages` rows of table 5 after stream sequence 1,
+    /// ending at key `end`.
+    fn reread_chunk(messages: u64, end: &str) -> PendingReread {
+        PendingReread {
+            id: format!("w1-2-{end}"),
+            after_seq: Some(1),
+            oid: 5,
+            messages,
+            end: Cursor::Key {
+                values: vec![end.to_owned()],
+            },
+            last: false,
+            rows: messages,
+            schema: None,
+            last_pos: None,
+        }
+    }
+
     #[test]
     fn a_reread_chunk_is_announced_then_recorded_in_turn_with_changes_in_flight() {
         let mut l = Ledger::new(Checkpoint::default(), meters());
@@ -443,17 +461,10 @@ mod tests {
         // A change in flight before the chunk: not waited for.
         l.push(1, msg(1, 180, 0));
         let pending = PendingReread {
-            id: "w1-2-3".to_owned(),
-            after_seq: Some(1),
-            oid: 5,
-            messages: 3,
-            end: Cursor::Key {
-                values: vec!["9".to_owned()],
-            },
             last: true,
-            rows: 3,
             schema: Some((5, 1)),
             last_pos: Some(Position::new(Lsn::from_u64(199), 3)),
+            ..reread_chunk(3, "9")
         };
         let c = l.announce_reread(pending.clone());
         assert_eq!(
@@ -499,19 +510,7 @@ mod tests {
         let mut l = Ledger::new(Checkpoint::default(), meters());
         l.push(0, request(150, &[5]));
         l.push(1, msg(1, 180, 0));
-        let chunk = PendingReread {
-            id: "w1-2-4".to_owned(),
-            after_seq: Some(1),
-            oid: 5,
-            messages: 0,
-            end: Cursor::Key {
-                values: vec!["4".to_owned()],
-            },
-            last: false,
-            rows: 0,
-            schema: None,
-            last_pos: None,
-        };
+        let chunk = reread_chunk(0, "4");
         l.push(0, Acked::Reread { chunk, end: None });
         l.settle();
         assert_eq!(
