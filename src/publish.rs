@@ -115,6 +115,12 @@ impl Outlet {
         self.schemas.before(ev)
     }
 
+    /// A `_schema` message found in the stream (a re-read chunk a resumed
+    /// replay steps over): `(relation, hash)` is what the stream has now.
+    pub fn schema_stored(&mut self, (oid, hash): (u32, u64)) {
+        self.schemas.0.insert(oid, hash);
+    }
+
     /// Whether the stream has (or will have, from what was handed over)
     /// `rel`'s column set on `_schema`.
     pub fn schema_sent(&self, rel: &RelationInfo) -> bool {

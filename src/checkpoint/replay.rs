@@ -85,14 +85,15 @@ impl Replay {
     /// The same replay, stepping over `skips` (in stream order, each after
     /// at least one message the replay compares).
     pub fn with_skips(mut self, skips: Vec<Skip>) -> Result<Replay> {
-        if skips
-            .first()
-            .is_some_and(|s| s.first <= self.next || s.last > self.last)
-        {
-            return Err(Error::new(
-                Kind::Checkpoint,
-                "internal: a re-read chunk to step over lies outside the replayed range",
-            ));
+        let mut after = self.next;
+        for s in &skips {
+            if s.first <= after || s.last < s.first || s.last > self.last {
+                return Err(Error::new(
+                    Kind::Checkpoint,
+                    "internal: a re-read chunk to step over lies outside the replayed range",
+                ));
+            }
+            after = s.last;
         }
         self.skips = skips.into();
         Ok(self)
@@ -256,10 +257,20 @@ mod tests {
 
     #[test]
     fn a_reread_chunk_after_a_compared_message_is_stepped_over() {
-        let skip = |first, last| Skip {
+        let skip = |first: u64, last: u64| Skip {
             first,
             last,
-            pos: Some(pos(150, last as u32)),
+            chunk: crate::checkpoint::PendingReread {
+                id: format!("b{first}"),
+                after_seq: Some(first - 1),
+                oid: 1,
+                messages: last + 1 - first,
+                end: crate::checkpoint::Cursor::Start,
+                last: false,
+                rows: last + 1 - first,
+                schema: None,
+                last_pos: Some(pos(150, last as u32)),
+            },
         };
         let r = Replay::new(None, None, Lsn::ZERO, 5, 12);
         assert!(

@@ -322,18 +322,16 @@ impl Session {
             },
         );
         // Re-read chunks in the stream right after it (a resumed replay
-        // steps over them): stored, in turn.
+        // steps over them): recorded in turn, their `_schema` as sent.
         for s in self.replay.take_stepped() {
+            if let Some(schema) = s.chunk.schema {
+                self.out.schema_stored(schema);
+            }
             self.ledger.push(
                 0,
-                Acked::Msg {
-                    seq: s.last,
-                    pos: s.pos,
-                    tx: None,
-                    schema: None,
-                    counter: None,
-                    commit_time: None,
-                    begin_of: None,
+                Acked::Reread {
+                    chunk: s.chunk,
+                    end: Some(s.last),
                 },
             );
         }

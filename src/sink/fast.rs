@@ -179,18 +179,6 @@ impl Fast {
         }
     }
 
-    /// Ends the open batch and waits for every acknowledgement, each
-    /// within the timeout.
-    pub(super) async fn drain(&mut self) -> Result<()> {
-        self.end().await?;
-        while self.awaiting() {
-            tokio::time::timeout(self.timeout, self.next_ack())
-                .await
-                .map_err(|_| batch_ack_timeout())??;
-        }
-        Ok(())
-    }
-
     /// Sends `msg` in the open batch, opening one that must start after
     /// `expected` when none is; the batch's `FAST_BATCH`th message commits it.
     pub(super) async fn publish(&mut self, msg: OutMsg, expected: u64) -> Result<()> {

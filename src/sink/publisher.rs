@@ -115,7 +115,7 @@ impl Publisher {
     }
 
     /// Sends `msg`; returns the stream sequence it must land at. Its
-    /// acknowledgement comes from [`Publisher::next_ack`].
+    /// acknowledgement comes from [`Publisher::next_stored`].
     pub async fn publish(&mut self, msg: OutMsg) -> Result<u64> {
         let expected = self.last_seq;
         match &mut self.acks {
@@ -182,13 +182,6 @@ impl Publisher {
         }
     }
 
-    /// The next acknowledgement: every message up to the returned stream
-    /// sequence is stored. Pending forever when nothing is awaited.
-    /// Cancel-safe (it sits in the pipeline's `select!`).
-    pub async fn next_ack(&mut self) -> Result<u64> {
-        next_of(&mut self.acks).await
-    }
-
     /// Whether anything awaits its acknowledgement: a publish or fast
     /// batch, or an atomic batch's commit.
     pub fn awaiting_any(&self) -> bool {
@@ -222,23 +215,6 @@ impl Publisher {
             Acks::Fast(f) => f.overdue(),
             Acks::Each(_) => Ok(()),
         }
-    }
-
-    /// Ends the open batch and waits for every acknowledgement; returns
-    /// the last confirmed sequence (the last published one).
-    pub async fn drain(&mut self) -> Result<u64> {
-        match &mut self.acks {
-            Acks::Each(acks) => {
-                while let Some(ack) = acks.next().await {
-                    ack?;
-                }
-            }
-            Acks::Fast(f) => f.drain().await?,
-        }
-        while self.atomic_in_flight() > 0 {
-            self.atomic_landed().await?;
-        }
-        Ok(self.last_seq)
     }
 
     /// Counts the stream's messages up to `seq` as published (resume: a
@@ -355,7 +331,8 @@ impl Publisher {
     }
 }
 
-/// The next acknowledgement of `acks` (see [`Publisher::next_ack`]).
+/// The next acknowledgement of `acks`: every message up to the returned
+/// stream sequence is stored. Pending forever when nothing is awaited.
 async fn next_of(acks: &mut Acks) -> Result<u64> {
     match acks {
         Acks::Each(acks) => match acks.next().await {
