@@ -64,6 +64,20 @@ pub struct SnapshotReading {
     pub chunk_bytes: usize,
 }
 
+/// Row values in flight at most (about: a chunk's messages are somewhat
+/// larger than its values), whatever `snapshot.chunk_bytes` says: so that a
+/// large chunk size neither grows nats-server's ingest queue past what it
+/// keeps (it drops messages then) nor walnats' memory.
+pub const SNAPSHOT_BYTES_IN_FLIGHT: usize = 64 << 20;
+
+impl SnapshotReading {
+    /// How many chunks may be in flight at once: `max`, fewer when
+    /// `chunk_bytes` is large ([`SNAPSHOT_BYTES_IN_FLIGHT`]), at least one.
+    pub fn chunks_in_flight(&self, max: usize) -> usize {
+        (SNAPSHOT_BYTES_IN_FLIGHT / self.chunk_bytes.max(1)).clamp(1, max.max(1))
+    }
+}
+
 /// The most connections `snapshot.parallelism` may ask for.
 pub const MAX_SNAPSHOT_PARALLELISM: i64 = 32;
 
@@ -194,6 +208,17 @@ mod tests {
         assert_eq!(mode, SnapshotMode::Never);
         assert!((2..=4).contains(&reading.parallelism));
         assert_eq!((reading.chunk_rows, reading.chunk_bytes), (1000, 1 << 20));
+        assert_eq!(
+            reading.chunks_in_flight(16),
+            16,
+            "the default size keeps the full window"
+        );
+        let big = |bytes| SnapshotReading {
+            chunk_bytes: bytes,
+            ..reading
+        };
+        assert_eq!(big(16 << 20).chunks_in_flight(16), 4);
+        assert_eq!(big(256 << 20).chunks_in_flight(16), 1);
         let (_, reading) = SnapshotMode::from_raw(RawSnapshot {
             parallelism: Some(8),
             chunk_rows: Some(1),

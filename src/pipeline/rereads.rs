@@ -92,8 +92,9 @@ impl Session {
     /// window goes out as reads at its position, as one atomic batch that
     /// the checkpoint announces first. Nothing waits for the changes in
     /// flight before it, nor for the batch: the next window opens at once,
-    /// and up to [`REREADS_IN_FLIGHT`] chunks are in flight, each named in
-    /// the checkpoint with the stream sequence its batch follows.
+    /// and up to [`REREADS_IN_FLIGHT`] chunks (fewer when they are large)
+    /// are in flight, each named in the checkpoint with the stream
+    /// sequence its batch follows.
     async fn close_window(&mut self, w: Window, hw: Lsn) -> Result<()> {
         let Some((chunk, rel)) = w.finish().await? else {
             return Ok(());
@@ -106,7 +107,11 @@ impl Session {
             .out
             .reads(&rel, chunk.rows, Position::new(at.commit_lsn, 1), hw, None)
             .await?;
-        while self.out.publisher.atomic_in_flight() >= REREADS_IN_FLIGHT {
+        let window = self
+            .cfg
+            .snapshot_reading
+            .chunks_in_flight(REREADS_IN_FLIGHT);
+        while self.out.publisher.atomic_in_flight() >= window {
             let seq = self.out.publisher.atomic_landed().await?;
             self.ledger.stored(seq);
         }

@@ -324,10 +324,13 @@ impl Snapshotter<'_> {
         let mut progress = Progress::new(Instant::now());
         // Fast chunks are acknowledged one by one as they are stored;
         // nats-server keeps at most 50 atomic batches open per stream.
-        let window = match self.out.publisher.chunks_fast() {
-            true => FAST_CHUNKS_IN_FLIGHT,
-            false => MAX_BATCHES_IN_FLIGHT,
-        };
+        let window =
+            self.cfg
+                .snapshot_reading
+                .chunks_in_flight(match self.out.publisher.chunks_fast() {
+                    true => FAST_CHUNKS_IN_FLIGHT,
+                    false => MAX_BATCHES_IN_FLIGHT,
+                });
         loop {
             self.apply_empty_heads(cp);
             let announced = cp.snapshot.as_ref().map_or(0, |s| s.in_flight.len());
