@@ -1171,13 +1171,17 @@ async fn a_publication_recreated_while_walnats_is_down_loses_nothing_or_is_refus
     w.sigterm();
 }
 
-/// Waits until `slot` is held by a walsender.
+/// Waits until `slot` is held by a walsender and has reached its
+/// consistent point. A slot being made is active already while it waits
+/// for the cluster's running transactions (other tests' too, on the shared
+/// server): a row committed then is before the slot, and never decoded.
 async fn wait_slot_active(world: &World<'_>, slot: &str, w: &mut WalnatsProc) {
     let client = world.client().await;
     for _ in 0..600 {
         let active = client
             .query(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots \
+                 WHERE slot_name = $1",
                 &[&slot],
             )
             .await
