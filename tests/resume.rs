@@ -629,6 +629,22 @@ async fn create_big(world: &World<'_>, rows: i64) {
         .await;
 }
 
+/// A table of `rows` rows, and walnats killed with -9 during its initial
+/// snapshot once part of it is in the stream; returns walnats' config.
+async fn killed_during_the_initial_snapshot(world: &World<'_>, rows: i64) -> String {
+    create_big(world, rows).await;
+    let cfg = initial_snapshot(world);
+    let mut w = world.spawn_with(&cfg, &[]);
+    wait_stream_seq(world, &mut w, 3000).await;
+    w.kill9();
+    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
+    assert!(
+        !log.contains("snapshot complete"),
+        "premise: the snapshot was still running at the kill; make the table bigger"
+    );
+    cfg
+}
+
 /// Issue 14, 3: kill -9 during the initial snapshot and the checkpoint
 /// bucket (which held the snapshot's progress) is lost. Resuming after the
 /// stream's last read would never publish the rest of the snapshot.
@@ -637,16 +653,7 @@ async fn a_checkpoint_bucket_lost_during_the_initial_snapshot_is_refused_or_ever
 {
     let world = World::new(shared(PgVersion::V15)).await;
     const ROWS: i64 = 120_000;
-    create_big(&world, ROWS).await;
-    let cfg = initial_snapshot(&world);
-    let mut w = world.spawn_with(&cfg, &[]);
-    wait_stream_seq(&world, &mut w, 3000).await;
-    w.kill9();
-    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-    assert!(
-        !log.contains("snapshot complete"),
-        "premise: the snapshot was still running at the kill; make the table bigger"
-    );
+    let cfg = killed_during_the_initial_snapshot(&world, ROWS).await;
     assert!(
         last_seq(&world).await < ROWS as u64,
         "premise: part of the snapshot is in the stream"
@@ -666,16 +673,7 @@ async fn a_checkpoint_bucket_lost_during_the_initial_snapshot_is_refused_or_ever
 async fn another_writer_after_an_interrupted_snapshot_is_refused() {
     let world = World::new(shared(PgVersion::V15)).await;
     const ROWS: i64 = 120_000;
-    create_big(&world, ROWS).await;
-    let cfg = initial_snapshot(&world);
-    let mut w = world.spawn_with(&cfg, &[]);
-    wait_stream_seq(&world, &mut w, 3000).await;
-    w.kill9();
-    let log = std::fs::read_to_string(&world.log).unwrap_or_default();
-    assert!(
-        !log.contains("snapshot complete"),
-        "premise: the snapshot was still running at the kill; make the table bigger"
-    );
+    let cfg = killed_during_the_initial_snapshot(&world, ROWS).await;
     // What the dead process had on its way is stored by now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A stranger that republishes walnats' last read under an id of its

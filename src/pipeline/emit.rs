@@ -322,8 +322,10 @@ impl Session {
             },
         );
         // Re-read chunks in the stream right after it (a resumed replay
-        // steps over them): recorded in turn, their `_schema` as sent.
+        // steps over them): counted by the publisher (its next publish
+        // follows them), recorded in turn, their `_schema` as sent.
         for s in self.replay.take_stepped() {
+            self.out.publisher.assume_published_through(s.last)?;
             if let Some(schema) = s.chunk.schema {
                 self.out.schema_stored(schema);
             }

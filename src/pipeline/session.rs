@@ -103,10 +103,6 @@ impl Replayed {
                 ),
             ));
         }
-        // And the re-read chunks the replay stepped over right after it.
-        if let Some(through) = self.replay.stepped_through() {
-            publisher.assume_published_through(through)?;
-        }
         tracing::trace!(seq, "already in the stream");
         if self.replay.proven() {
             let (compared, deleted) = self.replay.counts();

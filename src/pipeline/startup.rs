@@ -118,10 +118,7 @@ pub(super) async fn session(
 /// (the end of a fast chunk that landed in part), and the id at each place
 /// an announced chunk would end (a chunk counts as landed only if the
 /// stream's message there is its own).
-async fn settle_snapshot(
-    stream: &async_nats::jetstream::stream::Stream,
-    resume: &mut checkpoint::Resume,
-) -> Result<()> {
+async fn settle_snapshot(stream: &Stream, resume: &mut Resume) -> Result<()> {
     let (first, tail) = match resume.last_seq > resume.state.stream_seq {
         true => (
             checkpoint::batch_id_at(stream, resume.state.stream_seq + 1).await?,
@@ -129,15 +126,15 @@ async fn settle_snapshot(
         ),
         false => (None, None),
     };
-    let mut ends = std::collections::BTreeMap::new();
-    if let Some(snap) = &resume.state.snapshot {
-        for seq in snap.chunk_ends(resume.state.stream_seq, resume.last_seq) {
-            // A message gone (limits, a purge) proves nothing either way.
-            if let Some(batch) = checkpoint::batch_of(stream, seq).await? {
-                ends.insert(seq, batch);
-            }
-        }
-    }
+    let seqs = resume.state.snapshot.as_ref().map_or_else(Vec::new, |s| {
+        s.chunk_ends(resume.state.stream_seq, resume.last_seq)
+    });
+    // A message gone (limits, a purge) proves nothing either way.
+    let ends = batches_at(stream, seqs)
+        .await?
+        .into_iter()
+        .filter_map(|(seq, batch)| batch.map(|b| (seq, b)))
+        .collect();
     resume
         .state
         .settle_snapshot(resume.last_seq, first.as_deref(), tail.as_ref(), &ends)
@@ -276,6 +273,19 @@ async fn find_start(
     })
 }
 
+/// The batch of the stream's message at each of `seqs`, as
+/// `checkpoint::batch_of` reads it (`None`: the message is gone).
+async fn batches_at(
+    stream: &Stream,
+    seqs: Vec<u64>,
+) -> Result<BTreeMap<u64, Option<Option<String>>>> {
+    let mut out = BTreeMap::new();
+    for seq in seqs {
+        out.insert(seq, checkpoint::batch_of(stream, seq).await?);
+    }
+    Ok(out)
+}
+
 /// Settles the re-read chunks the checkpoint announced against what the
 /// stream holds: after the stream has been quiet a moment (a batch the
 /// last process sent just before it died may still be stored), the batch
@@ -287,10 +297,7 @@ async fn settle_rereads(stream: &mut Stream, resume: &mut Resume) -> Result<Vec<
     resume.last_seq =
         checkpoint::quiet_last_seq(stream, resume.last_seq, std::time::Duration::from_secs(2))
             .await?;
-    let mut batches = BTreeMap::new();
-    for seq in resume.state.reread_ends(resume.last_seq) {
-        batches.insert(seq, checkpoint::batch_of(stream, seq).await?);
-    }
+    let batches = batches_at(stream, resume.state.reread_ends(resume.last_seq)).await?;
     let skips = resume.state.settle_rereads(resume.last_seq, &batches)?;
     if !skips.is_empty() {
         info!(

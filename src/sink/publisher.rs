@@ -197,12 +197,7 @@ impl Publisher {
         let (acks, batches) = (&mut self.acks, &mut self.batches);
         tokio::select! {
             r = next_of(acks), if awaiting => r,
-            r = async {
-                match batches {
-                    Some(p) => p.next_commit().await,
-                    None => std::future::pending().await,
-                }
-            }, if atomic => r,
+            r = commit_of(batches), if atomic => r,
             else => std::future::pending().await,
         }
     }
@@ -264,10 +259,7 @@ impl Publisher {
     /// the returned sequence. Pending forever when none is in flight;
     /// cancel-safe.
     pub async fn atomic_landed(&mut self) -> Result<u64> {
-        match &mut self.batches {
-            Some(p) => p.next_commit().await,
-            None => std::future::pending().await,
-        }
+        commit_of(&mut self.batches).await
     }
 }
 
@@ -316,7 +308,7 @@ impl Publisher {
     pub fn batches_in_flight(&self) -> usize {
         match &self.acks {
             Acks::Fast(f) => f.in_flight(),
-            Acks::Each(_) => self.batches.as_ref().map_or(0, atomic::Pipe::in_flight),
+            Acks::Each(_) => self.atomic_in_flight(),
         }
     }
 
@@ -328,6 +320,14 @@ impl Publisher {
             return f.next_ack_in_time().await;
         }
         self.atomic_landed().await
+    }
+}
+
+/// The oldest atomic batch's commit (see [`Publisher::atomic_landed`]).
+async fn commit_of(batches: &mut Option<atomic::Pipe>) -> Result<u64> {
+    match batches {
+        Some(p) => p.next_commit().await,
+        None => std::future::pending().await,
     }
 }
 
